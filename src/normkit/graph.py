@@ -1,0 +1,600 @@
+"""The one structural analysis of a model, shared by ENorm, LSUV and the Grassmann optimizers.
+
+`trace(model)` runs `torch.fx` symbolic tracing with every known layer as a leaf and returns a
+:class:`ModelGraph`: the layers (linear, conv, transposed conv, normalization, other parametric leaves) in
+execution order, and for each one the :class:`Edge` s that connect it to the layers it reads from and feeds,
+with the operations found in between (activations, pooling, reshapes, additions, concatenations ...).
+
+When fx cannot trace a model (data-dependent control flow, say) and an example input is given, a hooked
+forward pass gives the execution order and the *direct* layer-to-layer edges (a layer whose input is the
+very tensor another layer returned); ``ModelGraph.traced`` is then False and questions that need the
+operations between layers raise :class:`UntraceableModelError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import operator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = [
+    "Edge",
+    "LayerKind",
+    "LayerNode",
+    "ModelGraph",
+    "Op",
+    "OpKind",
+    "UntraceableModelError",
+    "inspection_mode",
+    "is_normalization",
+    "is_per_channel_normalization",
+    "layer_kind",
+    "trace",
+    "unwrap_model",
+]
+
+
+class UntraceableModelError(RuntimeError):
+    """The model could not be traced by torch.fx and the question needs the traced graph."""
+
+
+class LayerKind(enum.Enum):
+    LINEAR = "linear"
+    CONV = "conv"
+    CONV_TRANSPOSE = "conv_transpose"
+    NORM = "norm"
+    OTHER = "other"  # a leaf module with parameters we do not model (Embedding, LSTM, attention ...)
+
+
+class OpKind(enum.Enum):
+    IDENTITY = "identity"  # dropout, nn.Identity, contiguous, clone, type casts
+    SCALE_COMMUTING = "scale_commuting"  # f(s*x) = s*f(x) per channel, s > 0: ReLU, pooling, zero padding
+    RESHAPE = "reshape"  # flatten, view, reshape: channels become blocks of features
+    ADD = "add"
+    CAT = "cat"
+    OTHER = "other"
+
+
+_LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_PER_CHANNEL_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+_GROUP_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.GroupNorm,
+    nn.LayerNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _renorm_types() -> tuple[type[nn.Module], ...]:
+    from normkit.nn.batchrenorm import _BatchRenormBase  # local: normkit.nn never imports graph
+
+    return (_BatchRenormBase,)
+
+
+def is_per_channel_normalization(module: nn.Module) -> bool:
+    """BatchNorm, InstanceNorm and Batch Renormalization: each channel normalized on its own."""
+    return isinstance(module, _PER_CHANNEL_NORM_TYPES + _renorm_types())
+
+
+def is_normalization(module: nn.Module) -> bool:
+    """Any normalization layer: the per-channel ones, GroupNorm, LayerNorm, RMSNorm."""
+    return is_per_channel_normalization(module) or isinstance(module, _GROUP_NORM_TYPES)
+
+
+def layer_kind(module: nn.Module) -> LayerKind | None:
+    """The kind of a module as a graph node, or None when it is an operation (activation, pooling ...)."""
+    if isinstance(module, _LINEAR_TYPES):
+        return LayerKind.LINEAR
+    if isinstance(module, _CONV_T_TYPES):
+        return LayerKind.CONV_TRANSPOSE
+    if isinstance(module, _CONV_TYPES):
+        return LayerKind.CONV
+    if is_normalization(module):
+        return LayerKind.NORM
+    if isinstance(module, nn.PReLU):
+        return None  # an activation, even though it has a parameter
+    if any(True for _ in module.parameters(recurse=False)):
+        return LayerKind.OTHER
+    return None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module behind DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# --- operation classification ----------------------------------------------------------------------------
+
+_IDENTITY_MODULES: tuple[type[nn.Module], ...] = (nn.Identity, nn.modules.dropout._DropoutNd)
+_SCALE_COMMUTING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+)
+_RESHAPE_MODULES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
+
+_IDENTITY_FUNCTIONS: set[Any] = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    torch.clone,
+}
+_SCALE_COMMUTING_FUNCTIONS: set[Any] = {
+    F.relu,
+    torch.relu,
+    F.leaky_relu,
+    F.prelu,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+}
+_RESHAPE_FUNCTIONS: set[Any] = {torch.flatten, torch.reshape}
+_ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
+_CAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat}
+
+_IDENTITY_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as", "detach"}
+_SCALE_COMMUTING_METHODS = {"relu", "relu_"}
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_ADD_METHODS = {"add", "add_"}
+# Uses of a tensor that read only its metadata: they carry no data along a path.
+_META_METHODS = {"size", "dim", "numel", "ndimension"}
+_META_ATTRS = {"shape", "dtype", "device", "ndim"}
+
+
+def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
+    if node.op == "call_module":
+        mod = modules[str(node.target)]
+        if isinstance(mod, _IDENTITY_MODULES):
+            return OpKind.IDENTITY
+        if isinstance(mod, _SCALE_COMMUTING_MODULES):
+            return OpKind.SCALE_COMMUTING
+        if isinstance(mod, _RESHAPE_MODULES):
+            return OpKind.RESHAPE
+        return OpKind.OTHER
+    if node.op == "call_function":
+        fn = node.target
+        if fn in _IDENTITY_FUNCTIONS:
+            return OpKind.IDENTITY
+        if fn is F.pad:
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+            if mode != "constant" or not value:
+                return OpKind.SCALE_COMMUTING
+            return OpKind.OTHER
+        if fn in _SCALE_COMMUTING_FUNCTIONS:
+            return OpKind.SCALE_COMMUTING
+        if fn in _RESHAPE_FUNCTIONS:
+            return OpKind.RESHAPE
+        if fn in _ADD_FUNCTIONS:
+            return OpKind.ADD
+        if fn in _CAT_FUNCTIONS:
+            return OpKind.CAT
+        return OpKind.OTHER
+    if node.op == "call_method":
+        name = str(node.target)
+        if name in _IDENTITY_METHODS:
+            return OpKind.IDENTITY
+        if name in _SCALE_COMMUTING_METHODS:
+            return OpKind.SCALE_COMMUTING
+        if name in _RESHAPE_METHODS:
+            return OpKind.RESHAPE
+        if name in _ADD_METHODS:
+            return OpKind.ADD
+        return OpKind.OTHER
+    return OpKind.OTHER
+
+
+def _is_meta_use(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _META_METHODS:
+        return True
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _META_ATTRS
+
+
+# --- the graph structure ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation on a path between two layers."""
+
+    name: str  # the fx node's name (unique in the graph: tells apart two adds on different paths)
+    kind: OpKind
+    target: Any  # module type, function, or method name
+    input_index: int  # position of the incoming tensor among the op's tensor inputs (block of a cat)
+    module: nn.Module | None = None
+    node: fx.Node | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """Output shape of the op, when the graph was traced with an example input."""
+        return _node_shape(self.node)
+
+
+@dataclass(frozen=True)
+class Edge:
+    """A data path from ``src`` (layer name, None = the model input) to ``dst`` (None = the model output)."""
+
+    src: str | None
+    dst: str | None
+    ops: tuple[Op, ...]
+    src_call: int = 0  # which call of a module used more than once per forward
+    dst_call: int = 0
+
+    @property
+    def direct(self) -> bool:
+        """No operation on the path changes the values (at most dropout / identity / casts)."""
+        return all(op.kind is OpKind.IDENTITY for op in self.ops)
+
+    def kinds(self) -> set[OpKind]:
+        return {op.kind for op in self.ops}
+
+
+@dataclass
+class LayerNode:
+    """A layer of the model (a leaf module with parameters, or a normalization layer)."""
+
+    name: str  # qualified module name, as in model.named_modules()
+    module: nn.Module
+    kind: LayerKind
+    order: int  # position in execution order (first call)
+    calls: int = 1  # how many times the module runs per forward
+    producers: list[Edge] = field(default_factory=list)
+    consumers: list[Edge] = field(default_factory=list)
+    output_shape: tuple[int, ...] | None = None  # of the first call, when traced with an example input
+
+    def __repr__(self) -> str:
+        return f"LayerNode({self.name!r}, {self.kind.value}, order={self.order}, calls={self.calls})"
+
+
+class ModelGraph:
+    """Layers of a model in execution order, with the data paths between them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerNode],
+        *,
+        traced: bool,
+        graph_module: fx.GraphModule | None = None,
+        trace_error: BaseException | None = None,
+    ) -> None:
+        self.model = model
+        self.layers: dict[str, LayerNode] = {layer.name: layer for layer in layers}
+        self.traced = traced
+        self.graph_module = graph_module
+        self.trace_error = trace_error
+
+    def __iter__(self) -> Iterator[LayerNode]:
+        return iter(self.layers.values())
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerNode:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise KeyError(f"no layer named {name!r}; layers are {list(self.layers)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layers
+
+    def execution_order(self, kinds: Iterable[LayerKind] | None = None) -> list[LayerNode]:
+        """Layers in the order the forward pass first runs them, optionally only some kinds."""
+        wanted = set(kinds) if kinds is not None else None
+        return [layer for layer in self.layers.values() if wanted is None or layer.kind in wanted]
+
+    def edges(self) -> list[Edge]:
+        """Every path, from the model input, between layers, and to the model output."""
+        self._require_traced("list every edge")
+        seen: list[Edge] = []
+        for layer in self.layers.values():
+            seen.extend(layer.producers)
+        seen.extend(e for layer in self.layers.values() for e in layer.consumers if e.dst is None)
+        return seen
+
+    def feeds_normalization(
+        self,
+        name: str,
+        *,
+        per_channel: bool = False,
+        through: Iterable[OpKind] = (OpKind.IDENTITY,),
+    ) -> bool:
+        """True when every output path of layer ``name`` ends in a normalization layer.
+
+        Only operations of the kinds in ``through`` may stand on the paths (default: none that change values).
+        With ``per_channel`` the normalization must normalize each channel on its own (BatchNorm, BatchRenorm,
+        InstanceNorm): then a positive rescaling of one output unit's weights leaves the function unchanged.
+        """
+        layer = self[name]
+        allowed = set(through)
+        if not layer.consumers:
+            return False
+        if not self.traced and allowed != {OpKind.IDENTITY}:
+            self._require_traced("follow operations between layers")
+        for edge in layer.consumers:
+            if edge.dst is None or not edge.kinds() <= allowed:
+                return False
+            dst = self.layers[edge.dst].module
+            ok = is_per_channel_normalization(dst) if per_channel else is_normalization(dst)
+            if not ok:
+                return False
+        if not self.traced:
+            # Only direct edges are visible without tracing; a layer with another, hidden use of its
+            # output cannot be told apart, so the hook recorder records how often each output was used.
+            return layer.name in self._fully_direct
+        return True
+
+    _fully_direct: frozenset[str] = frozenset()
+
+    def _require_traced(self, what: str) -> None:
+        if not self.traced:
+            raise UntraceableModelError(
+                f"cannot {what}: torch.fx could not trace {type(self.model).__name__} "
+                f"({type(self.trace_error).__name__}: {self.trace_error}). Make the forward traceable "
+                "(no Python control flow on tensor values) or pass the structure explicitly."
+            )
+
+
+# --- tracing ---------------------------------------------------------------------------------------------
+
+
+class _LayerTracer(fx.Tracer):
+    """Keeps every layer, normalization and torch.nn module as a leaf."""
+
+    def __init__(self, extra_leaves: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.extra_leaves = extra_leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if layer_kind(m) is not None or isinstance(m, self.extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _node_shape(node: fx.Node | None) -> tuple[int, ...] | None:
+    if node is None:
+        return None
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    flat: list[fx.Node] = []
+
+    def visit(a: Any) -> None:
+        if isinstance(a, fx.Node):
+            flat.append(a)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+
+    visit(node.args)
+    visit(node.kwargs)
+    return flat
+
+
+_MAX_PATHS = 100_000
+
+
+def _build_from_fx(model: nn.Module, gm: fx.GraphModule) -> ModelGraph:
+    modules = dict(model.named_modules())
+    layer_of: dict[fx.Node, str] = {}
+    call_index: dict[fx.Node, int] = {}
+    layers: dict[str, LayerNode] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        name = str(node.target)
+        kind = layer_kind(modules[name])
+        if kind is None:
+            continue
+        layer_of[node] = name
+        if name in layers:
+            call_index[node] = layers[name].calls
+            layers[name].calls += 1
+        else:
+            call_index[node] = 0
+            layers[name] = LayerNode(
+                name, modules[name], kind, order=len(layers), output_shape=_node_shape(node)
+            )
+
+    def walk(start: fx.Node, src: str | None, src_call: int) -> list[Edge]:
+        found: list[Edge] = []
+        stack: list[tuple[fx.Node, tuple[Op, ...]]] = [(start, ())]
+        while stack:
+            node, ops = stack.pop()
+            for user in node.users:
+                if _is_meta_use(user):
+                    continue
+                if user in layer_of:
+                    found.append(Edge(src, layer_of[user], ops, src_call, call_index[user]))
+                elif user.op == "output":
+                    found.append(Edge(src, None, ops, src_call, 0))
+                else:
+                    module = modules.get(str(user.target)) if user.op == "call_module" else None
+                    target: Any = type(module) if module is not None else user.target
+                    index = _tensor_inputs(user).index(node)
+                    op = Op(user.name, _classify(user, modules), target, index, module, user)
+                    stack.append((user, (*ops, op)))
+            if len(found) > _MAX_PATHS:
+                raise UntraceableModelError(
+                    f"more than {_MAX_PATHS} paths leave {src!r}: graph too entangled"
+                )
+        # Keep the order in which the graph lists the users (execution order), not the stack's.
+        return found[::-1] if len(found) > 1 else found
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            edges = walk(node, None, 0)
+        elif node in layer_of:
+            edges = walk(node, layer_of[node], call_index[node])
+        else:
+            continue
+        for edge in edges:
+            if edge.src is not None:
+                layers[edge.src].consumers.append(edge)
+            if edge.dst is not None:
+                layers[edge.dst].producers.append(edge)
+    return ModelGraph(model, list(layers.values()), traced=True, graph_module=gm)
+
+
+def _build_from_hooks(model: nn.Module, example_input: Any, error: BaseException) -> ModelGraph:
+    modules = dict(model.named_modules())
+    layers: dict[str, LayerNode] = {}
+    produced: dict[int, tuple[str, int]] = {}  # id(output tensor) -> (layer, call)
+    direct_uses: dict[str, int] = {}
+    keep_alive: list[torch.Tensor] = []  # ids stay unique only while the tensors live
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            kind = layer_kind(module)
+            assert kind is not None
+            node = layers.get(name)
+            if node is None:
+                node = layers[name] = LayerNode(name, module, kind, order=len(layers), calls=0)
+            call = node.calls
+            node.calls += 1
+            if args and isinstance(args[0], torch.Tensor) and id(args[0]) in produced:
+                src, src_call = produced[id(args[0])]
+                edge = Edge(src, name, (), src_call, call)
+                layers[src].consumers.append(edge)
+                node.producers.append(edge)
+                direct_uses[src] = direct_uses.get(src, 0) + 1
+
+        return hook
+
+    def post_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                produced[id(out)] = (name, layers[name].calls - 1)
+                keep_alive.append(out)
+                if layers[name].output_shape is None:
+                    layers[name].output_shape = tuple(out.shape)
+
+        return hook
+
+    handles = []
+    for name, module in modules.items():
+        if layer_kind(module) is not None:
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+            handles.append(module.register_forward_hook(post_hook(name)))
+    try:
+        with inspection_mode(model):
+            _call(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    graph = ModelGraph(model, list(layers.values()), traced=False, trace_error=error)
+    # Without the data flow we cannot see non-layer uses of an output; we only claim "feeds normalization"
+    # for a layer whose every call's output went straight into another layer.
+    graph._fully_direct = frozenset(n for n, node in layers.items() if direct_uses.get(n, 0) >= node.calls)
+    return graph
+
+
+@contextlib.contextmanager
+def inspection_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no_grad for a probing forward pass (running statistics untouched); every submodule's
+    own train/eval flag is restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _call(model: nn.Module, example_input: Any) -> Any:
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+def trace(
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    leaf_modules: tuple[type[nn.Module], ...] = (),
+    fallback: bool = True,
+) -> ModelGraph:
+    """Analyse ``model``'s structure.
+
+    Args:
+        model: the model (DDP / torch.compile wrappers are looked through; names are the inner model's).
+        example_input: optional input (tensor, tuple of positional args, or dict of keyword args). With it the
+            traced graph carries tensor shapes (``LayerNode.output_shape``, ``Op.shape``), and an untraceable
+            model falls back to a hooked forward pass.
+        leaf_modules: extra module types to keep opaque (never traced into).
+        fallback: allow the hook-based fallback; when False an untraceable model raises.
+
+    Raises:
+        UntraceableModelError: fx cannot trace the model and no fallback is possible.
+    """
+    model = unwrap_model(model)
+    try:
+        tracer = _LayerTracer(leaf_modules)
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:
+        if fallback and example_input is not None:
+            return _build_from_hooks(model, example_input, exc)
+        raise UntraceableModelError(
+            f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). "
+            + (
+                "Pass example_input= to get the execution order from a hooked forward pass instead."
+                if fallback
+                else "Make the forward traceable (no Python control flow on tensor values)."
+            )
+        ) from exc
+    if example_input is not None and not isinstance(example_input, dict):
+        args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
+        with inspection_mode(model):
+            ShapeProp(gm).propagate(*args)
+    return _build_from_fx(model, gm)
