@@ -1,0 +1,1 @@
+"""LSUV and orthogonal initialization."""

@@ -1,0 +1,19 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores on CI: keep each test process to them and deterministic.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+_DEFAULT_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
+
+
+@pytest.fixture(scope="session")
+def mnist_t10k_dir() -> Path:
+    """The real MNIST test set (raw idx files), kept outside the repo; skip where it is absent."""
+    path = Path(os.environ.get("NORMKIT_MNIST_DIR", _DEFAULT_MNIST))
+    if not (path / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST t10k files not found in {path} (set NORMKIT_MNIST_DIR to their folder)")
+    return path
