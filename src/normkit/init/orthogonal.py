@@ -1,0 +1,207 @@
+"""Orthonormal initialization (Saxe et al. 2014), the pre-initialization step of LSUV.
+
+Each layer's weight, seen as a matrix with one row per output unit and one column per input it reads
+(``(out, in)`` for a linear layer, ``(out, in/groups · kernel)`` per group for a convolution), is set to a
+random (Haar-distributed) semi-orthogonal matrix: orthonormal rows when there are no more rows than columns,
+orthonormal columns otherwise. Where we differ from ``torch.nn.init.orthogonal_``: grouped and depthwise
+convolutions get one orthogonal matrix per group (the groups read disjoint inputs), and a transposed
+convolution's weight ``(in, out/groups, *kernel)`` is orthogonalized over its *output* channels, like the
+convolution it is the adjoint of the transpose of — ``orthogonal_`` would use the input channels as rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from normkit.graph import LayerKind, layer_kind, unwrap_model
+from normkit.init._weights import WeightAccess
+
+__all__ = ["Include", "orthogonal_init", "orthogonal_matrix", "orthogonal_weight"]
+
+#: Which layers to touch: qualified names or modules, or a predicate on (name, module); None = all supported.
+Include = Iterable[str | nn.Module] | Callable[[str, nn.Module], bool] | None
+
+_SUPPORTED = (LayerKind.LINEAR, LayerKind.CONV, LayerKind.CONV_TRANSPOSE)
+
+
+def orthogonal_matrix(
+    rows: int,
+    cols: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """A Haar-random ``rows × cols`` matrix with orthonormal rows (rows ≤ cols) or columns (rows > cols).
+
+    QR of a Gaussian matrix with the signs of R's diagonal folded into Q (Mezzadri 2007), in float64.
+    """
+    if rows < 1 or cols < 1:
+        raise ValueError(f"orthogonal_matrix needs positive sizes, got {rows} × {cols}")
+    big, small = max(rows, cols), min(rows, cols)
+    a = torch.randn(big, small, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.sign(torch.diagonal(r)) + 0.5)  # sign 0 counts as +1
+    m = q if rows >= cols else q.T
+    return m.to(dtype=dtype, device=device).contiguous()
+
+
+def orthogonal_weight(
+    shape: Sequence[int],
+    *,
+    groups: int = 1,
+    transposed: bool = False,
+    gain: float = 1.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """An orthonormal weight of a linear (``(out, in)``), conv (``(out, in/groups, *k)``) or transposed conv
+    (``(in, out/groups, *k)``, ``transposed=True``) layer: one semi-orthogonal matrix per group, rows = output
+    channels, times ``gain``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(f"a layer weight has at least 2 dimensions, got shape {shape}")
+    if shape[0] % groups:
+        raise ValueError(f"weight shape {shape} does not split into {groups} groups along dimension 0")
+    kernel = shape[2:]
+    k = math.prod(kernel)
+    blocks = []
+    if transposed:
+        in_g, out_g = shape[0] // groups, shape[1]
+        for _ in range(groups):
+            m = orthogonal_matrix(out_g, in_g * k, generator=generator)
+            blocks.append(m.reshape(out_g, in_g, *kernel).transpose(0, 1))
+    else:
+        out_g, in_g = shape[0] // groups, shape[1]
+        for _ in range(groups):
+            m = orthogonal_matrix(out_g, in_g * k, generator=generator)
+            blocks.append(m.reshape(out_g, in_g, *kernel))
+    w = torch.cat(blocks, 0) * gain
+    return w.to(dtype=dtype, device=device).contiguous()
+
+
+def _module_weight(
+    access: WeightAccess, module: nn.Module, *, gain: float, generator: torch.Generator | None
+):
+    transposed = layer_kind(module) is LayerKind.CONV_TRANSPOSE
+    groups = int(getattr(module, "groups", 1))
+    return orthogonal_weight(
+        access.shape,
+        groups=groups,
+        transposed=transposed,
+        gain=gain,
+        generator=generator,
+        dtype=access.dtype,
+        device=access.device,
+    )
+
+
+def select_layers(model: nn.Module, include: Include) -> list[tuple[str, nn.Module]]:
+    """The supported layers (linear, conv, transposed conv) of ``model`` chosen by ``include``, in
+    ``named_modules`` order. Unknown names and unsupported modules in ``include`` raise ValueError."""
+    supported = [(n, m) for n, m in model.named_modules() if layer_kind(m) in _SUPPORTED]
+    if include is None:
+        return supported
+    if callable(include) and not isinstance(include, nn.Module):
+        return [(n, m) for n, m in supported if include(n, m)]
+    if isinstance(include, (str, nn.Module)):
+        include = [include]
+    by_name = dict(supported)
+    by_id = {id(m): n for n, m in supported}
+    all_names = {n for n, _ in model.named_modules()}
+    wanted: set[str] = set()
+    for item in include:
+        if isinstance(item, nn.Module):
+            if id(item) not in by_id:
+                raise ValueError(
+                    f"include= names a {type(item).__name__} that is not a linear / conv layer of the model"
+                )
+            wanted.add(by_id[id(item)])
+        elif isinstance(item, str):
+            if item not in by_name:
+                why = "is not a linear / conv layer" if item in all_names else "is no module of the model"
+                raise ValueError(
+                    f"include= names {item!r}, which {why}; supported layers are {list(by_name)}"
+                )
+            wanted.add(item)
+        else:
+            raise TypeError(f"include= takes names, modules or a predicate, got {type(item).__name__}")
+    return [(n, m) for n, m in supported if n in wanted]
+
+
+class Snapshot:
+    """Copies of every parameter and buffer of a model, to put back after a failed init."""
+
+    def __init__(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            self._saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+        self._weight_attrs = [
+            (m, m.weight) for m in model.modules() if "weight" in m.__dict__ and isinstance(m.weight, Tensor)
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, saved in self._saved:
+                t.copy_(saved)
+        for m, w in self._weight_attrs:  # hook-based weight_norm keeps a plain tensor attribute
+            m.weight = w
+
+
+def broadcast_layers(modules: Iterable[nn.Module], group: dist.ProcessGroup | None = None) -> None:
+    """Copy rank 0's parameters of ``modules`` to every rank (no-op without an initialized process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                dist.broadcast(p.data, src, group=group)
+
+
+def orthogonal_init(
+    model: nn.Module,
+    *,
+    gain: float = 1.0,
+    zero_bias: bool = True,
+    include: Include = None,
+    generator: torch.Generator | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> list[str]:
+    """Orthonormal init of every linear / conv / transposed-conv layer (or those in ``include``); biases set
+    to zero unless ``zero_bias=False``. Returns the qualified names of the layers initialized.
+
+    Weight-normalized and parametrized layers get the orthogonal matrix as their *effective* weight; a layer
+    whose parametrization cannot express it raises (the model is then left untouched). Under
+    ``torch.distributed`` rank 0's matrices are broadcast, so every rank holds the same weights.
+    """
+    if not math.isfinite(gain) or gain <= 0:
+        raise ValueError(f"gain must be a positive number, got {gain}")
+    model = unwrap_model(model)
+    layers = select_layers(model, include)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear / nn.Conv*d / nn.ConvTranspose*d layer"
+            + (" chosen by include=" if include is not None else "")
+            + "; orthogonal_init has nothing to initialize"
+        )
+    access = [WeightAccess(n, m) for n, m in layers]  # refuses spectral norm before anything changes
+    snapshot = Snapshot(model)
+    try:
+        for acc, (_, module) in zip(access, layers):
+            acc.set(_module_weight(acc, module, gain=gain, generator=generator))
+            bias = getattr(module, "bias", None)
+            if zero_bias and isinstance(bias, Tensor):
+                with torch.no_grad():
+                    bias.zero_()
+        broadcast_layers([m for _, m in layers], process_group)
+    except BaseException:
+        snapshot.restore()
+        raise
+    return [n for n, _ in layers]
