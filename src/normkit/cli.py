@@ -1,0 +1,287 @@
+"""The ``normkit`` command: ``train``, ``test``, ``recipes`` (``compare`` and ``bench`` plug in the same way).
+
+Each subcommand is a ``(name, add_arguments, handler)`` entry of :data:`COMMANDS`; a handler gets the parsed
+namespace and the subcommand's parser (for argparse-style errors) and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from normkit.train.config import CHOICES
+
+    S = argparse.SUPPRESS  # only flags given on the command line override the recipe / config file
+    p.add_argument(
+        "--recipe", default=S, metavar="NAME", help="start from a named preset (`normkit recipes`)"
+    )
+    p.add_argument("--config", default=None, metavar="FILE", help="start from a config.json")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default runs/NAME-seedS)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR bit-exactly")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bars")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", choices=CHOICES["data"], default=S, help="dataset (default digits)")
+    d.add_argument("--data-dir", default=S, metavar="DIR", help="where dataset files are (default ./data)")
+    d.add_argument("--download", action="store_true", default=S, help="download the dataset if missing")
+    d.add_argument("--val-size", type=int, default=S, metavar="N", help="hold out N training examples")
+    d.add_argument("--mnist1d-samples", type=int, default=S, metavar="N", help="MNIST-1D sample count (5000)")
+    d.add_argument("--svhn-extra", action="store_true", default=S, help="SVHN: train on train + extra")
+    d.add_argument("--subset", type=int, default=S, metavar="N", help="use only N training examples")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=CHOICES["model"], default=S, help="architecture (default cnn)")
+    m.add_argument("--depth", type=int, default=S, help="MLP hidden layers / WRN depth")
+    m.add_argument("--width", type=int, default=S, help="layer width / base channels")
+    m.add_argument("--widen-factor", type=int, default=S, help="WRN widen factor")
+    m.add_argument("--dropout", type=float, default=S)
+    m.add_argument("--norm", choices=CHOICES["norm"], default=S, help="normalization layers (model default)")
+    m.add_argument("--brn-r-max", type=float, default=S, help="BRN final r_max (3)")
+    m.add_argument("--brn-d-max", type=float, default=S, help="BRN final d_max (5)")
+    m.add_argument("--brn-warmup-steps", type=int, default=S, help="BRN steps at r_max 1, d_max 0 (5000)")
+    m.add_argument("--brn-r-max-steps", type=int, default=S, help="BRN step where r_max is reached (40000)")
+    m.add_argument("--brn-d-max-steps", type=int, default=S, help="BRN step where d_max is reached (25000)")
+    m.add_argument("--brn-momentum", type=float, default=S, help="BRN moving-average weight (0.01)")
+    m.add_argument("--brn-virtual-batch-size", type=int, default=S, help="BRN ghost batch size")
+
+    t = p.add_argument_group("techniques and optimization")
+    t.add_argument("--init", choices=CHOICES["init"], default=S)
+    t.add_argument("--lsuv-tol", type=float, default=S)
+    t.add_argument("--lsuv-max-iters", type=int, default=S)
+    t.add_argument("--epochs", type=int, default=S)
+    t.add_argument("--batch-size", type=int, default=S, help="global batch size")
+    t.add_argument("--optimizer", choices=CHOICES["optimizer"], default=S)
+    t.add_argument("--lr", type=float, default=S, help="learning rate (Euclidean weights for sgdg/adamg)")
+    t.add_argument("--lr-g", type=float, default=S, help="Grassmann learning rate (sgdg/adamg)")
+    t.add_argument("--momentum", type=float, default=S)
+    t.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S)
+    t.add_argument("--weight-decay", type=float, default=S)
+    t.add_argument(
+        "--decay-norm-and-bias",
+        action="store_true",
+        default=S,
+        help="weight decay on biases and norm affines too",
+    )
+    t.add_argument("--grad-clip", type=float, default=S, help="Grassmann tangent clip ν (sgdg/adamg)")
+    t.add_argument("--omega", type=float, default=S, help="Grassmann orthogonality weight ω (sgdg/adamg)")
+    t.add_argument("--grassmann-select", choices=CHOICES["grassmann_select"], default=S)
+    t.add_argument("--enorm", type=float, default=S, metavar="C", help="ENorm asymmetry c (0 = off)")
+    t.add_argument("--enorm-every", type=int, default=S, metavar="K", help="one ENorm cycle every K steps")
+    t.add_argument(
+        "--normalize", choices=CHOICES["normalize"], default=S, metavar="NORM", help="normalized gradients"
+    )
+    t.add_argument("--clip", choices=CHOICES["clip"], default=S, metavar="NORM", help="clipped gradients")
+    t.add_argument("--clipnorm", type=float, default=S, metavar="X", help="clipping threshold for --clip")
+    t.add_argument("--granularity", choices=CHOICES["granularity"], default=S)
+    t.add_argument("--schedule", choices=CHOICES["schedule"], default=S, help="LR schedule (default cosine)")
+    t.add_argument("--milestones", type=_int_list, default=S, help="multistep epochs, e.g. 60,120,160")
+    t.add_argument("--gamma", type=float, default=S, help="multistep factor")
+    t.add_argument("--warmup-epochs", type=float, default=S)
+    t.add_argument("--label-smoothing", type=float, default=S)
+
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=S)
+    r.add_argument("--device", default=S, help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
+    r.add_argument("--amp", choices=CHOICES["amp"], default=S, help="autocast precision")
+    r.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
+    r.add_argument("--channels-last", action="store_true", default=S)
+    r.add_argument("--sync-bn", action="store_true", default=S, help="synchronized BN/BRN under torchrun")
+    r.add_argument("--eval-batch-size", type=int, default=S)
+    r.add_argument("--max-steps", type=int, default=S, help="stop after this many optimizer steps")
+    r.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+
+
+_NOT_CONFIG = {"config", "out", "resume", "progress", "stop_after_epoch", "command"}
+
+
+def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from normkit.train.config import ConfigError, resolve_config
+    from normkit.train.data import MissingDataError
+    from normkit.train.engine import run
+
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    base: dict[str, Any] = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                base = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"cannot read --config {args.config}: {e}")
+    try:
+        if args.resume:
+            result = run(
+                overrides,
+                args.out,
+                resume=args.resume,
+                progress=args.progress,
+                stop_after_epoch=args.stop_after_epoch,
+            )
+        else:
+            if "recipe" in overrides and "recipe" in base and overrides["recipe"] != base["recipe"]:
+                base = {}
+            cfg = resolve_config(base, **overrides)
+            result = run(cfg, args.out, progress=args.progress, stop_after_epoch=args.stop_after_epoch)
+    except (ConfigError, MissingDataError, FileNotFoundError) as e:
+        parser.error(str(e))
+    except ValueError as e:
+        parser.error(str(e))
+    if result.summary:
+        s = result.summary
+        print(
+            f"done: test acc {100 * s['final_test_acc']:.2f}% "
+            f"(best {100 * s['best_acc']:.2f}% on {s['best_on']} at epoch {s['best_epoch']})"
+            + (f" -> {result.out_dir}" if result.out_dir else ""),
+            flush=True,
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- test
+
+
+def _add_test_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load", required=True, metavar="PATH", help="checkpoint file or run directory")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="override the run's data directory")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_test(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from normkit.train.data import MissingDataError
+    from normkit.train.engine import evaluate_checkpoint
+
+    try:
+        res = evaluate_checkpoint(args.load, data_dir=args.data_dir, device=args.device, split=args.split)
+    except (MissingDataError, FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(
+            f"{res['checkpoint']} (epoch {res['epoch']}): {args.split} loss {res[f'{args.split}_loss']:.4f} "
+            f"acc {100 * res[f'{args.split}_acc']:.2f}%"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def _add_recipes_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="show one recipe's full config")
+    p.add_argument(
+        "--tag", default=None, help="only recipes with this tag (rbn, enorm, lsuv, brn, normalized ...)"
+    )
+    p.add_argument("--json", action="store_true")
+
+
+def _run_recipes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from normkit.train.config import resolve_config
+    from normkit.train.recipes import RECIPES, get_recipe
+
+    if args.name:
+        try:
+            r = get_recipe(args.name)
+        except ValueError as e:
+            parser.error(str(e))
+        cfg = resolve_config(recipe=r.name).to_dict()
+        info = {
+            "name": r.name,
+            "reproduces": r.reproduces,
+            "paper_number": r.paper_number,
+            "seed_command": r.seed_command,
+            "notes": r.notes,
+            "config": cfg,
+        }
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            for k in ("name", "reproduces", "paper_number", "seed_command", "notes"):
+                if info[k]:
+                    print(f"{k.replace('_', ' ')}: {info[k]}")
+            print("config:")
+            for k, v in cfg.items():
+                print(f"  {k} = {v!r}")
+        return 0
+    recipes = [r for r in RECIPES.values() if args.tag is None or args.tag in r.tags]
+    if args.json:
+        print(
+            json.dumps(
+                [{"name": r.name, "reproduces": r.reproduces, "number": r.paper_number} for r in recipes]
+            )
+        )
+        return 0
+    width = max((len(r.name) for r in recipes), default=10)
+    for r in recipes:
+        number = f" — {r.paper_number}" if r.paper_number else ""
+        print(f"{r.name:<{width}}  {r.reproduces}{number}")
+    return 0
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "train", "train a model (a recipe or any combination of techniques)", _add_train_arguments, _run_train
+    ),
+    Command("test", "evaluate a checkpoint", _add_test_arguments, _run_test),
+    Command(
+        "recipes", "list the named presets and what each reproduces", _add_recipes_arguments, _run_recipes
+    ),
+]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="normkit", description="Scale control for deep-network training: train, test, compare."
+    )
+    from normkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"normkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        parsers[cmd.name] = p
+    return parser, parsers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``normkit`` command."""
+    parser, parsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = next(c.handler for c in COMMANDS if c.name == args.command)
+    return handler(args, parsers[args.command])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

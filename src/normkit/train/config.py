@@ -1,0 +1,264 @@
+"""The run configuration: one flat dataclass, JSON round-trip, checks that refuse bad combinations early."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from normkit.train.data import DATASETS
+from normkit.train.models import MODELS
+
+__all__ = ["CHOICES", "ConfigError", "TrainConfig", "resolve_config"]
+
+
+class ConfigError(ValueError):
+    """An invalid option or combination of options (raised before any training starts)."""
+
+
+NORMS = ("l1", "l2", "l1_l2", "avg_l1", "avg_l2", "avg_l1_l2", "max", "linf", "min_max", "std")
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data": tuple(DATASETS),
+    "model": tuple(MODELS),
+    "norm": ("bn", "brn", "none"),
+    "init": ("default", "orthogonal", "lsuv"),
+    "optimizer": ("sgd", "adam", "adamw", "sgdg", "adamg"),
+    "schedule": ("constant", "multistep", "cosine", "linear"),
+    "granularity": ("tensor", "layer", "unit", "global"),
+    "grassmann_select": ("bn_input", "undercomplete"),
+    "amp": ("none", "bf16", "fp16"),
+    "normalize": NORMS,
+    "clip": NORMS,
+}
+
+GRASSMANN = ("sgdg", "adamg")
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "sgdg": 0.01, "adamg": 0.01}
+DEFAULT_LR_G = {"sgdg": 0.2, "adamg": 0.05}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. ``None`` means "the default for this model / optimizer"."""
+
+    # data
+    data: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    val_size: int = 0
+    mnist1d_samples: int = 5000
+    svhn_extra: bool = False
+    subset: int | None = None
+    # model
+    model: str = "cnn"
+    depth: int | None = None
+    width: int | None = None
+    widen_factor: int | None = None
+    dropout: float = 0.0
+    norm: str | None = None
+    brn_r_max: float | None = None
+    brn_d_max: float | None = None
+    brn_warmup_steps: int | None = None
+    brn_r_max_steps: int | None = None
+    brn_d_max_steps: int | None = None
+    brn_momentum: float | None = None
+    brn_virtual_batch_size: int | None = None
+    # initialization
+    init: str = "default"
+    lsuv_tol: float = 0.1
+    lsuv_max_iters: int = 10
+    # optimization
+    epochs: int = 15
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float | None = None
+    lr_g: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    decay_norm_and_bias: bool = False
+    grad_clip: float | None = None
+    omega: float = 0.0
+    grassmann_select: str = "bn_input"
+    enorm: float = 0.0
+    enorm_every: int = 1
+    normalize: str | None = None
+    clip: str | None = None
+    clipnorm: float | None = None
+    granularity: str = "tensor"
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    # run
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    compile: bool = False
+    channels_last: bool = False
+    sync_bn: bool = False
+    eval_batch_size: int = 1000
+    max_steps: int | None = None
+    recipe: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(names))}")
+        return cls(**d)
+
+    # resolved defaults ------------------------------------------------------------------------------------
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def resolved_lr_g(self) -> float:
+        return self.lr_g if self.lr_g is not None else DEFAULT_LR_G[self.optimizer]
+
+    @property
+    def resolved_norm(self) -> str:
+        return self.norm or MODELS[self.model].default_norm
+
+    def brn_options(self) -> dict[str, Any]:
+        keys = {
+            "r_max": self.brn_r_max,
+            "d_max": self.brn_d_max,
+            "warmup_steps": self.brn_warmup_steps,
+            "r_max_steps": self.brn_r_max_steps,
+            "d_max_steps": self.brn_d_max_steps,
+            "momentum": self.brn_momentum,
+            "virtual_batch_size": self.brn_virtual_batch_size,
+        }
+        return {k: v for k, v in keys.items() if v is not None}
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` for an invalid value or an incompatible combination."""
+        for key, choices in CHOICES.items():
+            value = getattr(self, key)
+            if value is not None and value not in choices:
+                raise ConfigError(f"invalid {key} {value!r} (choose from {', '.join(choices)})")
+        positive = (
+            "epochs",
+            "batch_size",
+            "eval_batch_size",
+            "enorm_every",
+            "lsuv_max_iters",
+            "mnist1d_samples",
+        )
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "lr_g", "clipnorm", "grad_clip", "lsuv_tol"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ConfigError(f"{key} must be positive, got {v}")
+        for key in (
+            "weight_decay",
+            "momentum",
+            "omega",
+            "enorm",
+            "dropout",
+            "label_smoothing",
+            "warmup_epochs",
+        ):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be non-negative, got {getattr(self, key)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
+
+        spec = MODELS[self.model]
+        shape = DATASETS[self.data].input_shape
+        if spec.input_dims is not None and len(shape) != spec.input_dims:
+            fits = [m for m, s in MODELS.items() if s.input_dims in (None, len(shape))]
+            raise ConfigError(
+                f"model {self.model!r} does not take {self.data} inputs of shape {shape}; "
+                f"models for {self.data}: {', '.join(fits)}"
+            )
+        if self.model == "wrn" and self.depth is not None and (self.depth - 4) % 6:
+            raise ConfigError(f"wrn depth must be 6n + 4 (10, 16, 22, 28, 40 ...), got {self.depth}")
+
+        grassmann = self.optimizer in GRASSMANN
+        if self.nesterov and self.momentum == 0 and self.optimizer in ("sgd", *GRASSMANN):
+            raise ConfigError("nesterov needs momentum > 0 (pass --momentum or --no-nesterov)")
+        if not grassmann:
+            for key in ("lr_g", "grad_clip"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"{key} applies only to the Grassmann optimizers sgdg / adamg, not {self.optimizer}"
+                        + (
+                            " (for gradient clipping use --clip l2 --clipnorm X)"
+                            if key == "grad_clip"
+                            else ""
+                        )
+                    )
+            if self.omega:
+                raise ConfigError(f"omega applies only to sgdg / adamg, not {self.optimizer}")
+        if grassmann and self.resolved_norm == "none":
+            raise ConfigError(
+                f"{self.optimizer} keeps weights that feed a normalization layer on the Grassmann manifold; "
+                f"model {self.model!r} with norm 'none' has none: use --norm bn or --norm brn"
+            )
+        if self.enorm > 0 and grassmann:
+            raise ConfigError(
+                f"--enorm cannot be combined with {self.optimizer}: ENorm rescales weights and optimizer "
+                "state of SGD / Adam / AdamW only, and Grassmann weights are kept at unit norm"
+            )
+        if self.normalize and self.clip:
+            raise ConfigError("choose one of --normalize NORM and --clip NORM, not both")
+        if self.clip and self.clipnorm is None:
+            raise ConfigError("--clip NORM needs --clipnorm X (the threshold)")
+        if self.clipnorm is not None and not self.clip:
+            raise ConfigError("--clipnorm applies only with --clip NORM")
+        if self.granularity != "tensor" and not (self.normalize or self.clip):
+            raise ConfigError("--granularity applies only with --normalize or --clip")
+        if self.brn_options() and self.resolved_norm != "brn":
+            raise ConfigError(
+                f"Batch Renormalization options {sorted(self.brn_options())} need --norm brn "
+                f"(model {self.model!r} uses {self.resolved_norm!r})"
+            )
+        if self.brn_virtual_batch_size is not None and self.sync_bn:
+            raise ConfigError("--brn-virtual-batch-size cannot be combined with --sync-bn")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ConfigError("schedule multistep needs --milestones (epochs, e.g. 60,120,160)")
+        if self.milestones and self.schedule != "multistep":
+            raise ConfigError(f"--milestones applies only to schedule multistep, not {self.schedule}")
+        if sorted(self.milestones) != list(self.milestones):
+            raise ConfigError(f"milestones must be increasing, got {self.milestones}")
+        if self.init == "lsuv" and self.lsuv_tol >= 1:
+            raise ConfigError(f"lsuv_tol must be below 1, got {self.lsuv_tol}")
+        if self.svhn_extra and self.data != "svhn":
+            raise ConfigError("--svhn-extra applies only to --data svhn")
+        return self
+
+
+def resolve_config(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a config, a dict (e.g. a ``config.json``) or keyword overrides.
+
+    A ``recipe`` key (in the dict or the overrides) starts from that recipe's settings.
+    """
+    from normkit.train.recipes import get_recipe
+
+    base: dict[str, Any] = {}
+    if isinstance(config, TrainConfig):
+        base = config.to_dict()
+    elif config is not None:
+        base = dict(config)
+    base.update(overrides)
+    recipe = base.get("recipe")
+    if recipe is not None:
+        merged = {**get_recipe(recipe).config, **base}
+        base = merged
+    return TrainConfig.from_dict(base).validate()

@@ -1,0 +1,470 @@
+"""Datasets held whole as tensors on the device, with batch-wise augmentation there (airbench style).
+
+Every loader returns a :class:`TensorData` (uint8 or float inputs already normalized to float32, int64
+labels). Files are read in their real on-disk formats: MNIST idx (optionally gzipped), the CIFAR python
+pickle batches and the SVHN ``.mat`` files; ``download=True`` fetches them with torchvision first.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import random
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "MissingDataError",
+    "TensorData",
+    "augment",
+    "batches",
+    "load_dataset",
+    "read_idx",
+]
+
+
+class MissingDataError(FileNotFoundError):
+    """A dataset's files are not where they were looked for (the message lists them)."""
+
+
+@dataclass
+class TensorData:
+    """A whole dataset as tensors: train, test and an optional validation split held out of train."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+    augment: str = "none"  # "none" | "crop-flip" | "crop"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, device: torch.device | str) -> TensorData:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(
+            self,
+            x_train=self.x_train.to(device),
+            y_train=self.y_train.to(device),
+            x_test=self.x_test.to(device),
+            y_test=self.y_test.to(device),
+            x_val=move(self.x_val),
+            y_val=move(self.y_val),
+        )
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    augment: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    offline: bool
+    description: str
+
+
+# Normalization constants (per channel) computed on each training set.
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(
+        "digits", (1, 8, 8), 10, "none", (0.3053,), (0.3760,), True, "scikit-learn 8x8 digits"
+    ),
+    "mnist1d": DatasetInfo("mnist1d", (1, 40), 10, "none", (0.0,), (1.0,), True, "MNIST-1D (generated)"),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, "none", (0.1307,), (0.3081,), False, "MNIST"),
+    "mnist-t10k": DatasetInfo(
+        "mnist-t10k",
+        (1, 28, 28),
+        10,
+        "none",
+        (0.1307,),
+        (0.3081,),
+        True,
+        "the real MNIST test set split 8 000 train / 2 000 test",
+    ),
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist", (1, 28, 28), 10, "none", (0.2860,), (0.3530,), False, "Fashion-MNIST"
+    ),
+    "cifar10": DatasetInfo(
+        "cifar10",
+        (3, 32, 32),
+        10,
+        "crop-flip",
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        False,
+        "CIFAR-10",
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100",
+        (3, 32, 32),
+        100,
+        "crop-flip",
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        False,
+        "CIFAR-100",
+    ),
+    "svhn": DatasetInfo(
+        "svhn",
+        (3, 32, 32),
+        10,
+        "none",
+        (0.4377, 0.4438, 0.4728),
+        (0.1980, 0.2010, 0.1970),
+        False,
+        "SVHN (train, or train+extra)",
+    ),
+}
+
+_SPLIT_SEED = 0  # fixed: the train/test split of digits and mnist-t10k never depends on the run's seed
+
+
+# ----------------------------------------------------------------------------------------- file formats
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (MNIST format), gzipped or not, into a numpy array."""
+    path = Path(path)
+    opener: Callable[..., Any] = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte idx file (magic {raw[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes")
+    return data.reshape(dims)
+
+
+def _find(directory: Path, names: list[str], dataset: str, download_hint: bool) -> list[Path]:
+    """Locate each of ``names`` (with or without .gz) in ``directory`` or its torchvision sub-folders."""
+    folders = [
+        directory,
+        directory / dataset / "raw",
+        directory / "MNIST" / "raw",
+        directory / "FashionMNIST" / "raw",
+    ]
+    found, missing = [], []
+    for name in names:
+        hit = next((f / n for f in folders for n in (name, name + ".gz") if (f / n).is_file()), None)
+        if hit is None:
+            missing.append(name)
+        else:
+            found.append(hit)
+    if missing:
+        raise MissingDataError(
+            f"{dataset}: missing {', '.join(missing)} (gzipped or not) in {directory} "
+            f"(or {directory / dataset / 'raw'})"
+            + ("; pass --download to fetch them" if download_hint else "")
+        )
+    return found
+
+
+def _to_float(
+    x: np.ndarray | Tensor, mean: tuple[float, ...], std: tuple[float, ...], scale: float
+) -> Tensor:
+    t = torch.as_tensor(np.ascontiguousarray(x)).to(torch.float32) / scale
+    shape = (1, -1) + (1,) * (t.dim() - 2)
+    return (t - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+
+
+def _permutation(n: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED))
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+def _digits(**_: Any) -> TensorData:
+    from sklearn.datasets import load_digits
+
+    info = DATASETS["digits"]
+    bunch = load_digits()
+    x = _to_float(bunch.images[:, None], info.mean, info.std, 16.0)
+    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    perm = _permutation(len(y))
+    n_test = 360  # 20 %, fixed split
+    test, train = perm[:n_test], perm[n_test:]
+    return TensorData("digits", x[train], y[train], x[test], y[test], 10)
+
+
+def _mnist1d(num_samples: int = 5000, **_: Any) -> TensorData:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    # make_dataset seeds the global numpy / python RNGs: keep the caller's streams untouched.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)  # generated locally from the templates, no download
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+    def f(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.float32)[:, None, :]
+
+    def lab(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(a, dtype=torch.long)
+
+    return TensorData("mnist1d", f(data["x"]), lab(data["y"]), f(data["x_test"]), lab(data["y_test"]), 10)
+
+
+_MNIST_FILES = {
+    "train": ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+    "test": ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+}
+
+
+def _download_torchvision(name: str, root: Path, **kwargs: Any) -> None:
+    import torchvision.datasets as tvd
+
+    cls = {
+        "mnist": tvd.MNIST,
+        "fashion-mnist": tvd.FashionMNIST,
+        "cifar10": tvd.CIFAR10,
+        "cifar100": tvd.CIFAR100,
+        "svhn": tvd.SVHN,
+    }[name]
+    root.mkdir(parents=True, exist_ok=True)
+    if name == "svhn":
+        for split in kwargs.get("splits", ("train", "test")):
+            cls(str(root), split=split, download=True)
+    else:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+
+
+def _mnist_like(name: str, data_dir: Path, download: bool) -> TensorData:
+    info = DATASETS[name]
+    folder = "MNIST" if name == "mnist" else "FashionMNIST"
+    if download:
+        _download_torchvision(name, data_dir)
+    out = []
+    for split in ("train", "test"):
+        img_path, lab_path = _find(data_dir, _MNIST_FILES[split], folder, not download)
+        out += [
+            _to_float(read_idx(img_path)[:, None], info.mean, info.std, 255.0),
+            torch.as_tensor(read_idx(lab_path).astype(np.int64)),
+        ]
+    return TensorData(name, out[0], out[1], out[2], out[3], 10)
+
+
+def _mnist(data_dir: Path, download: bool = False, **_: Any) -> TensorData:
+    return _mnist_like("mnist", data_dir, download)
+
+
+def _fashion(data_dir: Path, download: bool = False, **_: Any) -> TensorData:
+    return _mnist_like("fashion-mnist", data_dir, download)
+
+
+def _mnist_t10k(data_dir: Path, **_: Any) -> TensorData:
+    info = DATASETS["mnist-t10k"]
+    img_path, lab_path = _find(data_dir, _MNIST_FILES["test"], "MNIST", False)
+    x = _to_float(read_idx(img_path)[:, None], info.mean, info.std, 255.0)
+    y = torch.as_tensor(read_idx(lab_path).astype(np.int64))
+    perm = _permutation(len(y))
+    train, test = perm[:8000], perm[8000:]
+    return TensorData("mnist-t10k", x[train], y[train], x[test], y[test], 10)
+
+
+def _unpickle(path: Path) -> dict[Any, Any]:
+    # The CIFAR distribution format is a python pickle; read only files the user put there.
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar(name: str, data_dir: Path, download: bool) -> TensorData:
+    info = DATASETS[name]
+    if download:
+        _download_torchvision(name, data_dir)
+    if name == "cifar10":
+        folder, train_files, test_files, key = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            b"labels",
+        )
+    else:
+        folder, train_files, test_files, key = "cifar-100-python", ["train"], ["test"], b"fine_labels"
+    base = data_dir / folder if (data_dir / folder).is_dir() else data_dir
+    missing = [f for f in train_files + test_files if not (base / f).is_file()]
+    if missing:
+        raise MissingDataError(
+            f"{name}: missing {', '.join(missing)} in {data_dir / folder} (the python version "
+            f"of the dataset, as extracted from {folder.replace('-batches', '')}.tar.gz)"
+            + ("" if download else "; pass --download to fetch it")
+        )
+
+    def load(files: list[str]) -> tuple[Tensor, Tensor]:
+        xs, ys = [], []
+        for f in files:
+            d = _unpickle(base / f)
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[key], dtype=np.int64))
+        return _to_float(np.concatenate(xs), info.mean, info.std, 255.0), torch.as_tensor(np.concatenate(ys))
+
+    x_tr, y_tr = load(train_files)
+    x_te, y_te = load(test_files)
+    return TensorData(name, x_tr, y_tr, x_te, y_te, info.num_classes, augment="crop-flip")
+
+
+def _cifar10(data_dir: Path, download: bool = False, **_: Any) -> TensorData:
+    return _cifar("cifar10", data_dir, download)
+
+
+def _cifar100(data_dir: Path, download: bool = False, **_: Any) -> TensorData:
+    return _cifar("cifar100", data_dir, download)
+
+
+def _svhn(data_dir: Path, download: bool = False, svhn_extra: bool = False, **_: Any) -> TensorData:
+    import scipy.io
+
+    info = DATASETS["svhn"]
+    splits = ["train", "test"] + (["extra"] if svhn_extra else [])
+    if download:
+        _download_torchvision("svhn", data_dir, splits=splits)
+    missing = [s for s in splits if not (data_dir / f"{s}_32x32.mat").is_file()]
+    if missing:
+        raise MissingDataError(
+            f"svhn: missing {', '.join(f'{s}_32x32.mat' for s in missing)} in {data_dir} (the cropped-digits "
+            "format 2 .mat files)" + ("" if download else "; pass --download to fetch them")
+        )
+
+    def load(split: str) -> tuple[Tensor, Tensor]:
+        d = scipy.io.loadmat(str(data_dir / f"{split}_32x32.mat"))
+        x = np.transpose(d["X"], (3, 2, 0, 1))  # (32, 32, 3, N) -> (N, 3, 32, 32)
+        y = d["y"].astype(np.int64).reshape(-1) % 10  # the files label digit 0 as 10
+        return _to_float(x, info.mean, info.std, 255.0), torch.as_tensor(y)
+
+    x_tr, y_tr = load("train")
+    if svhn_extra:
+        x_ex, y_ex = load("extra")
+        x_tr, y_tr = torch.cat([x_tr, x_ex]), torch.cat([y_tr, y_ex])
+    x_te, y_te = load("test")
+    return TensorData("svhn", x_tr, y_tr, x_te, y_te, 10)
+
+
+_LOADERS: dict[str, Callable[..., TensorData]] = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+    "mnist": _mnist,
+    "mnist-t10k": _mnist_t10k,
+    "fashion-mnist": _fashion,
+    "cifar10": _cifar10,
+    "cifar100": _cifar100,
+    "svhn": _svhn,
+}
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path = "data",
+    *,
+    download: bool = False,
+    val_size: int = 0,
+    mnist1d_samples: int = 5000,
+    svhn_extra: bool = False,
+    subset: int | None = None,
+) -> TensorData:
+    """Load ``name`` (one of :data:`DATASETS`) on the CPU as normalized float32 tensors.
+
+    ``val_size`` examples are held out of the training set (a fixed split) as a validation set;
+    ``subset`` keeps only the first ``subset`` training examples (quick experiments).
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(_LOADERS)}")
+    data = _LOADERS[name](
+        data_dir=Path(data_dir), download=download, num_samples=mnist1d_samples, svhn_extra=svhn_extra
+    )
+    data.augment = DATASETS[name].augment
+    if val_size:
+        n = len(data.y_train)
+        if not 0 < val_size < n:
+            raise ValueError(f"val_size must be between 1 and {n - 1} for {name}, got {val_size}")
+        perm = _permutation(n)
+        val, train = perm[:val_size], perm[val_size:]
+        data.x_val, data.y_val = data.x_train[val], data.y_train[val]
+        data.x_train, data.y_train = data.x_train[train], data.y_train[train]
+    if subset is not None:
+        data.x_train, data.y_train = data.x_train[:subset], data.y_train[:subset]
+    return data
+
+
+# --------------------------------------------------------------------------------- batches, augmentation
+
+
+def augment(x: Tensor, kind: str, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """Batch-wise augmentation on ``x``'s device: random crop with zero padding (+ horizontal flip).
+
+    Random numbers come from ``generator`` (CPU) so the data order and augmentation are reproducible and
+    restorable from a checkpoint independently of the model's RNG use.
+    """
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    shifts = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (shifts[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (shifts[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, chan, rows, cols]
+    if kind == "crop-flip":
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)[:, None, None, None]
+        out = torch.where(flip, out.flip(-1), out)
+    return out
+
+
+def batches(
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    *,
+    aug: str = "none",
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (inputs, labels) batches of the global ``batch_size``; shuffled when a generator is given.
+
+    Under data parallelism each rank gets its contiguous share of every global batch (the permutation and
+    the augmentation draws are made for the whole global batch on every rank, so one process and N processes
+    see exactly the same examples per step).
+    """
+    n = len(y)
+    order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = (
+            order[start : start + batch_size]
+            if order is not None
+            else torch.arange(start, min(start + batch_size, n), device=x.device)
+        )
+        xb, yb = x[idx], y[idx]
+        if aug != "none" and generator is not None:
+            xb = augment(xb, aug, generator)
+        if world_size > 1:
+            xb = torch.tensor_split(xb, world_size)[rank]
+            yb = torch.tensor_split(yb, world_size)[rank]
+        yield xb, yb

@@ -1,0 +1,658 @@
+"""The training loop: one function, ``run(config)``, that trains, evaluates, logs and checkpoints.
+
+Data live on the device as whole tensors; per-step statistics stay on the device and are read once per
+epoch (no host synchronisation per step). Under ``torchrun`` the loop uses DDP: every rank draws the same
+global batch and trains on its contiguous share, metrics are all-reduced, rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from normkit.train.checkpoint import (
+    atomic_write_text,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from normkit.train.config import TrainConfig, resolve_config
+from normkit.train.data import TensorData, batches, load_dataset
+from normkit.train.models import build_model
+
+__all__ = ["RunResult", "Trainer", "evaluate", "evaluate_checkpoint", "run"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the resolved config, one metrics dict per epoch and the summary."""
+
+    config: TrainConfig
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_kind: str) -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if world <= 1:
+        return DistInfo()
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
+
+
+def _device(cfg: TrainConfig, info: DistInfo) -> torch.device:
+    if cfg.device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        kind = torch.device(cfg.device).type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {cfg.device}: CUDA is not available on this machine")
+        index = info.local_rank if info.enabled else (torch.device(cfg.device).index or 0)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device(cfg.device if cfg.device != "auto" else "cpu")
+
+
+def _all_reduce(t: Tensor, info: DistInfo) -> Tensor:
+    if info.enabled:
+        dist.all_reduce(t)
+    return t
+
+
+# ------------------------------------------------------------------------------------ optimizer & friends
+
+
+def _euclidean_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices / kernels only; biases and normalization affines (1-D) get none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.decay_norm_and_bias or cfg.weight_decay == 0:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """(optimizer to step, inner optimizer whose state ENorm transforms)."""
+    lr = cfg.resolved_lr
+    inner: torch.optim.Optimizer
+    if cfg.optimizer == "sgd":
+        inner = torch.optim.SGD(
+            _euclidean_groups(model, cfg), lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+        )
+    elif cfg.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        inner = cls(_euclidean_groups(model, cfg), lr=lr)
+    else:
+        from normkit.optim import SGDG, AdamG, grassmann_param_groups
+
+        groups = grassmann_param_groups(
+            model, lr=lr, lr_g=cfg.resolved_lr_g, weight_decay=cfg.weight_decay, select=cfg.grassmann_select
+        )
+        if not any(g.get("grassmann") and g["params"] for g in groups):
+            raise ValueError(
+                f"{cfg.optimizer}: no weight of model {cfg.model!r} feeds a normalization layer "
+                f"(select={cfg.grassmann_select!r}); nothing to optimize on the Grassmann manifold"
+            )
+        for g in groups:
+            if g.get("grassmann"):
+                g["grad_clip"] = cfg.grad_clip
+                g["omega"] = cfg.omega
+        if cfg.optimizer == "sgdg":
+            inner = SGDG(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        else:
+            inner = AdamG(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    outer = inner
+    if cfg.normalize:
+        from normkit.optim import NormalizedOptimizer  # type: ignore[attr-defined]
+
+        outer = NormalizedOptimizer(inner, normalization=cfg.normalize, granularity=cfg.granularity)
+    elif cfg.clip:
+        from normkit.optim import ClippedOptimizer  # type: ignore[attr-defined]
+
+        outer = ClippedOptimizer(
+            inner, normalization=cfg.clip, clipnorm=cfg.clipnorm, granularity=cfg.granularity
+        )
+    return outer, inner
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning-rate multiplier as a function of the optimizer step (warm-up × schedule)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    milestones = [m * steps_per_epoch for m in cfg.milestones]
+
+    def factor(step: int) -> float:
+        w = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if cfg.schedule == "multistep":
+            return w * cfg.gamma ** sum(step >= m for m in milestones)
+        if cfg.schedule == "cosine":
+            return w * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if cfg.schedule == "linear":
+            return w * max(0.0, 1 - step / total)
+        return w
+
+    return factor
+
+
+def _init_model(model: nn.Module, cfg: TrainConfig, data: TensorData, info: DistInfo, log: Log) -> None:
+    if cfg.init == "orthogonal":
+        from normkit.init import orthogonal_init
+
+        orthogonal_init(model)
+    elif cfg.init == "lsuv":
+        from normkit.init import lsuv_init
+
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        idx = torch.randperm(len(data.y_train), generator=g)[: cfg.batch_size].to(data.x_train.device)
+        batch = data.x_train[idx]
+        if info.enabled:
+            batch = torch.tensor_split(batch, info.world_size)[info.rank]
+        lsuv_init(model, batch, tol=cfg.lsuv_tol, max_iters=cfg.lsuv_max_iters)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int = 1000,
+    *,
+    info: DistInfo | None = None,
+    amp: str = "none",
+    channels_last: bool = False,
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode; sharded and all-reduced under DDP."""
+    info = info or DistInfo()
+    was_training = model.training
+    model.eval()
+    if info.enabled:
+        x, y = (
+            torch.tensor_split(x, info.world_size)[info.rank],
+            torch.tensor_split(y, info.world_size)[info.rank],
+        )
+    stats = torch.zeros(3, dtype=torch.float64, device=x.device)
+    for xb, yb in batches(x, y, batch_size):
+        if channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(xb.device, amp):
+            out = model(xb)
+        stats[0] += F.cross_entropy(out.float(), yb, reduction="sum").double()
+        stats[1] += (out.argmax(1) == yb).sum()
+        stats[2] += len(yb)
+    _all_reduce(stats, info)
+    model.train(was_training)
+    loss, correct, n = stats.tolist()
+    return loss / max(n, 1), correct / max(n, 1)
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Holds one run's state. ``run()`` is the usual entry point; the class is there for tests and tools."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        data: TensorData | None = None,
+        log: Log | None = None,
+        info: DistInfo | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.log: Log = log or (lambda s: print(s, flush=True))
+        self.info = info or DistInfo()
+        self.device = _device(cfg, self.info)
+        _seed_everything(cfg.seed)
+        if data is None:
+            data = load_dataset(
+                cfg.data,
+                cfg.data_dir,
+                download=cfg.download and self.info.is_main,
+                val_size=cfg.val_size,
+                mnist1d_samples=cfg.mnist1d_samples,
+                svhn_extra=cfg.svhn_extra,
+                subset=cfg.subset,
+            )
+        self.data = data.to(self.device)
+        model = build_model(
+            cfg.model,
+            self.data.input_shape,
+            self.data.num_classes,
+            norm=cfg.resolved_norm,
+            brn_options=cfg.brn_options(),
+            depth=cfg.depth,
+            width=cfg.width,
+            widen_factor=cfg.widen_factor,
+            dropout=cfg.dropout,
+        ).to(self.device)
+        _init_model(model, cfg, self.data, self.info, self.log)
+        if self.info.enabled and cfg.sync_bn:
+            from normkit.nn import convert_batchnorm
+
+            model = convert_batchnorm(model, to="sync")
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer, self.inner_optimizer = build_optimizer(model, cfg)
+        drop_last = len(self.data.y_train) >= cfg.batch_size
+        n = len(self.data.y_train)
+        self.steps_per_epoch = n // cfg.batch_size if drop_last else 1
+        self.drop_last = drop_last
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(cfg, self.steps_per_epoch)
+        )
+        self.enorm: Any = None
+        if cfg.enorm > 0:
+            from normkit.enorm import ENorm
+
+            example = self.data.x_train[:2]
+            self.enorm = ENorm(
+                model, self.inner_optimizer, c=cfg.enorm, every=cfg.enorm_every, example_input=example
+            )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        # dropout masks: every rank its own stream (rank 0's equals a single process's)
+        torch.manual_seed(cfg.seed + 2 + 1000 * self.info.rank)
+        self.epoch = 0
+        self.step = 0
+        self.metrics: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.train_model: nn.Module = model
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(model, device_ids=ids)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "enorm": self.enorm.state_dict() if hasattr(self.enorm, "state_dict") else None,
+            "rng": capture_rng(self.generator),
+            "metrics": self.metrics,
+            "best": self.best,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if state.get("enorm") is not None and hasattr(self.enorm, "load_state_dict"):
+            self.enorm.load_state_dict(state["enorm"])
+        restore_rng(state["rng"], self.generator)
+        if self.info.rank:
+            torch.manual_seed(self.cfg.seed + 2 + 1000 * self.info.rank + state["epoch"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.metrics = list(state["metrics"])
+        self.best = dict(state["best"])
+
+    # -- loop ---------------------------------------------------------------------------------------------
+    def train_epoch(self, progress: Any = None) -> dict[str, float]:
+        cfg, model = self.cfg, self.train_model
+        model.train()
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        start = time.perf_counter()
+        for xb, yb in batches(
+            self.data.x_train,
+            self.data.y_train,
+            cfg.batch_size,
+            self.generator,
+            aug=self.data.augment,
+            drop_last=self.drop_last,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        ):
+            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                break
+            if cfg.channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(self.device, cfg.amp):
+                out = model(xb)
+                loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.enorm is not None:
+                self.enorm.step()
+            self.scheduler.step()
+            self.step += 1
+            with torch.no_grad():
+                stats[0] += loss.detach().double() * len(yb)
+                stats[1] += (out.detach().argmax(1) == yb).sum()
+                stats[2] += len(yb)
+            if progress is not None:
+                progress.update(1)
+        _all_reduce(stats, self.info)
+        loss_sum, correct, n = stats.tolist()
+        return {
+            "train_loss": loss_sum / max(n, 1),
+            "train_acc": correct / max(n, 1),
+            "train_time": time.perf_counter() - start,
+        }
+
+    def evaluate(self, split: str = "test") -> tuple[float, float]:
+        x, y = (self.data.x_test, self.data.y_test) if split == "test" else (self.data.x_val, self.data.y_val)
+        assert x is not None and y is not None
+        return evaluate(
+            self.model,
+            x,
+            y,
+            self.cfg.eval_batch_size,
+            info=self.info,
+            amp=self.cfg.amp,
+            channels_last=self.cfg.channels_last,
+        )
+
+    def run_epoch(self, progress: Any = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        record: dict[str, Any] = {"epoch": self.epoch + 1}
+        record.update(self.train_epoch(progress))
+        record["test_loss"], record["test_acc"] = self.evaluate("test")
+        if self.data.x_val is not None:
+            record["val_loss"], record["val_acc"] = self.evaluate("val")
+        record["lr"] = lr
+        record["step"] = self.step
+        record["time"] = time.perf_counter() - t0
+        self.epoch += 1
+        self.metrics.append(record)
+        key = "val_acc" if "val_acc" in record else "test_acc"
+        if not self.best or record[key] > self.best["acc"]:
+            self.best = {"epoch": record["epoch"], "acc": record[key], "key": key}
+        return record
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _line(rec: dict[str, Any], epochs: int) -> str:
+    text = (
+        f"epoch {rec['epoch']:>3}/{epochs}  train loss {rec['train_loss']:.4f} "
+        f"acc {100 * rec['train_acc']:6.2f}%  "
+        f"test loss {rec['test_loss']:.4f} acc {100 * rec['test_acc']:6.2f}%"
+    )
+    if "val_acc" in rec:
+        text += f"  val acc {100 * rec['val_acc']:6.2f}%"
+    return text + f"  lr {rec['lr']:.3g}  {rec['time']:.1f}s"
+
+
+def _default_out_dir(cfg: TrainConfig) -> Path:
+    name = cfg.recipe or f"{cfg.data}-{cfg.model}-{cfg.optimizer}"
+    base = Path("runs") / f"{name}-seed{cfg.seed}"
+    out, i = base, 1
+    while out.exists():
+        i += 1
+        out = base.with_name(f"{base.name}-{i}")
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the dev extras
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def run(
+    config: TrainConfig | dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool | str | Path = False,
+    reuse: bool = False,
+    data: TensorData | None = None,
+    log: Log | None = None,
+    progress: bool | None = None,
+    save: bool = True,
+    stop_after_epoch: int | None = None,
+) -> RunResult:
+    """Train one run from ``config`` (a :class:`TrainConfig` or a dict, e.g. a ``config.json``).
+
+    Writes ``out_dir``/config.json, metrics.jsonl (one JSON object per epoch), summary.json, checkpoint.pt
+    (latest) and best.pt unless ``save=False``; returns the same data as a :class:`RunResult`.
+
+    - ``resume``: True continues from ``out_dir``/checkpoint.pt, a path continues from that run directory or
+      checkpoint file (bit-exactly: same metrics as an uninterrupted run). The checkpoint's config is used;
+      ``config`` may only change ``epochs`` / ``device`` / ``data_dir`` then.
+    - ``reuse``: for sweeps — if ``out_dir`` already holds a finished run with the same config, return it
+      without training; if it holds a checkpoint of the same config, resume from it.
+    - ``data``: train on these tensors instead of loading ``config.data`` (tests, dry runs).
+    - ``stop_after_epoch``: stop (after checkpointing) once this many epochs are done — simulates a crash.
+    """
+    log = log or (lambda s: print(s, flush=True))
+    state: dict[str, Any] | None = None
+    if resume:
+        ckpt_path = Path(out_dir) / "checkpoint.pt" if resume is True and out_dir else Path(str(resume))
+        if resume is True and out_dir is None:
+            raise ValueError("resume=True needs out_dir")
+        state = load_checkpoint(ckpt_path)
+        if out_dir is None:
+            out_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
+        allowed = {"epochs", "device", "data_dir", "download"}
+        extra = _config_dict(config)
+        changed = {k for k, v in extra.items() if k not in allowed and state["config"].get(k) != v}
+        if changed:
+            raise ValueError(
+                f"cannot change {sorted(changed)} when resuming; only {sorted(allowed)} may change"
+            )
+        cfg = resolve_config({**state["config"], **{k: v for k, v in extra.items() if k in allowed}})
+    else:
+        cfg = resolve_config(config)
+        if reuse and out_dir is not None:
+            done = _finished(Path(out_dir), cfg)
+            if done is not None:
+                return done
+            if (Path(out_dir) / "checkpoint.pt").is_file():
+                prev = load_checkpoint(Path(out_dir) / "checkpoint.pt")
+                if prev["config"] == cfg.to_dict():
+                    state = prev
+
+    info = _setup_distributed(
+        "cuda"
+        if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
+    try:
+        return _run(cfg, out_dir, state, data, log, progress, save, stop_after_epoch, info)
+    finally:
+        if info.initialized_here:
+            dist.destroy_process_group()
+
+
+def _config_dict(config: TrainConfig | dict[str, Any] | None) -> dict[str, Any]:
+    if config is None:
+        return {}
+    return config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+
+
+def _finished(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
+    summary_path, config_path = out_dir / "summary.json", out_dir / "config.json"
+    if not (summary_path.is_file() and config_path.is_file()):
+        return None
+    if json.loads(config_path.read_text()) != cfg.to_dict():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("epochs_done") != cfg.epochs:
+        return None
+    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return RunResult(cfg, metrics, summary, out_dir)
+
+
+def _run(
+    cfg: TrainConfig,
+    out_dir: str | Path | None,
+    state: dict[str, Any] | None,
+    data: TensorData | None,
+    log: Log,
+    progress: bool | None,
+    save: bool,
+    stop_after_epoch: int | None,
+    info: DistInfo,
+) -> RunResult:
+    main = info.is_main
+    quiet: Log = log if main else (lambda s: None)
+    out: Path | None = None
+    if save:
+        out = Path(out_dir) if out_dir is not None else _default_out_dir(cfg)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.json", cfg.to_json() + "\n")
+    trainer = Trainer(cfg, data=data, log=quiet, info=info)
+    if state is not None:
+        trainer.load_state_dict(state)
+        quiet(f"resumed from epoch {trainer.epoch} (step {trainer.step})")
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    if trainer.epoch == 0:
+        quiet(
+            f"normkit train: {cfg.model} on {cfg.data} ({len(trainer.data.y_train)} train / "
+            f"{len(trainer.data.y_test)} test), {n_params:,} parameters, {cfg.optimizer}, "
+            f"{cfg.epochs} epochs, "
+            f"device {trainer.device}"
+            + (f", {info.world_size} processes" if info.enabled else "")
+            + (f" -> {out}" if out else "")
+        )
+    show = (sys.stderr.isatty() if progress is None else progress) and main
+    start = time.perf_counter()
+    while trainer.epoch < cfg.epochs:
+        bar = _progress(trainer.steps_per_epoch, f"epoch {trainer.epoch + 1}/{cfg.epochs}", show)
+        rec = trainer.run_epoch(bar)
+        if bar is not None:
+            bar.close()
+        quiet(_line(rec, cfg.epochs))
+        if out is not None and main:
+            _write_metrics(out, trainer.metrics)
+            ckpt = trainer.state_dict()
+            save_checkpoint(ckpt, out / "checkpoint.pt")
+            if trainer.best.get("epoch") == rec["epoch"]:
+                save_checkpoint(ckpt, out / "best.pt")
+        if info.enabled:
+            dist.barrier()
+        if cfg.max_steps is not None and trainer.step >= cfg.max_steps:
+            break
+        if stop_after_epoch is not None and trainer.epoch >= stop_after_epoch:
+            return RunResult(cfg, list(trainer.metrics), {}, out)
+    last = trainer.metrics[-1] if trainer.metrics else {}
+    summary = {
+        "epochs_done": trainer.epoch,
+        "steps": trainer.step,
+        "final_test_acc": last.get("test_acc"),
+        "final_test_loss": last.get("test_loss"),
+        "final_train_loss": last.get("train_loss"),
+        "best_epoch": trainer.best.get("epoch"),
+        "best_acc": trainer.best.get("acc"),
+        "best_on": trainer.best.get("key"),
+        "mean_epoch_time": float(np.mean([m["time"] for m in trainer.metrics])) if trainer.metrics else None,
+        "wall_time_this_session": time.perf_counter() - start,
+        "parameters": n_params,
+        "world_size": info.world_size,
+        "device": str(trainer.device),
+        "torch": torch.__version__,
+    }
+    if out is not None and main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return RunResult(cfg, list(trainer.metrics), summary, out)
+
+
+def _write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def evaluate_checkpoint(
+    path: str | Path, *, data_dir: str | None = None, device: str = "auto", split: str = "test"
+) -> dict[str, Any]:
+    """Evaluate a checkpoint file (or run directory) on its dataset's test (or val) split."""
+    state = load_checkpoint(path)
+    overrides: dict[str, Any] = {"device": device}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    cfg = resolve_config({**state["config"], **overrides, "init": "default", "enorm": 0.0})
+    trainer = Trainer(cfg, log=lambda s: None)
+    trainer.model.load_state_dict(state["model"])
+    if split == "val" and trainer.data.x_val is None:
+        raise ValueError("this run has no validation split (val_size = 0)")
+    loss, acc = trainer.evaluate(split)
+    return {"checkpoint": str(path), "epoch": int(state["epoch"]), f"{split}_loss": loss, f"{split}_acc": acc}
+
+
+def iter_metrics(out_dir: str | Path) -> Iterator[dict[str, Any]]:
+    """Read a run directory's metrics.jsonl."""
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
