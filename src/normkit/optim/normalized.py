@@ -1,0 +1,549 @@
+"""Block-normalized and clipped gradients around any ``torch.optim`` optimizer.
+
+Yu et al. 2017 (arXiv 1707.04822); adaptive gradient clipping: Brock et al. 2021 (arXiv 2102.06171).
+
+:class:`NormalizedOptimizer` replaces the gradient ``g`` of each block by ``g / (N(g) + ε)``,
+:class:`ClippedOptimizer` by ``g · min(1, c / (N(g) + ε))`` (or, ``relative=True``, with
+``c = clip_factor · max(N(W), weight_eps)`` of the block's weights), and then lets the wrapped optimizer take
+its own step (momentum, Adam moments ...) on the transformed gradients. ``N`` is a norm of
+:mod:`normkit.optim.norms`; the ε is added once, to the norm. The transform is done **in place on
+``.grad``** (like ``torch.nn.utils.clip_grad_norm_``): after ``step`` the gradients are the transformed ones.
+
+Blocks (``granularity``):
+
+* ``"tensor"`` — each parameter tensor (the Keras seed's behaviour);
+* ``"layer"`` — all parameters owned directly by one module of ``model`` (the paper's block); a parameter
+  that no module of ``model`` owns is a block of its own; a shared parameter belongs to the first module;
+* ``"unit"`` — each output unit: row ``i`` of ``W.reshape(W.shape[0], -1)`` (a Linear row, a conv filter; for
+  transposed convolutions the first dimension is the *input* channel); a vector or scalar is one unit;
+* ``"global"`` — all gradients together (like ``clip_grad_norm_``).
+
+The wrappers *are* optimizers and share ``param_groups``, ``state`` and ``defaults`` with the inner one, so
+an LR scheduler built on the wrapper drives the inner learning rate, and ``GradScaler.unscale_`` /
+``GradScaler.step`` see the same gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from normkit.optim.norms import (
+    Norm,
+    NormFn,
+    combine_stats,
+    finish,
+    get_norm,
+    num_units,
+    row_stats,
+    tensor_stats,
+)
+
+__all__ = ["ClippedOptimizer", "Granularity", "NormalizedOptimizer"]
+
+Granularity = Literal["tensor", "layer", "unit", "global"]
+_GRANULARITIES = ("tensor", "layer", "unit", "global")
+_STATE_KEY = "normkit_wrapper"
+
+
+class _Plan:
+    """The layout of one set of gradients, cached between steps: device/dtype groups, blocks, counts."""
+
+    def __init__(self, params: list[Tensor], grads: list[Tensor], granularity: str, block_of: list[int]):
+        self.granularity = granularity
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, g in enumerate(grads):
+            groups.setdefault((g.device, g.dtype), []).append(i)
+        self.groups = list(groups.values())
+        self.counts = [
+            torch.tensor([float(grads[i].numel()) for i in idx], device=grads[idx[0]].device)
+            for idx in self.groups
+        ]
+        self.params = params
+        if granularity in ("layer", "global"):
+            order = [i for idx in self.groups for i in idx]
+            ids: dict[int, int] = {}
+            seg = [ids.setdefault(block_of[i], len(ids)) for i in order]
+            self.num_blocks = len(ids)
+            self.home = grads[order[0]].device
+            self.segments = torch.tensor(seg, dtype=torch.long, device=self.home)
+            self.all_counts = torch.cat([c.to(self.home) for c in self.counts])
+            self.blocks: list[list[int]] = [[] for _ in range(self.num_blocks)]
+            for i, s in zip(order, seg):
+                self.blocks[s].append(i)
+
+
+class _GradientTransform(torch.optim.Optimizer):
+    """Common machinery of :class:`NormalizedOptimizer` and :class:`ClippedOptimizer`."""
+
+    # GradScaler must unscale before our step: the transform needs the true gradients.
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        normalization: str | NormFn = "l2",
+        granularity: Granularity = "tensor",
+        eps: float = 1e-7,
+        *,
+        model: nn.Module | None = None,
+        exclude: Iterable[Tensor | nn.Module] = (),
+        return_norms: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"{type(self).__name__} wraps a torch.optim.Optimizer instance, "
+                f"got {type(optimizer).__name__}"
+                + (
+                    " (a class: instantiate it with the parameters first)"
+                    if isinstance(optimizer, type)
+                    else ""
+                )
+            )
+        if granularity not in _GRANULARITIES:
+            raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+        if granularity == "layer" and model is None:
+            raise ValueError(
+                'granularity="layer" needs the model: pass model=... (its modules are the blocks)'
+            )
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.inner = optimizer
+        self.norm: Norm = get_norm(normalization)
+        self._normalization_arg = normalization
+        self.granularity: str = granularity
+        self.eps = float(eps)
+        self.foreach = True if foreach is None else bool(foreach)
+        self.return_norms = return_norms
+        self.last_norms: dict[Tensor, Tensor] = {}
+        self.model = model
+        self._excluded: set[int] = set()
+        for item in exclude:
+            if isinstance(item, nn.Module):
+                self._excluded.update(id(p) for p in item.parameters())
+            elif isinstance(item, Tensor):
+                self._excluded.add(id(item))
+            else:
+                raise TypeError(f"exclude takes parameters or modules, got {type(item).__name__}")
+        self._layer_of: dict[int, int] = {}
+        if model is not None:
+            for index, module in enumerate(model.modules()):
+                for p in module.parameters(recurse=False):
+                    self._layer_of.setdefault(id(p), index)
+        self._plan: _Plan | None = None
+        self._plan_key: tuple[Any, ...] | None = None
+        # torch.optim.Optimizer's hook registries (its __init__ is not called: the groups are the inner's).
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._patch_step_function()
+
+    # ---- shared with the inner optimizer ---------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.inner.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.inner.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.inner.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.inner).splitlines())
+        return f"{type(self).__name__}(\n{inner},\n    {self._settings_repr()}\n)"
+
+    def _settings_repr(self) -> str:
+        return f"normalization={self.norm.name!r}, granularity={self.granularity!r}, eps={self.eps:g}"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.inner.add_param_group(param_group)
+
+    # ---- step ------------------------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Evaluate ``closure`` (if any) first, transform the gradients in place, then step the inner one.
+
+        The closure is not passed on, so a re-evaluation cannot undo the transform (optimizers that need to
+        re-evaluate the closure, such as L-BFGS, are not supported).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            self._transform()
+        self.inner.step()
+        return loss
+
+    def _scales(self, norms: Tensor, params: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _needs_param_norms(self) -> bool:
+        return False
+
+    def _collect(self) -> tuple[list[Tensor], list[Tensor]]:
+        params, grads = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None or id(p) in self._excluded:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (an nn.Embedding with "
+                        "sparse=True?); use dense gradients or exclude=[that parameter]"
+                    )
+                if g.numel() == 0:
+                    continue
+                params.append(p)
+                grads.append(g)
+        return params, grads
+
+    def _get_plan(self, params: list[Tensor], grads: list[Tensor]) -> _Plan:
+        key = tuple((id(p), g.device, g.dtype) for p, g in zip(params, grads))
+        if self._plan is None or key != self._plan_key:
+            next_block = len(self._layer_of) + 1 + 10**9
+            block_of = []
+            for i, p in enumerate(params):
+                if self.granularity == "global":
+                    block_of.append(0)
+                elif self.granularity == "layer" and id(p) in self._layer_of:
+                    block_of.append(self._layer_of[id(p)])
+                else:
+                    block_of.append(next_block + i)
+            self._plan = _Plan(params, grads, self.granularity, block_of)
+            self._plan_key = key
+        return self._plan
+
+    def _transform(self) -> None:
+        params, grads = self._collect()
+        if not grads:
+            self.last_norms = {}
+            return
+        plan = self._get_plan(params, grads)
+        weights = [p.detach() for p in params] if self._needs_param_norms() else None
+        if plan.granularity == "unit":
+            norms = [self._row_norms(g) for g in grads]
+            wnorms = [self._row_norms(w) for w in weights] if weights is not None else None
+            for k, g in enumerate(grads):
+                s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
+                g.mul_(s.to(g.device).view(-1, *([1] * (g.ndim - 1))) if g.ndim >= 2 else s.to(g.device)[0])
+        else:
+            norms = self._grouped_norms(plan, grads)
+            wnorms = self._grouped_norms(plan, weights) if weights is not None else None
+            for k, idx in enumerate(plan.groups):
+                s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
+                group_grads = [grads[i] for i in idx]
+                if group_grads[0].is_complex():
+                    s = s.to(group_grads[0].real.dtype)
+                torch._foreach_mul_(group_grads, list(s.unbind()))
+        if self.return_norms:
+            if plan.granularity == "unit":
+                self.last_norms = {p: n for p, n in zip(params, norms)}
+            else:
+                self.last_norms = {
+                    params[i]: n for k, idx in enumerate(plan.groups) for i, n in zip(idx, norms[k].unbind())
+                }
+
+    def _row_norms(self, x: Tensor) -> Tensor:
+        nrm = self.norm
+        if nrm.needs is not None:
+            rows = num_units(x)
+            return finish(nrm.name, row_stats(x, nrm.needs), float(x.numel() // rows))
+        rows_view = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+        try:
+            return torch.vmap(nrm.fn)(rows_view)
+        except Exception:  # a function vmap cannot batch: one call per unit
+            return torch.stack([torch.as_tensor(nrm.fn(r), device=x.device) for r in rows_view])
+
+    def _grouped_norms(self, plan: _Plan, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """For each device/dtype group, the norm of the block of each of its tensors (a 1-D tensor)."""
+        nrm = self.norm
+        if plan.granularity == "tensor":
+            out = []
+            for idx, counts in zip(plan.groups, plan.counts):
+                ts = [tensors[i] for i in idx]
+                if nrm.needs is None:
+                    out.append(torch.stack([torch.as_tensor(nrm.fn(t), device=t.device) for t in ts]))
+                else:
+                    stats = tensor_stats(ts, nrm.needs, foreach=self.foreach)
+                    out.append(finish(nrm.name, stats, counts.to(stats[next(iter(stats))].dtype)))
+            return out
+        # "layer" / "global": merge per-tensor statistics into blocks on the home device.
+        if nrm.needs is None:
+            block_norms = torch.stack(
+                [
+                    torch.as_tensor(
+                        nrm.fn(torch.cat([tensors[i].reshape(-1).to(plan.home) for i in members])),
+                        device=plan.home,
+                    )
+                    for members in plan.blocks
+                ]
+            )
+        else:
+            per_group = [
+                tensor_stats([tensors[i] for i in idx], nrm.needs, foreach=self.foreach)
+                for idx in plan.groups
+            ]
+            acc = (
+                torch.float64
+                if any(s[k].dtype == torch.float64 for s in per_group for k in s)
+                else torch.float32
+            )
+            merged = {
+                key: torch.cat(
+                    [
+                        s[key].to(plan.home, dtype=acc if not s[key].is_complex() else s[key].dtype)
+                        for s in per_group
+                    ]
+                )
+                for key in per_group[0]
+            }
+            stats, n = combine_stats(merged, plan.all_counts.to(acc), plan.segments, plan.num_blocks)
+            block_norms = finish(nrm.name, stats, n)
+        per_tensor = block_norms[plan.segments]
+        out, start = [], 0
+        for idx in plan.groups:
+            dev = tensors[idx[0]].device
+            out.append(per_tensor[start : start + len(idx)].to(dev))
+            start += len(idx)
+        return out
+
+    # ---- state_dict ------------------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        index: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+        name: str | None = self.norm.name
+        if self.norm.needs is None and not _is_registered(self.norm):
+            name = None  # an anonymous callable: cannot be named in a state_dict
+        return {
+            "wrapper": type(self).__name__,
+            "normalization": name,
+            "granularity": self.granularity,
+            "eps": self.eps,
+            "foreach": self.foreach,
+            "return_norms": self.return_norms,
+            "exclude": sorted(index[i] for i in self._excluded if i in index),
+        }
+
+    def _load_settings(self, settings: dict[str, Any]) -> None:
+        name = settings["normalization"]
+        if name is None:
+            if self.norm.needs is not None or _is_registered(self.norm):
+                raise ValueError(
+                    "the state_dict was saved with an unregistered custom normalization function; construct "
+                    f"{type(self).__name__} with that function (or register it by name) before loading"
+                )
+        else:
+            try:
+                self.norm = get_norm(name)
+            except ValueError:
+                raise ValueError(
+                    f"the state_dict names the custom normalization {name!r}, which is not registered; call "
+                    f"normkit.optim.register_norm({name!r}, fn) before load_state_dict"
+                ) from None
+        if settings["granularity"] == "layer" and self.model is None:
+            raise ValueError('the state_dict uses granularity="layer": construct the wrapper with model=...')
+        self.granularity = settings["granularity"]
+        self.eps = float(settings["eps"])
+        self.foreach = bool(settings["foreach"])
+        self.return_norms = bool(settings["return_norms"])
+        params = [p for group in self.param_groups for p in group["params"]]
+        unique = list({id(p): p for p in params}.values())
+        self._excluded = {id(unique[i]) for i in settings["exclude"]}
+        self._plan, self._plan_key = None, None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's ``state_dict`` plus the wrapper's settings under ``"normkit_wrapper"``
+        (a plain optimizer of the inner type can load it; the extra key is ignored there)."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = self.inner.state_dict()
+        sd[_STATE_KEY] = self._settings()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the inner optimizer's state and, if present, the wrapper's settings (a custom norm name
+        must be registered first)."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        settings = state_dict.pop(_STATE_KEY, None)
+        if settings is not None:
+            if settings.get("wrapper") != type(self).__name__:
+                raise ValueError(
+                    f"the state_dict is of a {settings.get('wrapper')}, not a {type(self).__name__}"
+                )
+            backup = copy.copy(self.__dict__)
+            try:
+                self._load_settings(settings)
+            except Exception:
+                self.__dict__.update(backup)
+                raise
+        self.inner.load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def _is_registered(nrm: Norm) -> bool:
+    try:
+        return get_norm(nrm.name).fn is nrm.fn
+    except ValueError:
+        return False
+
+
+class NormalizedOptimizer(_GradientTransform):
+    """Block-normalized gradients: each block's gradient becomes ``g / (N(g) + eps)`` before the inner step.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` instance (``param_groups``, ``state``, ``defaults`` shared).
+        normalization: a norm name (``l1``, ``l2``, ``l1_l2``, ``avg_l1``, ``avg_l2``, ``avg_l1_l2``, ``max``
+            / ``linf``, ``min_max``, ``std``, or one registered with :func:`register_norm`) or a callable.
+        granularity: ``"tensor"``, ``"layer"`` (needs ``model``), ``"unit"`` or ``"global"``.
+        eps: added once to each block's norm.
+        model: the module tree whose modules are the ``"layer"`` blocks.
+        exclude: parameters or modules whose gradients are left as they are.
+        return_norms: keep ``last_norms[param]``, the norm of the block of each parameter at the last step
+            (a 0-dim tensor; per unit a 1-D tensor), for logging.
+        foreach: multi-tensor (default) or per-tensor computation of the built-in norms.
+
+    Example::
+
+        opt = NormalizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True),
+                                  normalization="l2", granularity="tensor", eps=1e-7)
+    """
+
+    def _scales(self, norms: Tensor, params: Tensor | None) -> Tensor:
+        return (norms + self.eps).reciprocal()
+
+
+class ClippedOptimizer(_GradientTransform):
+    """Clipped gradients: each block's gradient becomes ``g · min(1, c / (N(g) + eps))`` before the step.
+
+    With ``relative=True`` (adaptive gradient clipping, Brock et al. 2021) the threshold is
+    ``c = clip_factor · max(N(W), weight_eps)`` with ``N(W)`` the same norm of the block's *weights*; the
+    granularity then defaults to ``"unit"``. Leave the classifier out with ``exclude=[model.fc]``.
+
+    Args:
+        optimizer, normalization, eps, model, exclude, return_norms, foreach: see NormalizedOptimizer.
+        clipnorm: the threshold ``c`` (absolute clipping).
+        granularity: default ``"tensor"`` (``"unit"`` when ``relative``).
+        relative: clip relative to the weights' norm instead of ``clipnorm``.
+        clip_factor: ``λ`` of adaptive gradient clipping.
+        weight_eps: the floor of the weight norm (AGC's ε, 1e-3), so that zero-initialised weights can move.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        normalization: str | NormFn = "l2",
+        clipnorm: float | None = None,
+        eps: float = 1e-7,
+        *,
+        granularity: Granularity | None = None,
+        relative: bool = False,
+        clip_factor: float = 0.01,
+        weight_eps: float = 1e-3,
+        model: nn.Module | None = None,
+        exclude: Iterable[Tensor | nn.Module] = (),
+        return_norms: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        if relative:
+            if clipnorm is not None:
+                raise ValueError("give either clipnorm (absolute clipping) or relative=True, not both")
+            if not clip_factor > 0.0:
+                raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
+        elif clipnorm is None or not (clipnorm > 0.0 and math.isfinite(clipnorm)):
+            raise ValueError(f"clipnorm must be a finite number > 0 (or use relative=True), got {clipnorm}")
+        super().__init__(
+            optimizer,
+            normalization,
+            granularity if granularity is not None else ("unit" if relative else "tensor"),
+            eps,
+            model=model,
+            exclude=exclude,
+            return_norms=return_norms,
+            foreach=foreach,
+        )
+        self.clipnorm = clipnorm
+        self.relative = relative
+        self.clip_factor = float(clip_factor)
+        self.weight_eps = float(weight_eps)
+
+    def _settings_repr(self) -> str:
+        if self.relative:
+            return super()._settings_repr() + f", relative=True, clip_factor={self.clip_factor:g}"
+        return super()._settings_repr() + f", clipnorm={self.clipnorm:g}"
+
+    def _needs_param_norms(self) -> bool:
+        return self.relative
+
+    def _scales(self, norms: Tensor, params: Tensor | None) -> Tensor:
+        if params is not None:
+            limit = params.clamp(min=self.weight_eps) * self.clip_factor
+            return (limit / (norms + self.eps)).clamp(max=1.0)
+        assert self.clipnorm is not None
+        return (self.clipnorm / (norms + self.eps)).clamp(max=1.0)
+
+    def _settings(self) -> dict[str, Any]:
+        out = super()._settings()
+        out.update(
+            clipnorm=self.clipnorm,
+            relative=self.relative,
+            clip_factor=self.clip_factor,
+            weight_eps=self.weight_eps,
+        )
+        return out
+
+    def _load_settings(self, settings: dict[str, Any]) -> None:
+        super()._load_settings(settings)
+        self.clipnorm = settings["clipnorm"]
+        self.relative = bool(settings["relative"])
+        self.clip_factor = float(settings["clip_factor"])
+        self.weight_eps = float(settings["weight_eps"])

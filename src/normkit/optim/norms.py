@@ -1,0 +1,301 @@
+"""Gradient norms for block-normalized and clipped optimizers: the registry and the functional core.
+
+A *norm* maps a block of numbers (a tensor, a layer's tensors, a row, all gradients) to a non-negative scalar
+``N``. The built-in norms follow the Keras seed (``keras-normalized-optimizers``) exactly, on a block of ``n``
+numbers ``x`` (for complex ``x``, ``|x|`` is the modulus):
+
+=============  ====================================
+``l1``         ``Σ|x|``
+``l2``         ``√Σ|x|²`` (the default)
+``l1_l2``      ``(l1 + l2) / 2``
+``avg_l1``     ``Σ|x| / n``
+``avg_l2``     ``√(Σ|x|² / n)``
+``avg_l1_l2``  ``(avg_l1 + avg_l2) / 2``
+``max``        ``max|x|`` (alias ``linf``)
+``min_max``    ``(max|x| + min|x|) / 2``
+``std``        ``√(Σ|x − mean x|² / n)`` (population standard deviation, as Keras' ``K.std``)
+=============  ====================================
+
+The ε of the optimizers is *not* part of a norm: it is added once, by the caller, to ``N``.
+
+Three computational paths, all without host synchronisation:
+
+* :func:`norm` — one block given as one tensor (the reference formula);
+* :func:`tensor_stats` / :func:`finish` — per-tensor *statistics* (``Σ|x|``, ``√Σ|x|²``, ``max|x|``,
+  ``min|x|``, mean and ``Σ|x − mean|²``) for a list of tensors with ``torch._foreach_norm`` (multi-tensor)
+  or a loop (single-tensor), which :func:`combine_stats` merges exactly into blocks made of several tensors
+  (a layer, all gradients; the standard deviation with Chan's parallel formula);
+* :func:`row_stats` — the same statistics per row (output unit) of one tensor.
+
+Custom norms (:func:`register_norm`, or a callable given directly) are plain functions ``fn(x) -> scalar``; a
+block of several tensors is handed to them concatenated and flattened, rows through ``torch.vmap`` when the
+function allows it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BUILTIN_NORMS",
+    "Norm",
+    "NormFn",
+    "available_norms",
+    "combine_stats",
+    "finish",
+    "get_norm",
+    "norm",
+    "register_norm",
+    "row_stats",
+    "tensor_norms",
+    "tensor_stats",
+    "unregister_norm",
+]
+
+NormFn = Callable[[Tensor], Tensor]
+Stats = dict[str, Tensor]
+
+# Which decomposable statistics each built-in norm needs.
+_NEEDS: dict[str, frozenset[str]] = {
+    "l1": frozenset({"l1"}),
+    "l2": frozenset({"l2"}),
+    "l1_l2": frozenset({"l1", "l2"}),
+    "avg_l1": frozenset({"l1"}),
+    "avg_l2": frozenset({"l2"}),
+    "avg_l1_l2": frozenset({"l1", "l2"}),
+    "max": frozenset({"max"}),
+    "min_max": frozenset({"max", "min"}),
+    "std": frozenset({"mean", "m2"}),
+}
+_ALIASES = {"linf": "max"}
+BUILTIN_NORMS: tuple[str, ...] = (*_NEEDS, *_ALIASES)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype statistics are accumulated in: float64 for double inputs, float32 otherwise."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def finish(name: str, stats: Stats, n: Tensor | float) -> Tensor:
+    """The built-in norm ``name`` of blocks from their statistics and element counts ``n``."""
+    name = _ALIASES.get(name, name)
+    if name == "l1":
+        return stats["l1"]
+    if name == "l2":
+        return stats["l2"]
+    if name == "l1_l2":
+        return (stats["l1"] + stats["l2"]) * 0.5
+    if name == "avg_l1":
+        return stats["l1"] / n
+    if name == "avg_l2":
+        return stats["l2"] / n**0.5
+    if name == "avg_l1_l2":
+        return (stats["l1"] / n + stats["l2"] / n**0.5) * 0.5
+    if name == "max":
+        return stats["max"]
+    if name == "min_max":
+        return (stats["max"] + stats["min"]) * 0.5
+    if name == "std":
+        return (stats["m2"] / n).sqrt()
+    raise KeyError(name)
+
+
+def _single_builtin(name: str) -> NormFn:
+    """The single-tensor formula of a built-in norm (statistics of the whole tensor, then :func:`finish`)."""
+
+    def fn(x: Tensor) -> Tensor:
+        stats = {k: v[0] for k, v in tensor_stats([x], _NEEDS[name], foreach=False).items()}
+        return finish(name, stats, float(x.numel()))
+
+    fn.__name__ = f"{name}_norm"
+    return fn
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm: its name, the single-tensor function, and for built-ins the statistics it is computed from."""
+
+    name: str
+    fn: NormFn
+    needs: frozenset[str] | None = None  # None: a custom norm, computed only through ``fn``
+
+    @property
+    def builtin(self) -> bool:
+        return self.needs is not None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+_REGISTRY: dict[str, Norm] = {
+    name: Norm(name, _single_builtin(name), needs) for name, needs in _NEEDS.items()
+}
+
+
+def register_norm(name: str, fn: NormFn, *, overwrite: bool = False) -> None:
+    """Register ``fn(x) -> scalar tensor`` (the norm of a block ``x``, without ε) under ``name``.
+
+    Register a custom norm before constructing or loading (``load_state_dict``) an optimizer that names it.
+    Built-in names cannot be replaced; other names only with ``overwrite=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a norm name must be a non-empty string, got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"register_norm({name!r}, fn): fn must be callable, got {type(fn).__name__}")
+    if name in _NEEDS or name in _ALIASES:
+        raise ValueError(f"{name!r} is a built-in norm and cannot be replaced")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"a norm named {name!r} is already registered (pass overwrite=True to replace it)")
+    _REGISTRY[name] = Norm(name, fn)
+
+
+def unregister_norm(name: str) -> None:
+    """Remove a custom norm from the registry (built-ins cannot be removed)."""
+    if name in _NEEDS or name in _ALIASES:
+        raise ValueError(f"{name!r} is a built-in norm and cannot be removed")
+    _REGISTRY.pop(name, None)
+
+
+def available_norms() -> list[str]:
+    """Names accepted by :func:`get_norm`: the built-ins, their aliases and the registered custom norms."""
+    return sorted([*_REGISTRY, *_ALIASES])
+
+
+def get_norm(normalization: str | NormFn | Norm) -> Norm:
+    """Resolve a norm name (built-in, alias or registered), a :class:`Norm`, or a callable."""
+    if isinstance(normalization, Norm):
+        return normalization
+    if isinstance(normalization, str):
+        key = _ALIASES.get(normalization, normalization)
+        if key not in _REGISTRY:
+            raise ValueError(
+                f"unknown normalization {normalization!r}; available: {', '.join(available_norms())} "
+                "(register a custom one with normkit.optim.register_norm)"
+            )
+        return _REGISTRY[key]
+    if callable(normalization):
+        for registered in _REGISTRY.values():  # a registered function keeps its name (for state_dict)
+            if registered.fn is normalization:
+                return registered
+        return Norm(getattr(normalization, "__name__", "<callable>"), normalization)
+    raise TypeError(f"normalization must be a name or a callable, got {type(normalization).__name__}")
+
+
+def norm(x: Tensor, normalization: str | NormFn | Norm = "l2") -> Tensor:
+    """The norm of one block given as one tensor (any shape), as a 0-dim real tensor."""
+    result = get_norm(normalization)(x)
+    return torch.as_tensor(result, device=x.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics: per tensor (foreach or loop), per row, and merged into blocks of several tensors.
+
+
+def tensor_stats(tensors: Sequence[Tensor], needs: frozenset[str], *, foreach: bool = True) -> Stats:
+    """Per-tensor statistics of same-device tensors, each a 1-D tensor of ``len(tensors)`` entries.
+
+    Keys (those in ``needs``): ``l1`` = Σ|x|, ``l2`` = √Σ|x|², ``max`` = max|x|, ``min`` = min|x|,
+    ``mean`` = mean x and ``m2`` = Σ|x − mean|². Accumulated in float32 (float64 for double inputs).
+    ``foreach=True`` uses ``torch._foreach_norm``; the standard deviation's moments always loop.
+    """
+    if not tensors:
+        raise ValueError("tensor_stats needs at least one tensor")
+    acc = _acc_dtype(tensors[0].dtype)
+    out: Stats = {}
+    for key, order in (("l1", 1.0), ("l2", 2.0), ("max", math.inf), ("min", -math.inf)):
+        if key not in needs:
+            continue
+        if foreach:
+            vals = list(torch._foreach_norm(list(tensors), order, dtype=acc))
+        else:
+            vals = [torch.linalg.vector_norm(t, order, dtype=acc) for t in tensors]
+        out[key] = torch.stack(vals)
+    if "mean" in needs or "m2" in needs:
+        means, m2s = [], []
+        for t in tensors:
+            var, mean = torch.var_mean(t.to(acc) if not t.is_complex() else t, correction=0)
+            means.append(mean)
+            m2s.append(var.to(acc) * t.numel())
+        out["mean"] = torch.stack(means)
+        out["m2"] = torch.stack(m2s)
+    return out
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` as a matrix of units: ``(shape[0], -1)`` for ``x.ndim >= 2``, one row for scalars and vectors."""
+    return x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+
+
+def row_stats(x: Tensor, needs: frozenset[str]) -> Stats:
+    """The statistics of :func:`tensor_stats` for each unit of ``x``: a row of ``x.reshape(shape[0], -1)``
+    (a scalar or vector is one unit, as in adaptive gradient clipping). One entry per unit."""
+    rows = _rows(x)
+    acc = _acc_dtype(x.dtype)
+    out: Stats = {}
+    for key, order in (("l1", 1.0), ("l2", 2.0), ("max", math.inf), ("min", -math.inf)):
+        if key in needs:
+            out[key] = torch.linalg.vector_norm(rows, order, dim=1, dtype=acc)
+    if "mean" in needs or "m2" in needs:
+        var, mean = torch.var_mean(rows if rows.is_complex() else rows.to(acc), dim=1, correction=0)
+        out["mean"] = mean
+        out["m2"] = var.to(acc) * rows.shape[1]
+    return out
+
+
+def num_units(x: Tensor) -> int:
+    """Number of units (rows) of ``x`` for the ``"unit"`` granularity."""
+    return x.shape[0] if x.ndim >= 2 else 1
+
+
+def combine_stats(stats: Stats, counts: Tensor, segments: Tensor, num_segments: int) -> tuple[Stats, Tensor]:
+    """Merge per-tensor statistics into per-block ones, exactly.
+
+    ``counts[i]`` is the number of elements of tensor ``i`` (float, same device), ``segments[i]`` its block.
+    Returns the block statistics and the blocks' element counts.
+    """
+    n = torch.zeros(num_segments, dtype=counts.dtype, device=counts.device).index_add_(0, segments, counts)
+    out: Stats = {}
+    if "l1" in stats:
+        out["l1"] = _zeros_like(stats["l1"], num_segments).index_add_(0, segments, stats["l1"])
+    if "l2" in stats:
+        sq = stats["l2"].square()
+        out["l2"] = _zeros_like(sq, num_segments).index_add_(0, segments, sq).sqrt()
+    if "max" in stats:
+        out["max"] = _zeros_like(stats["max"], num_segments).scatter_reduce_(
+            0, segments, stats["max"], "amax", include_self=False
+        )
+    if "min" in stats:
+        out["min"] = _zeros_like(stats["min"], num_segments).scatter_reduce_(
+            0, segments, stats["min"], "amin", include_self=False
+        )
+    if "mean" in stats:
+        c = counts.to(stats["mean"].dtype)
+        total = _zeros_like(stats["mean"], num_segments).index_add_(0, segments, stats["mean"] * c)
+        mean = total / n.to(total.dtype)
+        spread = (stats["mean"] - mean[segments]).abs().square() * counts.to(stats["m2"].dtype)
+        m2 = stats["m2"] + spread
+        out["mean"] = mean
+        out["m2"] = _zeros_like(m2, num_segments).index_add_(0, segments, m2)
+    return out, n
+
+
+def _zeros_like(v: Tensor, size: int) -> Tensor:
+    return torch.zeros(size, dtype=v.dtype, device=v.device)
+
+
+def tensor_norms(
+    tensors: Sequence[Tensor], normalization: str | NormFn | Norm = "l2", *, foreach: bool = True
+) -> Tensor:
+    """The norm of each tensor (same device), as a 1-D tensor: the multi-tensor path of :func:`norm`."""
+    nrm = get_norm(normalization)
+    if nrm.needs is None:
+        return torch.stack([torch.as_tensor(nrm.fn(t), device=t.device) for t in tensors])
+    stats = tensor_stats(tensors, nrm.needs, foreach=foreach)
+    counts = torch.tensor([float(t.numel()) for t in tensors], dtype=next(iter(stats.values())).dtype)
+    counts = counts.to(tensors[0].device)
+    return finish(nrm.name, stats, counts)
