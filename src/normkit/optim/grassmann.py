@@ -1,0 +1,722 @@
+"""SGD-G and Adam-G: optimization on the Grassmann manifold G(1, n) (Cho & Lee, NIPS 2017, arXiv 1709.09603).
+
+A weight whose output feeds a per-channel normalization layer is scale-invariant: each output unit's weight
+row ``w`` (``p.reshape(p.shape[0], -1)``) only matters through the line it spans, a point ``y = w/‖w‖`` of
+G(1, n). SGD-G (paper Algorithm 1) and Adam-G (Algorithm 2) move ``y`` along geodesics:
+
+* ``g`` the gradient with respect to ``y`` (plus ``2ω(YYᵀY − Y)`` when the orthogonality regularizer is on),
+  ``h = g − (yᵀg) y``, ``ĥ = h · min(1, ν/‖h‖)`` (per row; ν = ``grad_clip``);
+* SGD-G: ``d = γ τ − η ĥ``, ``y ← exp_y(d)``, ``τ ← transport of d along d`` (τ holds the learning rate, as in
+  the paper, so a changed ``lr`` acts on new gradients only);
+* Adam-G: ``m ← β1 m + (1 − β1) ĥ``, ``v ← β2 v + (1 − β2) ‖ĥ‖²`` (one scalar per row),
+  ``Δ = −η √(1 − β2ᵗ)/(1 − β1ᵗ) · m/√(v + ε)``, ``y ← exp_y(Δ)``, ``m ← transport of m along Δ``.
+
+Parameter groups with ``grassmann=False`` are updated by SGD with ``momentum``, ``nesterov`` and
+``weight_decay`` (the paper's choice for the other weights with both methods), through ``torch.optim.sgd``.
+
+Where we differ from the reference code (not from the paper): the gradient is taken with respect to the unit
+point (``‖w‖·∂f/∂w``, equal to the reference's ``∂f/∂w`` once the rows are unit, i.e. from the second step or
+with ``unit_init``); the ω gradient is added to the gradient we project, never written into ``p.grad``;
+clipping uses no boolean mask (no host synchronisation); channels_last tensors are handled through a row
+view in memory order (every per-row operation is invariant to the order of a row's elements); bf16/fp16
+weights keep an fp32 copy of their rows in the optimizer state (``state["master"]``), since bf16 rounding
+destroys the small geodesic steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.sgd import sgd as _torch_sgd
+
+from normkit.geometry import row_dot, sinc
+
+__all__ = ["SGDG", "AdamG", "grassmann_param_groups", "orthogonality_penalty"]
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+_Block = tuple[int, int, int]  # (first row, number of tensors, rows per tensor) of equal-shape tensors
+
+
+# --- functional core: math on a batch of rows ----------------------------------------------------------
+
+
+def _safe_inverse(norm: Tensor) -> Tensor:
+    tiny = torch.finfo(norm.dtype).tiny
+    return torch.where(norm > tiny, norm.clamp_min(tiny).reciprocal(), torch.zeros_like(norm))
+
+
+def _tangent_gradient(w: Tensor, g: Tensor, omega: float, blocks: Sequence[_Block]) -> tuple[Tensor, Tensor]:
+    """``(1/‖w‖, h)``: the gradient with respect to the unit rows ``y = w/‖w‖``, projected on their tangent
+    spaces. With ``omega`` the regularizer's gradient ``2ω(YYᵀY − Y)`` (``Y`` the unit rows of one tensor, a
+    block of ``blocks``) is added before the projection. ``h`` is a fresh tensor."""
+    r = row_dot(w, w).sqrt_()
+    inv_r = _safe_inverse(r)
+    if omega:
+        y = w * inv_r
+        gy = g * r  # ∂f/∂y = ‖w‖ ∂f/∂w for a scale-invariant f
+        n = w.shape[1]
+        for start, count, rows in blocks:
+            ys = y[start : start + count * rows].view(count, rows, n)
+            gram = torch.bmm(ys, ys.transpose(1, 2))
+            gram.diagonal(dim1=1, dim2=2).sub_(1.0)
+            gy[start : start + count * rows].view(count, rows, n).baddbmm_(gram, ys, alpha=2.0 * omega)
+        return inv_r, gy.addcmul_(y, row_dot(y, gy), value=-1.0)
+    # y·(‖w‖ g) = w·g, so h = ‖w‖ g − (w·g/‖w‖) w without forming y.
+    h = g * r
+    return inv_r, h.addcmul_(w, row_dot(w, g) * inv_r, value=-1.0)
+
+
+def _clip_scale(h: Tensor, grad_clip: float) -> tuple[Tensor, Tensor]:
+    """``(min(1, ν/‖h‖), ‖h‖²)`` per row."""
+    h2 = row_dot(h, h)
+    return (grad_clip * _safe_inverse(h2.sqrt())).clamp_(max=1.0), h2
+
+
+def sgdg_rows_(
+    w: Tensor,
+    g: Tensor,
+    tau: Tensor,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    grad_clip: float | None,
+    omega: float,
+    blocks: Sequence[_Block] = (),
+) -> None:
+    """One SGD-G step on a batch of rows, in place: ``w`` (rows of the weights, any positive scale; left
+    unit) and ``tau`` (momentum τ, tangent at ``w/‖w‖``). ``g``: gradient rows (read only). All ``(R, n)``.
+    ``blocks``: the tensors' row ranges, for the ω term."""
+    inv_r, h = _tangent_gradient(w, g, omega, blocks)
+    step: float | Tensor = -lr
+    if grad_clip is not None:
+        step = _clip_scale(h, grad_clip)[0].mul_(-lr)
+    if isinstance(step, Tensor):
+        tau.mul_(momentum).addcmul_(h, step)
+    else:
+        tau.mul_(momentum).add_(h, alpha=step)
+    # tau now holds d = γτ − ηĥ; θ = ‖d‖. Everything below depends on θ² smoothly (cos, sinc, θ sin θ).
+    theta2 = row_dot(tau, tau)
+    theta = theta2.sqrt()
+    cos, snc = torch.cos(theta), sinc(theta)
+    new_tau = torch.mul(w, theta2.mul_(snc).mul_(inv_r).neg_(), out=h)  # − y θ sin θ
+    new_tau.addcmul_(tau, cos)  # + d cos θ: transport of d along itself
+    w.mul_(cos.mul_(inv_r)).addcmul_(tau, snc)  # exp_y(d) = y cos θ + d sinc θ
+    tau.copy_(new_tau)
+
+
+def adamg_rows_(
+    w: Tensor,
+    g: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    grad_clip: float | None,
+    omega: float,
+    blocks: Sequence[_Block] = (),
+) -> None:
+    """One Adam-G step on a batch of rows, in place: ``w`` ``(R, n)``, ``exp_avg`` (m, ``(R, n)``, tangent),
+    ``exp_avg_sq`` (v, ``(R, 1)``), ``step`` (t after this step's increment; scalar or ``(R, 1)`` tensor)."""
+    inv_r, h = _tangent_gradient(w, g, omega, blocks)
+    if grad_clip is not None:
+        scale, h2 = _clip_scale(h, grad_clip)
+        exp_avg.mul_(beta1).addcmul_(h, scale * (1.0 - beta1))
+        exp_avg_sq.mul_(beta2).addcmul_(h2, scale.square(), value=1.0 - beta2)
+    else:
+        exp_avg.mul_(beta1).add_(h, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).add_(row_dot(h, h), alpha=1.0 - beta2)
+    # Δ = k m with k = −η √(1 − β2ᵗ)/(1 − β1ᵗ) / √(v + ε) per row; θ = |k| ‖m‖.
+    bias2 = (1.0 - torch.pow(beta2, step)).sqrt_()
+    bias1 = 1.0 - torch.pow(beta1, step)
+    k = (exp_avg_sq + eps).rsqrt_().mul_(bias2).div_(bias1).mul_(-lr)
+    m2 = row_dot(exp_avg, exp_avg)
+    theta = k.abs() * m2.sqrt()
+    cos, snc = torch.cos(theta), sinc(theta)
+    # transport of m along Δ: m cos θ − k ‖m‖² sinc θ · y
+    new_m = torch.mul(w, m2.mul_(k).mul_(snc).mul_(inv_r).neg_(), out=h)
+    new_m.addcmul_(exp_avg, cos)
+    w.mul_(cos.mul_(inv_r)).addcmul_(exp_avg, k.mul_(snc))  # exp_y(Δ) = y cos θ + Δ sinc θ
+    exp_avg.copy_(new_m)
+
+
+# --- row views of parameters and state -------------------------------------------------------------------
+
+
+def _memory_order(t: Tensor) -> tuple[int, ...]:
+    """Dimension 0, then the others by decreasing stride (so permuted, channels_last is contiguous)."""
+    strides = t.stride()
+    return (0, *sorted(range(1, t.dim()), key=lambda d: -strides[d]))
+
+
+class _Rows:
+    """Row matrices of one tensor (a view when the layout allows, else a copy written back by ``commit``)."""
+
+    __slots__ = ("perm", "rows", "target")
+
+    def __init__(self, target: Tensor, perm: tuple[int, ...]) -> None:
+        permuted = target.permute(perm)
+        self.target: Tensor | None = None
+        if permuted.is_contiguous():
+            self.rows = permuted.view(target.shape[0], -1)
+        else:
+            self.rows = permuted.reshape(target.shape[0], -1)
+            self.target = target
+        self.perm = perm
+
+    def commit(self) -> None:
+        if self.target is not None:
+            permuted = self.target.permute(self.perm)
+            permuted.copy_(self.rows.view(permuted.shape))
+
+
+def _grad_rows(grad: Tensor, perm: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    return grad.permute(perm).reshape(grad.shape[0], -1).to(dtype)
+
+
+# --- the optimizers --------------------------------------------------------------------------------------
+
+
+def _auto_foreach(params: list[Tensor]) -> bool:
+    """Like torch's optimizers: the batched path when every tensor is on an accelerator."""
+    return bool(params) and all(p.device.type != "cpu" for p in params)
+
+
+class _GrassmannBase(Optimizer):
+    """Shared by SGD-G and Adam-G: group validation, the Euclidean (SGD) groups, fp32 state, state loading."""
+
+    _manifold_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        if defaults.get("maximize"):
+            raise ValueError("maximize=True is not supported: minimize the negated objective instead.")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        lr = group["lr"]
+        if not isinstance(lr, Tensor) and lr < 0:
+            raise ValueError(f"{name}: invalid learning rate {lr}; it must be ≥ 0.")
+        if group.get("maximize"):
+            raise ValueError(
+                f"{name}: maximize=True is not supported: minimize the negated objective instead."
+            )
+        if not 0.0 <= group["momentum"] < 1.0:
+            raise ValueError(f"{name}: momentum must be in [0, 1), got {group['momentum']}.")
+        if not group["grassmann"]:
+            if group["weight_decay"] < 0:
+                raise ValueError(f"{name}: weight_decay must be ≥ 0, got {group['weight_decay']}.")
+            if group["nesterov"] and group["momentum"] <= 0:
+                raise ValueError(f"{name}: nesterov=True needs momentum > 0 (Euclidean group).")
+            return
+        if group["weight_decay"] != 0:
+            raise ValueError(
+                f"{name}: a Grassmann group (grassmann=True) was given weight_decay={group['weight_decay']}. "
+                "Weight decay on scale-invariant weights only changes the effective learning rate (the rows "
+                "are kept at unit norm), so the paper uses none: set weight_decay=0 on that group "
+                "(grassmann_param_groups does) and keep weight decay for the Euclidean groups."
+            )
+        clip = group["grad_clip"]
+        if clip is not None and not clip > 0:
+            raise ValueError(f"{name}: grad_clip (ν) must be > 0 or None (off), got {clip}.")
+        if group["omega"] < 0:
+            raise ValueError(f"{name}: omega (ω) must be ≥ 0 (0 = off), got {group['omega']}.")
+        for p in group["params"]:
+            if p.dim() < 2:
+                raise ValueError(
+                    f"{name}: a Grassmann parameter of shape {tuple(p.shape)} has no rows; manifold weights "
+                    "need at least 2 dimensions (row i = weights of output unit i). Put biases and "
+                    "normalization parameters in a grassmann=False group (see grassmann_param_groups)."
+                )
+            if not p.is_floating_point() or p.is_complex():
+                raise ValueError(f"{name}: Grassmann parameters must be real floating point, got {p.dtype}.")
+
+    def _prepare(self, p: Tensor, state: dict[str, Any]) -> tuple[Tensor, torch.dtype]:
+        """The tensor holding the rows we update (the parameter, or its fp32 copy) and the math dtype."""
+        if p.dtype in _FULL_PRECISION:
+            return p, p.dtype
+        master = state.get("master")
+        if master is None:
+            master = state["master"] = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+        return master, torch.float32
+
+    def _euclidean_step(self, group: dict[str, Any]) -> None:
+        params, grads, bufs = [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(self.state[p].get("momentum_buffer"))
+        if not params:
+            return
+        foreach = group["foreach"] if group["foreach"] is not None else _auto_foreach(params)
+        _torch_sgd(
+            params,
+            grads,
+            bufs,
+            foreach=foreach,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=0.0,
+            nesterov=group["nesterov"],
+            maximize=False,
+        )
+        if group["momentum"]:
+            for p, buf in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = buf
+
+    def _manifold_params(self, group: dict[str, Any]) -> list[Tensor]:
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+            out.append(p)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["grassmann"]:
+                params = self._manifold_params(group)
+                if params:
+                    foreach = group["foreach"] if group["foreach"] is not None else _auto_foreach(params)
+                    self._grassmann_step(group, params, foreach)
+            else:
+                self._euclidean_step(group)
+        return loss
+
+    def _grassmann_step(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``, but manifold state stays in the math dtype (fp32 for bf16/fp16
+        weights; torch would cast it to the parameter's dtype) with the parameter's memory layout."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = (p for g in self.param_groups for p in g["params"])
+        for pid, p in zip((i for g in state_dict["param_groups"] for i in g["params"]), ids):
+            if pid not in saved or p not in self.state:
+                continue
+            st = self.state[p]
+            dtype = p.dtype if p.dtype in _FULL_PRECISION else torch.float32
+            for key, value in saved[pid].items():
+                if not isinstance(value, Tensor) or key not in (*self._manifold_keys, "master"):
+                    continue
+                if value.shape == p.shape:
+                    st[key] = torch.empty_like(p, dtype=dtype).copy_(value)
+                else:
+                    st[key] = value.to(device=p.device, dtype=dtype if key != "step" else value.dtype)
+
+
+def _group_rows(items: list[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
+    groups: dict[Any, list[Any]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def _blocks(sizes: list[int]) -> list[_Block]:
+    """Runs of consecutive tensors with the same number of rows (the ω term is one batched matmul per run)."""
+    blocks: list[_Block] = []
+    start = 0
+    for rows in sizes:
+        if blocks and blocks[-1][2] == rows and blocks[-1][0] + blocks[-1][1] * rows == start:
+            b = blocks[-1]
+            blocks[-1] = (b[0], b[1] + 1, rows)
+        else:
+            blocks.append((start, 1, rows))
+        start += rows
+    return blocks
+
+
+class _Slot:
+    """One manifold parameter's rows, gradient rows and state rows for a step."""
+
+    __slots__ = ("dtype", "grad", "n", "param", "rows", "state", "target", "work")
+
+    def __init__(self, opt: _GrassmannBase, p: Tensor, keys: Sequence[str]) -> None:
+        st = opt.state[p]
+        work, dtype = opt._prepare(p, st)
+        perm = _memory_order(work)
+        self.param, self.work, self.dtype = p, work, dtype
+        self.target = _Rows(work, perm)
+        self.rows = p.shape[0]
+        self.n = self.target.rows.shape[1]
+        assert p.grad is not None
+        self.grad = _grad_rows(p.grad, perm, dtype)
+        self.state: dict[str, _Rows] = {}
+        for key in keys:
+            buf = st.get(key)
+            if buf is None:
+                buf = st[key] = torch.zeros_like(work, dtype=dtype, memory_format=torch.preserve_format)
+            self.state[key] = _Rows(buf, _memory_order(buf))
+
+    def commit(self) -> None:
+        self.target.commit()
+        for r in self.state.values():
+            r.commit()
+
+
+def _commit(slots: list[_Slot]) -> None:
+    """Write back row copies, then the fp32 rows into bf16/fp16 parameters (one foreach copy)."""
+    for s in slots:
+        s.commit()
+    low = [s for s in slots if s.work is not s.param]
+    if low:
+        torch._foreach_copy_([s.param for s in low], [s.work for s in low])
+
+
+def _batched(slots: list[_Slot], update: Callable[..., None], keys: Sequence[str]) -> None:
+    """Concatenate the rows of tensors with equal row length, update them in one batch, copy back."""
+    slots_sorted = sorted(slots, key=lambda s: s.rows)
+    sizes = [s.rows for s in slots_sorted]
+    if len(slots_sorted) == 1:
+        s = slots_sorted[0]
+        update(s.target.rows, s.grad, *(s.state[k].rows for k in keys), blocks=_blocks(sizes))
+        return
+    w = torch.cat([s.target.rows for s in slots_sorted])
+    g = torch.cat([s.grad for s in slots_sorted])
+    bufs = [torch.cat([s.state[k].rows for s in slots_sorted]) for k in keys]
+    update(w, g, *bufs, blocks=_blocks(sizes))
+    torch._foreach_copy_([s.target.rows for s in slots_sorted], list(w.split(sizes)))
+    for k, buf in zip(keys, bufs):
+        torch._foreach_copy_([s.state[k].rows for s in slots_sorted], list(buf.split(sizes)))
+
+
+class SGDG(_GrassmannBase):
+    """SGD-G (Cho & Lee 2017, Algorithm 1) for ``grassmann=True`` groups, SGD for the others.
+
+    Args:
+        params: parameters or param groups (see :func:`grassmann_param_groups`).
+        lr: learning rate (η; the paper's ``lr_g`` in Grassmann groups, ``lr_e`` in the others).
+        momentum: γ (Grassmann) / SGD momentum (Euclidean). The paper uses 0.9 for both.
+        nesterov: Nesterov momentum, Euclidean groups only (SGD-G has none in the paper; ignored there).
+        weight_decay: Euclidean groups only; a Grassmann group with weight decay raises ``ValueError``.
+        grad_clip: ν, the per-row norm threshold of the tangent gradient (None = off; paper: 0.1).
+        omega: ω, weight of the orthogonality regularizer (ω/2)‖YYᵀ − I‖² (0 = off; paper: 0.1).
+        grassmann: default for groups that do not say.
+        foreach: batch the rows of all tensors with equal row length (default: on accelerators only).
+
+    State per manifold weight: ``momentum_buffer`` (τ, the parameter's shape; it holds the learning rate as
+    in the paper), plus ``master`` (fp32 rows) for bf16/fp16 weights.
+    """
+
+    _manifold_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = None,
+        omega: float = 0.0,
+        *,
+        grassmann: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            omega=omega,
+            grassmann=grassmann,
+            foreach=foreach,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _grassmann_step(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+        slots = [_Slot(self, p, self._manifold_keys) for p in params]
+        kwargs = dict(
+            lr=group["lr"], momentum=group["momentum"], grad_clip=group["grad_clip"], omega=group["omega"]
+        )
+        if foreach:
+            _multi_tensor_sgdg(slots, **kwargs)
+        else:
+            _single_tensor_sgdg(slots, **kwargs)
+        _commit(slots)
+
+
+def _single_tensor_sgdg(slots: list[_Slot], **kwargs: Any) -> None:
+    for s in slots:
+        sgdg_rows_(s.target.rows, s.grad, s.state["momentum_buffer"].rows, blocks=[(0, 1, s.rows)], **kwargs)
+
+
+def _multi_tensor_sgdg(slots: list[_Slot], **kwargs: Any) -> None:
+    def update(w: Tensor, g: Tensor, tau: Tensor, *, blocks: list[_Block]) -> None:
+        sgdg_rows_(w, g, tau, blocks=blocks, **kwargs)
+
+    for group in _group_rows(slots, lambda s: (s.work.device, s.dtype, s.n)).values():
+        _batched(group, update, ("momentum_buffer",))
+
+
+class AdamG(_GrassmannBase):
+    """Adam-G (Cho & Lee 2017, Algorithm 2) for ``grassmann=True`` groups, SGD for the others.
+
+    Args as :class:`SGDG`, plus ``betas`` (β1, β2; paper: 0.9, 0.99) and ``eps`` (ε inside the square root,
+    ``m/√(v + ε)``, as in the paper). ``momentum``/``nesterov``/``weight_decay`` act on Euclidean groups.
+
+    State per manifold weight: ``step`` (a float32 scalar tensor on the parameter's device, so the bias
+    corrections need no host synchronisation), ``exp_avg`` (m, the parameter's shape, tangent) and
+    ``exp_avg_sq`` (v, one scalar per row: shape ``(rows,)``), plus ``master`` for bf16/fp16 weights.
+    """
+
+    _manifold_keys = ("exp_avg", "exp_avg_sq", "step")
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-8,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = None,
+        omega: float = 0.0,
+        *,
+        grassmann: bool = False,
+        foreach: bool | None = None,
+        maximize: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            omega=omega,
+            grassmann=grassmann,
+            foreach=foreach,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        b1, b2 = group["betas"]
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"AdamG: betas must be in [0, 1), got {group['betas']}.")
+        if group["eps"] < 0:
+            raise ValueError(f"AdamG: eps must be ≥ 0, got {group['eps']}.")
+
+    def _grassmann_step(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+        steps, slots = [], []
+        for p in params:
+            st = self.state[p]
+            dtype = self._prepare(p, st)[1]
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(p.shape[0], dtype=dtype, device=p.device)
+            steps.append(st["step"])
+            slots.append(_Slot(self, p, ("exp_avg",)))
+        if foreach:
+            torch._foreach_add_(steps, 1.0)
+        else:
+            for t in steps:
+                t.add_(1.0)
+        b1, b2 = group["betas"]
+        kwargs = dict(
+            lr=group["lr"],
+            beta1=b1,
+            beta2=b2,
+            eps=group["eps"],
+            grad_clip=group["grad_clip"],
+            omega=group["omega"],
+        )
+        if foreach:
+            _multi_tensor_adamg(self, slots, **kwargs)
+        else:
+            _single_tensor_adamg(self, slots, **kwargs)
+        _commit(slots)
+
+
+def _single_tensor_adamg(opt: AdamG, slots: list[_Slot], **kwargs: Any) -> None:
+    for s in slots:
+        st = opt.state[s.param]
+        adamg_rows_(
+            s.target.rows,
+            s.grad,
+            s.state["exp_avg"].rows,
+            st["exp_avg_sq"].view(-1, 1),
+            st["step"],
+            blocks=[(0, 1, s.rows)],
+            **kwargs,
+        )
+
+
+def _multi_tensor_adamg(opt: AdamG, slots: list[_Slot], **kwargs: Any) -> None:
+    for group in _group_rows(slots, lambda s: (s.work.device, s.dtype, s.n)).values():
+        group = sorted(group, key=lambda s: s.rows)
+        sq = [opt.state[s.param]["exp_avg_sq"].view(-1, 1) for s in group]
+        step = torch.cat([opt.state[s.param]["step"].expand(s.rows) for s in group]).unsqueeze(1)
+        v = sq[0] if len(group) == 1 else torch.cat(sq)
+
+        def update(
+            w: Tensor, g: Tensor, m: Tensor, *, blocks: list[_Block], v: Tensor = v, step: Tensor = step
+        ) -> None:
+            adamg_rows_(w, g, m, v, step, blocks=blocks, **kwargs)
+
+        _batched(group, update, ("exp_avg",))
+        if len(group) > 1:
+            torch._foreach_copy_(sq, list(v.split([s.rows for s in group])))
+
+
+# --- parameter selection and the regularizer --------------------------------------------------------------
+
+
+def _select_weights(
+    model: nn.Module, select: str, example_input: Any = None
+) -> tuple[list[nn.Parameter], list[nn.Module]]:
+    from normkit import graph as G
+
+    model = G.unwrap_model(model)
+    if select == "bn_input":
+        g = G.trace(model, example_input)
+        chosen = [
+            node.module
+            for node in g.execution_order((G.LayerKind.LINEAR, G.LayerKind.CONV))
+            if g.feeds_normalization(node.name, per_channel=True)
+        ]
+    elif select == "undercomplete":
+        chosen = [
+            m
+            for m in model.modules()
+            if G.layer_kind(m) is G.LayerKind.CONV and m.weight.shape[0] < m.weight[0].numel()  # type: ignore[index]
+        ]
+    else:
+        raise ValueError(f"select must be 'bn_input' or 'undercomplete', got {select!r}.")
+    weights: list[nn.Parameter] = []
+    for m in chosen:
+        w = getattr(m, "weight", None)
+        if isinstance(w, nn.Parameter) and w.requires_grad and all(w is not x for x in weights):
+            weights.append(w)
+    norms = [m for m in model.modules() if G.is_normalization(m)]
+    return weights, norms
+
+
+@torch.no_grad()
+def _unit_rows_(w: Tensor) -> None:
+    rows = w.reshape(w.shape[0], -1)
+    norm = torch.linalg.vector_norm(rows.float(), dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    w.div_(norm.view(-1, *([1] * (w.dim() - 1))).to(w.dtype))
+
+
+def grassmann_param_groups(
+    model: nn.Module,
+    lr: float,
+    lr_g: float,
+    weight_decay: float = 5e-4,
+    select: str = "bn_input",
+    unit_init: bool = True,
+    *,
+    grad_clip: float | None = None,
+    omega: float | None = None,
+    example_input: Any = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups for :class:`SGDG` / :class:`AdamG`.
+
+    * ``select="bn_input"``: every conv/linear weight whose every output path goes straight into a per-channel
+      normalization layer (BatchNorm, BatchRenorm, InstanceNorm), found by ``normkit.graph.trace`` — those
+      are exactly the scale-invariant ones. ``select="undercomplete"``: the reference code's rule, conv
+      weights with ``out < in·k·k`` (whatever follows them). Transposed convolutions are never chosen (their
+      output units are columns, not rows).
+    * Groups: the chosen weights (``grassmann=True``, ``lr=lr_g``, no weight decay, and ``grad_clip`` /
+      ``omega`` when given); the other weights (``lr``, ``weight_decay``); biases and normalization
+      parameters (``lr``, no weight decay). Empty groups are left out.
+    * ``unit_init``: the chosen weights are rescaled in place to unit rows (the paper's initialization).
+    * ``example_input``: passed to ``normkit.graph.trace`` (needed for models fx cannot trace).
+    """
+    weights, norms = _select_weights(model, select, example_input)
+    chosen = {id(w) for w in weights}
+    norm_params = {id(p) for m in norms for p in m.parameters(recurse=False)}
+    decay: list[Tensor] = []
+    no_decay: list[Tensor] = []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in chosen:
+            continue
+        (no_decay if p.dim() <= 1 or id(p) in norm_params else decay).append(p)
+    if unit_init:
+        for w in weights:
+            _unit_rows_(w)
+    grass: dict[str, Any] = {"params": weights, "grassmann": True, "lr": lr_g, "weight_decay": 0.0}
+    if grad_clip is not None:
+        grass["grad_clip"] = grad_clip
+    if omega is not None:
+        grass["omega"] = omega
+    groups = [
+        grass,
+        {"params": decay, "grassmann": False, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "grassmann": False, "lr": lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def orthogonality_penalty(
+    model_or_params: nn.Module | Optimizer | Iterable[Tensor], omega: float | None = None
+) -> Tensor:
+    """The orthogonality regularizer ``Σ (ω/2)‖YYᵀ − I‖²_F`` over manifold weights (``Y``: unit rows), for
+    logging (no gradient; the optimizers add its gradient themselves).
+
+    ``model_or_params``: an :class:`SGDG` / :class:`AdamG` (its Grassmann groups, each with its own ω unless
+    ``omega`` is given), a model (the ``bn_input`` weights; ``omega`` required) or an iterable of weights
+    (``omega`` required).
+    """
+    pairs: list[tuple[Tensor, float]]
+    if isinstance(model_or_params, Optimizer):
+        pairs = [
+            (p, group["omega"] if omega is None else omega)
+            for group in model_or_params.param_groups
+            if group.get("grassmann")
+            for p in group["params"]
+        ]
+    else:
+        if omega is None:
+            raise ValueError("orthogonality_penalty: pass omega= (ω) when giving a model or parameters.")
+        params = (
+            _select_weights(model_or_params, "bn_input")[0]
+            if isinstance(model_or_params, nn.Module)
+            else list(model_or_params)
+        )
+        pairs = [(p, omega) for p in params]
+    total: Tensor | None = None
+    for p, om in pairs:
+        rows = p.detach().reshape(p.shape[0], -1)
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        y = rows * _safe_inverse(torch.linalg.vector_norm(rows, dim=1, keepdim=True))
+        gram = y @ y.T
+        gram.diagonal().sub_(1.0)
+        term = gram.square().sum() * (0.5 * om)
+        total = term if total is None else total + term.to(total.device)
+    return total if total is not None else torch.zeros(())
