@@ -27,6 +27,10 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 __all__ = [
+    "AddJoin",
+    "ChannelBlocks",
+    "ChannelPath",
+    "ChannelPathError",
     "Edge",
     "LayerKind",
     "LayerNode",
@@ -34,10 +38,15 @@ __all__ = [
     "Op",
     "OpKind",
     "UntraceableModelError",
+    "channel_dim",
+    "channel_path",
+    "in_channels",
     "inspection_mode",
     "is_normalization",
     "is_per_channel_normalization",
     "layer_kind",
+    "out_channels",
+    "tied_sources",
     "trace",
     "unwrap_model",
 ]
@@ -598,3 +607,249 @@ def trace(
         with inspection_mode(model):
             ShapeProp(gm).propagate(*args)
     return _build_from_fx(model, gm)
+
+
+# --- channel bookkeeping along paths (used by ENorm; general structure) ----------------------------------
+
+_CHANNEL_LAYER_KINDS = (LayerKind.LINEAR, LayerKind.CONV, LayerKind.CONV_TRANSPOSE)
+
+
+def channel_dim(module: nn.Module) -> int:
+    """Dimension of a linear / (transposed) conv layer's input and output that holds its channels, counted
+    from the end (so it holds for batched and unbatched inputs): -1 for Linear, -(d + 1) for a d-dim conv."""
+    if isinstance(module, _LINEAR_TYPES):
+        return -1
+    if isinstance(module, _CONV_TYPES + _CONV_T_TYPES):
+        return -(len(module.kernel_size) + 1)  # type: ignore[arg-type]
+    raise TypeError(f"{type(module).__name__} is not a linear or convolution layer")
+
+
+def out_channels(module: nn.Module) -> int:
+    """Number of output channels (features) of a linear / (transposed) conv layer."""
+    if isinstance(module, _LINEAR_TYPES):
+        return int(module.out_features)  # type: ignore[arg-type]
+    return int(module.out_channels)  # type: ignore[arg-type]
+
+
+def in_channels(module: nn.Module) -> int:
+    """Number of input channels (features) of a linear / (transposed) conv layer."""
+    if isinstance(module, _LINEAR_TYPES):
+        return int(module.in_features)  # type: ignore[arg-type]
+    return int(module.in_channels)  # type: ignore[arg-type]
+
+
+class ChannelPathError(ValueError):
+    """A path does not carry a layer's output channels to another layer's input channels unchanged."""
+
+
+@dataclass(frozen=True)
+class ChannelBlocks:
+    """Where the source's channels lie on an axis: channel c covers positions
+    ``offset + c*block ... offset + (c+1)*block - 1`` of dimension ``dim`` (counted from the end), of size
+    ``size``."""
+
+    dim: int
+    size: int
+    block: int = 1
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class AddJoin:
+    """An addition a channel path passes through: its fx node name, which operand the path is, how many
+    tensor operands it has, whether it also adds a plain number, and where the channels are there."""
+
+    name: str
+    input_index: int
+    n_inputs: int
+    has_scalar: bool
+    blocks: ChannelBlocks
+
+
+@dataclass(frozen=True)
+class ChannelPath:
+    """An edge between two channel layers along which every op acts on each channel on its own and commutes
+    with a positive per-channel scale (activations like ReLU, pooling, padding, dropout, reshapes that turn a
+    channel into a block of features, concatenations, additions). ``blocks`` says where the source's output
+    channels land among the destination's input channels; ``adds`` lists the additions on the way (their other
+    operands must be scaled alike)."""
+
+    edge: Edge
+    blocks: ChannelBlocks
+    adds: tuple[AddJoin, ...]
+
+
+def _spatial_rank(op: Op) -> int | None:
+    """How many trailing dims a pooling / padding op acts on; None for elementwise ops (ReLU, PReLU ...)."""
+    node = op.node
+    if node is not None and node.op == "call_function" and node.target is F.pad:
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        return len(pad) // 2 if isinstance(pad, (list, tuple)) else None
+    name = getattr(op.target, "__name__", str(op.target))
+    for rank in (1, 2, 3):
+        if name.endswith(f"{rank}d"):
+            return rank
+    return None
+
+
+def _normalize_dim(dim: int, ndim: int) -> int:
+    return dim - ndim if dim >= 0 else dim
+
+
+def _input_shape(op: Op) -> tuple[int, ...] | None:
+    if op.node is None:
+        return None
+    inputs = _tensor_inputs(op.node)
+    return _node_shape(inputs[op.input_index]) if op.input_index < len(inputs) else None
+
+
+def _through_reshape(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
+    shape_in, shape_out = _input_shape(op), op.shape
+    if shape_in is None or shape_out is None:
+        raise ChannelPathError(
+            f"{op.name}: a reshape needs tensor shapes to map channels to features; trace with an "
+            "example input"
+        )
+    a = len(shape_in) + blocks.dim
+    outer = 1
+    for s in shape_in[:a]:
+        outer *= s
+    trail = 1
+    for s in shape_in[a + 1 :]:
+        trail *= s
+    axis_total = shape_in[a] * trail
+    prefix = 1
+    for b, size in enumerate(shape_out):
+        rest = 1
+        for s in shape_out[b + 1 :]:
+            rest *= s
+        if (
+            prefix == outer
+            and size * rest == axis_total
+            and (blocks.block * trail) % rest == 0
+            and (blocks.offset * trail) % rest == 0
+        ):
+            return ChannelBlocks(
+                b - len(shape_out), size, blocks.block * trail // rest, blocks.offset * trail // rest
+            )
+        prefix *= size
+    raise ChannelPathError(
+        f"{op.name}: reshape {tuple(shape_in)} -> {tuple(shape_out)} does not keep each channel a contiguous "
+        "block of one dimension"
+    )
+
+
+def _through_cat(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
+    node = op.node
+    assert node is not None
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    shape_out = op.shape
+    if not isinstance(dim, int):
+        raise ChannelPathError(f"{op.name}: concatenation along a non-constant dimension")
+    if dim >= 0 and shape_out is None:
+        raise ChannelPathError(
+            f"{op.name}: a concatenation needs tensor shapes to place the channels; trace with an "
+            "example input"
+        )
+    dim = _normalize_dim(dim, len(shape_out) if shape_out is not None else 0)
+    if dim != blocks.dim:
+        return blocks  # concatenation along another axis: channels stay where they are
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    assert isinstance(parts, (list, tuple))
+    offset = 0
+    for part in list(parts)[: op.input_index]:
+        shape = _node_shape(part) if isinstance(part, fx.Node) else None
+        if shape is None:
+            raise ChannelPathError(
+                f"{op.name}: a concatenation needs tensor shapes to place the channels; trace with an "
+                "example input"
+            )
+        offset += shape[dim]
+    size = shape_out[dim] if shape_out is not None else blocks.size + offset
+    return ChannelBlocks(blocks.dim, size, blocks.block, blocks.offset + offset)
+
+
+def channel_path(graph: ModelGraph, edge: Edge) -> ChannelPath:
+    """Follow the source layer's output channels along ``edge`` to the destination layer's input channels.
+
+    Raises:
+        ChannelPathError: naming the node that breaks the per-channel correspondence (an op that mixes
+            channels or is not positively homogeneous, a reshape that does not turn channels into blocks,
+            a missing shape) or saying which end is not a linear / convolution layer.
+    """
+    graph._require_traced("follow channels between layers")
+    if edge.src is None or graph[edge.src].kind not in _CHANNEL_LAYER_KINDS:
+        raise ChannelPathError(f"source {edge.src!r} is not a linear or convolution layer")
+    src = graph[edge.src].module
+    blocks = ChannelBlocks(channel_dim(src), out_channels(src))
+    adds: list[AddJoin] = []
+    for op in edge.ops:
+        if op.kind is OpKind.IDENTITY:
+            continue
+        if op.kind is OpKind.SCALE_COMMUTING:
+            rank = _spatial_rank(op)
+            if rank is not None and -blocks.dim <= rank:
+                raise ChannelPathError(f"{op.name}: {op.target} acts across the channel dimension")
+            continue
+        if op.kind is OpKind.RESHAPE:
+            blocks = _through_reshape(blocks, op)
+            continue
+        if op.kind is OpKind.CAT:
+            blocks = _through_cat(blocks, op)
+            continue
+        if op.kind is OpKind.ADD and op.node is not None:
+            operands = [*op.node.args, *(v for k, v in op.node.kwargs.items() if k != "alpha")]
+            n_inputs = len(_tensor_inputs(op.node))
+            has_scalar = any(not isinstance(a, fx.Node) for a in operands)
+            adds.append(AddJoin(op.name, op.input_index, n_inputs, has_scalar, blocks))
+            continue
+        raise ChannelPathError(
+            f"{op.name}: {getattr(op.target, '__name__', op.target)} does not commute with a positive "
+            "per-channel scale"
+        )
+    if edge.dst is None:
+        raise ChannelPathError(f"the path from {edge.src!r} reaches the model output")
+    dst = graph[edge.dst]
+    if dst.kind not in _CHANNEL_LAYER_KINDS:
+        raise ChannelPathError(
+            f"the path from {edge.src!r} ends in {edge.dst!r} ({type(dst.module).__name__})"
+        )
+    want_dim, want_size = channel_dim(dst.module), in_channels(dst.module)
+    if blocks.dim != want_dim or blocks.size != want_size:
+        raise ChannelPathError(
+            f"{edge.src!r}'s channels reach {edge.dst!r} on dim {blocks.dim} (size {blocks.size}), not on "
+            f"its channel dim {want_dim} (size {want_size})"
+        )
+    return ChannelPath(edge, blocks, tuple(adds))
+
+
+def tied_sources(graph: ModelGraph) -> list[tuple[str | None, ...]]:
+    """Partition the sources of data (layers, None = the model input) into sets whose outputs are summed,
+    directly or through a chain of additions (a residual stream): a positive per-channel scale of one member's
+    output must be applied to all of them. Sets in execution order of their first member; singletons included.
+    """
+    graph._require_traced("find the layers joined by additions")
+    parent: dict[str | None, str | None] = {}
+
+    def find(x: str | None) -> str | None:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    first_at_add: dict[str, str | None] = {}
+    sources: list[str | None] = [None, *graph.layers]
+    for src in sources:
+        find(src)
+    for edge in graph.edges():
+        for op in edge.ops:
+            if op.kind is OpKind.ADD:
+                other = first_at_add.setdefault(op.name, edge.src)
+                ra, rb = find(other), find(edge.src)
+                if ra != rb:
+                    parent[rb] = ra
+    sets: dict[str | None, list[str | None]] = {}
+    for src in sources:
+        sets.setdefault(find(src), []).append(src)
+    return [tuple(members) for members in sets.values()]
