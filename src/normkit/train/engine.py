@@ -120,7 +120,7 @@ def _euclidean_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]
 
 
 def build_optimizer(
-    model: nn.Module, cfg: TrainConfig
+    model: nn.Module, cfg: TrainConfig, example_input: Any = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """(optimizer to step, inner optimizer whose state ENorm transforms)."""
     lr = cfg.resolved_lr
@@ -136,31 +136,35 @@ def build_optimizer(
         from normkit.optim import SGDG, AdamG, grassmann_param_groups
 
         groups = grassmann_param_groups(
-            model, lr=lr, lr_g=cfg.resolved_lr_g, weight_decay=cfg.weight_decay, select=cfg.grassmann_select
+            model,
+            lr=lr,
+            lr_g=cfg.resolved_lr_g,
+            weight_decay=cfg.weight_decay,
+            select=cfg.grassmann_select,
+            grad_clip=cfg.grad_clip,
+            omega=cfg.omega,
+            example_input=example_input,
         )
-        if not any(g.get("grassmann") and g["params"] for g in groups):
+        if not any(g.get("grassmann") for g in groups):
             raise ValueError(
                 f"{cfg.optimizer}: no weight of model {cfg.model!r} feeds a normalization layer "
                 f"(select={cfg.grassmann_select!r}); nothing to optimize on the Grassmann manifold"
             )
-        for g in groups:
-            if g.get("grassmann"):
-                g["grad_clip"] = cfg.grad_clip
-                g["omega"] = cfg.omega
         if cfg.optimizer == "sgdg":
             inner = SGDG(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
         else:
             inner = AdamG(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    outer = inner
+    outer: torch.optim.Optimizer = inner
+    granularity: Any = cfg.granularity
     if cfg.normalize:
-        from normkit.optim import NormalizedOptimizer  # type: ignore[attr-defined]
+        from normkit.optim import NormalizedOptimizer
 
-        outer = NormalizedOptimizer(inner, normalization=cfg.normalize, granularity=cfg.granularity)
+        outer = NormalizedOptimizer(inner, normalization=cfg.normalize, granularity=granularity, model=model)
     elif cfg.clip:
-        from normkit.optim import ClippedOptimizer  # type: ignore[attr-defined]
+        from normkit.optim import ClippedOptimizer
 
         outer = ClippedOptimizer(
-            inner, normalization=cfg.clip, clipnorm=cfg.clipnorm, granularity=cfg.granularity
+            inner, normalization=cfg.clip, clipnorm=cfg.clipnorm, granularity=granularity, model=model
         )
     return outer, inner
 
@@ -293,7 +297,7 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizer, self.inner_optimizer = build_optimizer(model, cfg)
+        self.optimizer, self.inner_optimizer = build_optimizer(model, cfg, self.data.x_train[:2])
         drop_last = len(self.data.y_train) >= cfg.batch_size
         n = len(self.data.y_train)
         self.steps_per_epoch = n // cfg.batch_size if drop_last else 1
