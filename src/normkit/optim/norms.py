@@ -206,14 +206,15 @@ def tensor_stats(tensors: Sequence[Tensor], needs: frozenset[str], *, foreach: b
     if not tensors:
         raise ValueError("tensor_stats needs at least one tensor")
     acc = _acc_dtype(tensors[0].dtype)
+    cplx = tensors[0].is_complex()  # vector_norm of complex input returns the real dtype by itself
     out: Stats = {}
     for key, order in (("l1", 1.0), ("l2", 2.0), ("max", math.inf), ("min", -math.inf)):
         if key not in needs:
             continue
         if foreach:
-            vals = list(torch._foreach_norm(list(tensors), order, dtype=acc))
+            vals = list(torch._foreach_norm(list(tensors), order, dtype=None if cplx else acc))
         else:
-            vals = [torch.linalg.vector_norm(t, order, dtype=acc) for t in tensors]
+            vals = [torch.linalg.vector_norm(t, order, dtype=None if cplx else acc) for t in tensors]
         out[key] = torch.stack(vals)
     if "mean" in needs or "m2" in needs:
         means, m2s = [], []
@@ -239,7 +240,7 @@ def row_stats(x: Tensor, needs: frozenset[str]) -> Stats:
     out: Stats = {}
     for key, order in (("l1", 1.0), ("l2", 2.0), ("max", math.inf), ("min", -math.inf)):
         if key in needs:
-            out[key] = torch.linalg.vector_norm(rows, order, dim=1, dtype=acc)
+            out[key] = torch.linalg.vector_norm(rows, order, dim=1, dtype=None if x.is_complex() else acc)
     if "mean" in needs or "m2" in needs:
         var, mean = torch.var_mean(rows if rows.is_complex() else rows.to(acc), dim=1, correction=0)
         out["mean"] = mean

@@ -1,0 +1,135 @@
+"""The norms registry and the three computational paths against float64 formulas written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from normkit.optim import norms as N
+
+BUILTINS = ["l1", "l2", "l1_l2", "avg_l1", "avg_l2", "avg_l1_l2", "max", "linf", "min_max", "std"]
+
+
+def reference(x: torch.Tensor, name: str) -> float:
+    """The seed's formulas, computed independently in float64 from Python scalars."""
+    v = [abs(complex(z)) for z in x.detach().to(torch.complex128).reshape(-1).tolist()]
+    n = len(v)
+    l1 = math.fsum(v)
+    l2 = math.sqrt(math.fsum(a * a for a in v))
+    if name == "l1":
+        return l1
+    if name == "l2":
+        return l2
+    if name == "l1_l2":
+        return (l1 + l2) / 2
+    if name == "avg_l1":
+        return l1 / n
+    if name == "avg_l2":
+        return math.sqrt(math.fsum(a * a for a in v) / n)
+    if name == "avg_l1_l2":
+        return (l1 / n + math.sqrt(math.fsum(a * a for a in v) / n)) / 2
+    if name in ("max", "linf"):
+        return max(v)
+    if name == "min_max":
+        return (max(v) + min(v)) / 2
+    if name == "std":
+        z = [complex(c) for c in x.detach().to(torch.complex128).reshape(-1).tolist()]
+        mean = sum(z) / n
+        return math.sqrt(math.fsum(abs(c - mean) ** 2 for c in z) / n)
+    raise KeyError(name)
+
+
+def samples() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(7, 5, generator=g),
+        torch.randn(3, 2, 3, 3, generator=g) * 1e-3 + 0.5,  # non-zero mean: std differs from avg_l2
+        torch.zeros(4, 3),
+        torch.tensor([-2.5]),
+        torch.tensor(3.0),
+        torch.randn(129, generator=g) * 100,
+    ]
+
+
+def close(a: torch.Tensor, b: float, rtol: float = 2e-6) -> bool:
+    return abs(float(a) - b) <= rtol * abs(b) + 1e-12
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_single_tensor_formula(name: str) -> None:
+    for x in samples():
+        assert close(N.norm(x, name), reference(x, name)), (name, x.shape)
+        assert close(N.norm(x.double(), name), reference(x, name), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("foreach", [True, False])
+def test_multi_tensor_path(name: str, foreach: bool) -> None:
+    xs = samples()
+    out = N.tensor_norms(xs, name, foreach=foreach)
+    assert out.shape == (len(xs),)
+    for x, v in zip(xs, out):
+        assert close(v, reference(x, name)), (name, x.shape)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_rows_and_segments(name: str) -> None:
+    xs = samples()
+    for x in xs:  # per unit: rows of reshape(shape[0], -1); vectors and scalars are one unit
+        canon = N._ALIASES.get(name, name)
+        rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+        got = N.finish(canon, N.row_stats(x, N._NEEDS[canon]), float(rows.shape[1]))
+        assert got.shape == (rows.shape[0],)
+        for r, v in zip(rows, got):
+            assert close(v, reference(r, name))
+    # blocks of several tensors (layer / global): exactly the norm of the concatenation
+    canon = N._ALIASES.get(name, name)
+    segments = torch.tensor([0, 1, 0, 2, 1, 0])
+    stats = N.tensor_stats(xs, N._NEEDS[canon])
+    counts = torch.tensor([float(x.numel()) for x in xs])
+    merged, n = N.combine_stats(stats, counts, segments, 3)
+    got = N.finish(canon, merged, n)
+    for b in range(3):
+        cat = torch.cat([x.reshape(-1) for x, s in zip(xs, segments.tolist()) if s == b])
+        assert close(got[b], reference(cat, name), rtol=1e-5), (name, b)
+
+
+def test_low_precision_accumulates_in_float32() -> None:
+    x = torch.full((4096,), 60.0, dtype=torch.float16)  # Σ|x| = 245760 overflows float16
+    for name in ("l1", "l2", "avg_l1", "std"):
+        v = N.tensor_norms([x], name)[0]
+        assert v.dtype == torch.float32 and close(v, reference(x.float(), name))
+
+
+def test_complex() -> None:
+    z = torch.randn(6, 3, dtype=torch.complex64)
+    for name in BUILTINS:
+        assert close(N.norm(z, name), reference(z, name), rtol=1e-5), name
+        assert close(N.tensor_norms([z], name)[0], reference(z, name), rtol=1e-5), name
+
+
+def test_registry() -> None:
+    assert set(BUILTINS) <= set(N.available_norms())
+    assert N.get_norm("linf") is N.get_norm("max")
+    with pytest.raises(ValueError, match="unknown normalization 'nope'"):
+        N.get_norm("nope")
+    with pytest.raises(ValueError, match="built-in"):
+        N.register_norm("l2", lambda g: g.abs().sum())
+    with pytest.raises(TypeError):
+        N.register_norm("x", 3)  # type: ignore[arg-type]
+    N.register_norm("test_mean", lambda g: g.abs().mean())
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            N.register_norm("test_mean", lambda g: g.abs().sum())
+        x = torch.randn(5, 4)
+        assert close(N.norm(x, "test_mean"), reference(x, "avg_l1"))
+        assert "test_mean" in N.available_norms()
+        got = N.tensor_norms([x, x * 2], "test_mean")
+        assert close(got[1], 2 * reference(x, "avg_l1"))
+    finally:
+        N.unregister_norm("test_mean")
+    assert "test_mean" not in N.available_norms()
+    fn = lambda g: g.abs().amax()
+    assert N.get_norm(fn).fn is fn and not N.get_norm(fn).builtin
