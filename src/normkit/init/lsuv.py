@@ -45,7 +45,7 @@ from normkit.init.orthogonal import (
     Include,
     Snapshot,
     broadcast_layers,
-    orthogonal_init,
+    orthogonalize,
     select_layers,
 )
 
@@ -55,10 +55,13 @@ __all__ = [
     "LSUVReport",
     "LayerStatus",
     "allreduce_moments",
+    "blob_variance",
+    "channel_moments",
     "lsuv_factor",
     "lsuv_init",
+    "merge_moments",
     "moments_variance",
-    "output_moments",
+    "rescale_moments",
     "rescale_output",
     "weight_factor",
 ]
@@ -71,25 +74,22 @@ class LSUVError(RuntimeError):
 # --- functional core: pure tensor math -------------------------------------------------------------------
 
 
-def output_moments(y: Tensor, channel_dim: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(count, mean, M2 = Σ(y − mean)²) of ``y`` in float64: over every element, or per channel of
-    ``channel_dim`` (then mean and M2 have one entry per channel)."""
+def channel_moments(y: Tensor, channel_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(count per channel, mean, M2 = Σ(y − mean)²) of each channel of ``y`` along ``channel_dim``, in
+    float64 (the reduction itself runs in the output's dtype, float32 at least)."""
     yf = y.detach()
     if not yf.is_floating_point() or yf.dtype in (torch.float16, torch.bfloat16):
         yf = yf.float()
-    if channel_dim is None:
-        var, mean = torch.var_mean(yf, correction=0)
-        n = yf.numel()
-    else:
-        flat = yf.movedim(channel_dim, -1).reshape(-1, yf.shape[channel_dim])
-        var, mean = torch.var_mean(flat, dim=0, correction=0)
-        n = flat.shape[0]
+    dims = [d for d in range(yf.dim()) if d != channel_dim]
+    n = yf.numel() // yf.shape[channel_dim]
+    var, mean = torch.var_mean(yf, dim=dims, correction=0)
     count = torch.tensor(float(n), dtype=torch.float64, device=y.device)
     return count, mean.double(), var.double() * n
 
 
 def merge_moments(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Moments of the union of several sets (Chan et al.): M2 = Σ M2_i + Σ n_i (mean_i − mean)²."""
+    """Moments of the union of several sets, elementwise (Chan et al.):
+    M2 = Σ M2_i + Σ n_i (mean_i − mean)²."""
     if len(parts) == 1:
         return parts[0]
     counts = torch.stack([p[0] for p in parts])
@@ -99,6 +99,20 @@ def merge_moments(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, T
     total = counts.sum()
     mean = (n * means).sum(0) / total
     return total, mean, m2s.sum(0) + (n * (means - mean).square()).sum(0)
+
+
+def blob_variance(count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
+    """Unbiased variance over the whole blob (every channel together) from per-channel moments."""
+    channels = mean.numel()
+    grand = mean.mean()
+    total_m2 = m2.sum() + count * (mean - grand).square().sum()
+    return total_m2 / (count * channels - 1).clamp_min(1)
+
+
+def rescale_moments(mean: Tensor, m2: Tensor, bias: Tensor | None, factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel moments of s·(y − b) + b from those of y: mean → s(mean − b) + b, M2 → s² M2."""
+    b = bias if bias is not None else torch.zeros_like(mean)
+    return factor * (mean - b) + b, factor.square() * m2
 
 
 def allreduce_moments(
@@ -127,7 +141,7 @@ def lsuv_factor(var: Tensor, target_var: float = 1.0) -> Tensor:
 
 def rescale_output(y: Tensor, bias: Tensor | None, factor: Tensor, channel_dim: int) -> Tensor:
     """The output the layer gives once its weight is multiplied by ``factor`` (scalar or per channel):
-    s·(y − b) + b."""
+    s·(y − b) + b = s·y + (1 − s)·b, in one pass."""
     f = factor.to(y.dtype)
     shape = [1] * y.dim()
     shape[channel_dim] = -1
@@ -136,7 +150,7 @@ def rescale_output(y: Tensor, bias: Tensor | None, factor: Tensor, channel_dim: 
     if bias is None:
         return y * f
     b = bias.detach().to(y.dtype).reshape(shape)
-    return (y - b) * f + b
+    return torch.addcmul(b * (1 - f), y, f)
 
 
 def weight_factor(factor: Tensor, weight_shape: torch.Size, kind: LayerKind, groups: int = 1) -> Tensor:
@@ -358,11 +372,14 @@ class _Engine:
         self.progress = False
 
     # statistics --------------------------------------------------------------------------------------
-    def _variance(self, parts: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    def _moments(self, parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
         count, mean, m2 = merge_moments(parts)
         if self.distributed:
             count, mean, m2 = allreduce_moments(count, mean, m2, self.group)
-        return moments_variance(count, m2)
+        return count, mean, m2
+
+    def _variance(self, count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
+        return moments_variance(count, m2) if self.per_channel else blob_variance(count, mean, m2)
 
     def _check_alive(self, layer: _Layer, var: Tensor) -> None:
         bad = ~torch.isfinite(var) | (var <= 0)
@@ -399,26 +416,32 @@ class _Engine:
 
     # the loop inside the hook, for a layer run once per forward ------------------------------------------
     def _in_hook(self, layer: _Layer, y: Tensor) -> Tensor:
+        """The paper's loop on this output: each try's variance follows exactly from the per-channel moments
+        (scaling W by s maps mean → s(mean − b) + b and M2 → s² M2), so the output is touched twice: once to
+        measure, once to apply the total factor."""
         cdim = layer.channel_dim(y)
-        stat_dim = cdim if self.per_channel else None
         bias = getattr(layer.module, "bias", None)
-        bias = bias if isinstance(bias, Tensor) else None
-        var = self._variance([output_moments(y, stat_dim)])
+        bias = bias.detach() if isinstance(bias, Tensor) else None
+        count, mean, m2 = self._moments([channel_moments(y, cdim)])
+        b64 = bias.double() if bias is not None else None
+        var = self._variance(count, mean, m2)
         layer.var_before = self._summary(var)
+        total: Tensor | None = None
         while True:
             self._check_alive(layer, var)
             if self._done(var) or layer.iterations >= self.max_iters:
                 break
             factor = lsuv_factor(var, self.target)
-            y = rescale_output(y, bias, factor, cdim)
+            mean, m2 = rescale_moments(mean, m2, b64, factor)
             self._apply(layer, factor)
-            var = self._variance([output_moments(y, stat_dim)])
+            total = factor if total is None else total * factor
+            var = self._variance(count, mean, m2)
         self._finish(layer, var)
-        return y
+        return y if total is None else rescale_output(y, bias, total, cdim)
 
     # shared modules: one try per forward pass -----------------------------------------------------------
     def _after_pass_shared(self, layer: _Layer) -> None:
-        var = self._variance(layer.parts)
+        var = self._variance(*self._moments(layer.parts))
         layer.parts = []
         if layer.var_before is None:
             layer.var_before = self._summary(var)
@@ -446,8 +469,7 @@ class _Engine:
                 return None  # downstream of a layer still being scaled in this pass: next pass
             if layer.calls > 1:
                 self.blocker = layer
-                dim = layer.channel_dim(out) if self.per_channel else None
-                layer.parts.append(output_moments(out, dim))
+                layer.parts.append(channel_moments(out, layer.channel_dim(out)))
                 if layer.seen == layer.calls:
                     raise _Stop
                 return None
@@ -570,6 +592,7 @@ def lsuv_init(
     records: dict[str, LSUVLayerRecord] = {}
     todo: list[_Layer] = []
     pre_init: list[str] = []
+    pre_access: dict[str, WeightAccess] = {}
     for node in graph:
         tname = type(node.module).__name__
         if node.kind is LayerKind.NORM:
@@ -587,6 +610,7 @@ def lsuv_init(
         except WeightAccessError as exc:
             raise LSUVError(str(exc)) from None
         pre_init.append(node.name)
+        pre_access[node.name] = access
         if skip_normalized and graph.feeds_normalization(node.name):
             dst = type(graph[node.consumers[0].dst or ""].module).__name__
             records[node.name] = LSUVLayerRecord(
@@ -615,10 +639,15 @@ def lsuv_init(
             + "; nothing to initialize"
         )
 
-    snapshot = Snapshot(inner)
+    snapshot = Snapshot(graph[n].module for n in pre_init)
     try:
         if orthogonal:
-            orthogonal_init(inner, include=pre_init, zero_bias=zero_bias, process_group=process_group)
+            ordered = [
+                (n, m) for n, m in chosen if n in pre_access
+            ]  # named_modules order, as orthogonal_init
+            orthogonalize(
+                ordered, [pre_access[n] for n, _ in ordered], zero_bias=zero_bias, group=process_group
+            )
         elif dist.is_available() and dist.is_initialized():
             broadcast_layers([graph[n].module for n in pre_init], process_group)
         if todo:

@@ -22,7 +22,14 @@ from torch import Tensor
 from normkit.graph import LayerKind, layer_kind, unwrap_model
 from normkit.init._weights import WeightAccess
 
-__all__ = ["Include", "orthogonal_init", "orthogonal_matrix", "orthogonal_weight"]
+__all__ = [
+    "Include",
+    "orthogonal_init",
+    "orthogonal_matrix",
+    "orthogonal_weight",
+    "orthogonalize",
+    "select_layers",
+]
 
 #: Which layers to touch: qualified names or modules, or a predicate on (name, module); None = all supported.
 Include = Iterable[str | nn.Module] | Callable[[str, nn.Module], bool] | None
@@ -89,7 +96,7 @@ def orthogonal_weight(
 
 def _module_weight(
     access: WeightAccess, module: nn.Module, *, gain: float, generator: torch.Generator | None
-):
+) -> Tensor:
     transposed = layer_kind(module) is LayerKind.CONV_TRANSPOSE
     groups = int(getattr(module, "groups", 1))
     return orthogonal_weight(
@@ -137,20 +144,23 @@ def select_layers(model: nn.Module, include: Include) -> list[tuple[str, nn.Modu
 
 
 class Snapshot:
-    """Copies of every parameter and buffer of a model, to put back after a failed init."""
+    """Copies of the parameters and buffers of some modules, to put back after a failed init."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        mods = list(modules)
+        tensors = {id(t): t for m in mods for t in (*m.parameters(), *m.buffers())}
         with torch.no_grad():
-            self._saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+            self._saved = [(t, t.detach().clone()) for t in tensors.values()]
+        # hook-based weight_norm keeps the weight as a plain tensor attribute, recomputed before each forward
         self._weight_attrs = [
-            (m, m.weight) for m in model.modules() if "weight" in m.__dict__ and isinstance(m.weight, Tensor)
+            (m, m.weight) for m in mods if "weight" in m.__dict__ and isinstance(m.__dict__["weight"], Tensor)
         ]
 
     def restore(self) -> None:
         with torch.no_grad():
             for t, saved in self._saved:
                 t.copy_(saved)
-        for m, w in self._weight_attrs:  # hook-based weight_norm keeps a plain tensor attribute
+        for m, w in self._weight_attrs:
             m.weight = w
 
 
@@ -192,16 +202,31 @@ def orthogonal_init(
             + "; orthogonal_init has nothing to initialize"
         )
     access = [WeightAccess(n, m) for n, m in layers]  # refuses spectral norm before anything changes
-    snapshot = Snapshot(model)
+    snapshot = Snapshot(m for _, m in layers)
     try:
-        for acc, (_, module) in zip(access, layers):
-            acc.set(_module_weight(acc, module, gain=gain, generator=generator))
-            bias = getattr(module, "bias", None)
-            if zero_bias and isinstance(bias, Tensor):
-                with torch.no_grad():
-                    bias.zero_()
-        broadcast_layers([m for _, m in layers], process_group)
+        orthogonalize(
+            layers, access, gain=gain, zero_bias=zero_bias, generator=generator, group=process_group
+        )
     except BaseException:
         snapshot.restore()
         raise
     return [n for n, _ in layers]
+
+
+def orthogonalize(
+    layers: Sequence[tuple[str, nn.Module]],
+    access: Sequence[WeightAccess],
+    *,
+    gain: float = 1.0,
+    zero_bias: bool = True,
+    generator: torch.Generator | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """The orthogonal init of already chosen layers (no argument checks, no snapshot)."""
+    for acc, (_, module) in zip(access, layers):
+        acc.set(_module_weight(acc, module, gain=gain, generator=generator))
+        bias = getattr(module, "bias", None)
+        if zero_bias and isinstance(bias, Tensor):
+            with torch.no_grad():
+                bias.zero_()
+    broadcast_layers([m for _, m in layers], group)
