@@ -135,8 +135,9 @@ def adamg_rows_(
         exp_avg.mul_(beta1).add_(h, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).add_(row_dot(h, h), alpha=1.0 - beta2)
     # Δ = k m with k = −η √(1 − β2ᵗ)/(1 − β1ᵗ) / √(v + ε) per row; θ = |k| ‖m‖.
-    bias2 = (1.0 - torch.pow(beta2, step)).sqrt_()
-    bias1 = 1.0 - torch.pow(beta1, step)
+    t = step.to(w.dtype)  # the float32 step counter, in the math dtype for the bias corrections
+    bias2 = (1.0 - torch.pow(beta2, t)).sqrt_()
+    bias1 = 1.0 - torch.pow(beta1, t)
     k = (exp_avg_sq + eps).rsqrt_().mul_(bias2).div_(bias1).mul_(-lr)
     m2 = row_dot(exp_avg, exp_avg)
     theta = k.abs() * m2.sqrt()
@@ -603,10 +604,17 @@ def _select_weights(
     model = G.unwrap_model(model)
     if select == "bn_input":
         g = G.trace(model, example_input)
+        commuting = {G.OpKind.IDENTITY, G.OpKind.SCALE_COMMUTING}
         chosen = [
             node.module
             for node in g.execution_order((G.LayerKind.LINEAR, G.LayerKind.CONV))
             if g.feeds_normalization(node.name, per_channel=True)
+            # ReLU / pooling commute with a positive scale per channel, but not once a bias is added first
+            or (
+                getattr(node.module, "bias", None) is None
+                and g.traced
+                and g.feeds_normalization(node.name, per_channel=True, through=commuting)
+            )
         ]
     elif select == "undercomplete":
         chosen = [
