@@ -511,3 +511,17 @@ def test_errors() -> None:
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         opt.step()
+
+
+def test_plan_follows_dtype_changes() -> None:
+    model = make_model()
+    opt = NormalizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), granularity="layer", model=model)
+    backward(model, 0)
+    opt.step()
+    model.double()
+    opt.zero_grad()
+    g = torch.Generator().manual_seed(0)
+    model(torch.randn(16, 5, generator=g, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert all(p.grad.dtype == torch.float64 for p in model.parameters())
+    assert opt._plan is not None and opt._plan.checks[0][2] == torch.float64

@@ -133,3 +133,22 @@ def test_registry() -> None:
     assert "test_mean" not in N.available_norms()
     fn = lambda g: g.abs().amax()
     assert N.get_norm(fn).fn is fn and not N.get_norm(fn).builtin
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_bucketed_multi_tensor_path(name: str) -> None:
+    """Runs of equal-size tensors stacked into one reduction give the same per-tensor norms."""
+    g = torch.Generator().manual_seed(1)
+    xs = [
+        torch.randn(4, generator=g),
+        torch.zeros(4),
+        torch.randn(2, 2, generator=g),
+        torch.randn(3, generator=g),
+    ]
+    xs += [torch.randn(3, generator=g) * 5, torch.randn(6, 7, generator=g)]
+    out = N.tensor_norms(xs, name)
+    canon = N._ALIASES.get(name, name)
+    stats = N.tensor_stats(xs, N._NEEDS[canon], buckets=[3, 2])
+    got = N.finish(canon, stats, torch.tensor([float(x.numel()) for x in xs]))
+    for x, v, w in zip(xs, got, out):
+        assert close(v, reference(x, name)) and close(w, reference(x, name))

@@ -52,20 +52,41 @@ _GRANULARITIES = ("tensor", "layer", "unit", "global")
 _STATE_KEY = "normkit_wrapper"
 
 
-class _Plan:
-    """The layout of one set of gradients, cached between steps: device/dtype groups, blocks, counts."""
+_SMALL = 4096  # tensors up to this many elements are stacked by size and reduced in one kernel per size
 
-    def __init__(self, params: list[Tensor], grads: list[Tensor], granularity: str, block_of: list[int]):
+
+class _Plan:
+    """The layout of one set of gradients, cached between steps: device/dtype groups (each ordered with its
+    small tensors first, bucketed by size), blocks, element counts."""
+
+    def __init__(
+        self, grads: list[Tensor], granularity: str, block_of: list[int], bucket: bool = True
+    ) -> None:
         self.granularity = granularity
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, g in enumerate(grads):
+            if g.is_sparse:
+                raise RuntimeError(
+                    "normalized/clipped optimizers do not support sparse gradients (an nn.Embedding with "
+                    "sparse=True?); use dense gradients or exclude=[that parameter]"
+                )
             groups.setdefault((g.device, g.dtype), []).append(i)
-        self.groups = list(groups.values())
+        self.groups: list[list[int]] = []
+        self.buckets: list[list[int]] = []
+        for idx in groups.values():
+            by_size: dict[int, list[int]] = {}
+            for i in idx:
+                by_size.setdefault(grads[i].numel(), []).append(i)
+            runs = [r for n, r in by_size.items() if bucket and n <= _SMALL and len(r) > 1]
+            taken = {i for r in runs for i in r}
+            self.groups.append([i for r in runs for i in r] + [i for i in idx if i not in taken])
+            self.buckets.append([len(r) for r in runs])
+        self.checks = [(idx[0], grads[idx[0]].device, grads[idx[0]].dtype) for idx in self.groups]
+        self.complex = [grads[idx[0]].is_complex() for idx in self.groups]
         self.counts = [
             torch.tensor([float(grads[i].numel()) for i in idx], device=grads[idx[0]].device)
             for idx in self.groups
         ]
-        self.params = params
         if granularity in ("layer", "global"):
             order = [i for idx in self.groups for i in idx]
             ids: dict[int, int] = {}
@@ -77,6 +98,10 @@ class _Plan:
             self.blocks: list[list[int]] = [[] for _ in range(self.num_blocks)]
             for i, s in zip(order, seg):
                 self.blocks[s].append(i)
+
+    def valid_for(self, grads: list[Tensor]) -> bool:
+        """Cheap check that the gradients still have the devices/dtypes the plan was made for."""
+        return all(grads[i].device == d and grads[i].dtype == t for i, d, t in self.checks)
 
 
 class _GradientTransform(torch.optim.Optimizer):
@@ -139,6 +164,9 @@ class _GradientTransform(torch.optim.Optimizer):
                     self._layer_of.setdefault(id(p), index)
         self._plan: _Plan | None = None
         self._plan_key: tuple[Any, ...] | None = None
+        self._candidates_key: tuple[tuple[int, int], ...] | None = None
+        self._candidates_list: list[Tensor] = []
+        self._candidates_version = 0
         # torch.optim.Optimizer's hook registries (its __init__ is not called: the groups are the inner's).
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
@@ -217,27 +245,33 @@ class _GradientTransform(torch.optim.Optimizer):
     def _needs_param_norms(self) -> bool:
         return False
 
-    def _collect(self) -> tuple[list[Tensor], list[Tensor]]:
-        params, grads = [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                g = p.grad
-                if g is None or id(p) in self._excluded:
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError(
-                        f"{type(self).__name__} does not support sparse gradients (an nn.Embedding with "
-                        "sparse=True?); use dense gradients or exclude=[that parameter]"
-                    )
-                if g.numel() == 0:
-                    continue
-                params.append(p)
-                grads.append(g)
-        return params, grads
+    def _candidates(self) -> list[Tensor]:
+        """The parameters that may be transformed (not excluded, not empty), cached per group structure."""
+        key = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+        if key != self._candidates_key:
+            seen: set[int] = set()
+            self._candidates_list = []
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if id(p) not in self._excluded and id(p) not in seen and p.numel() > 0:
+                        seen.add(id(p))
+                        self._candidates_list.append(p)
+            self._candidates_key = key
+            self._candidates_version += 1
+        return self._candidates_list
 
-    def _get_plan(self, params: list[Tensor], grads: list[Tensor]) -> _Plan:
-        key = tuple((id(p), g.device, g.dtype) for p, g in zip(params, grads))
-        if self._plan is None or key != self._plan_key:
+    def _collect(self) -> tuple[list[Tensor], list[Tensor], tuple[int, ...] | None]:
+        """The parameters with gradients, their gradients and a plan key (None: all candidates)."""
+        params = self._candidates()
+        grads = [p.grad for p in params]
+        if not any(g is None for g in grads):
+            return params, grads, None  # type: ignore[return-value]
+        present = [(p, g) for p, g in zip(params, grads) if g is not None]
+        return [p for p, _ in present], [g for _, g in present], tuple(id(p) for p, _ in present)
+
+    def _get_plan(self, params: list[Tensor], grads: list[Tensor], key: tuple[int, ...] | None) -> _Plan:
+        full_key = (self._candidates_version, key)
+        if self._plan is None or full_key != self._plan_key or not self._plan.valid_for(grads):
             next_block = len(self._layer_of) + 1 + 10**9
             block_of = []
             for i, p in enumerate(params):
@@ -247,16 +281,17 @@ class _GradientTransform(torch.optim.Optimizer):
                     block_of.append(self._layer_of[id(p)])
                 else:
                     block_of.append(next_block + i)
-            self._plan = _Plan(params, grads, self.granularity, block_of)
-            self._plan_key = key
+            bucket = self.foreach and self.norm.needs is not None
+            self._plan = _Plan(grads, self.granularity, block_of, bucket)
+            self._plan_key = full_key
         return self._plan
 
     def _transform(self) -> None:
-        params, grads = self._collect()
+        params, grads, key = self._collect()
         if not grads:
             self.last_norms = {}
             return
-        plan = self._get_plan(params, grads)
+        plan = self._get_plan(params, grads, key)
         weights = [p.detach() for p in params] if self._needs_param_norms() else None
         if plan.granularity == "unit":
             norms = [self._row_norms(g) for g in grads]
@@ -269,10 +304,9 @@ class _GradientTransform(torch.optim.Optimizer):
             wnorms = self._grouped_norms(plan, weights) if weights is not None else None
             for k, idx in enumerate(plan.groups):
                 s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
-                group_grads = [grads[i] for i in idx]
-                if group_grads[0].is_complex():
-                    s = s.to(group_grads[0].real.dtype)
-                torch._foreach_mul_(group_grads, list(s.unbind()))
+                if plan.complex[k]:
+                    s = s.to(grads[idx[0]].real.dtype)
+                torch._foreach_mul_([grads[i] for i in idx], s.unbind())
         if self.return_norms:
             if plan.granularity == "unit":
                 self.last_norms = {p: n for p, n in zip(params, norms)}
@@ -297,12 +331,12 @@ class _GradientTransform(torch.optim.Optimizer):
         nrm = self.norm
         if plan.granularity == "tensor":
             out = []
-            for idx, counts in zip(plan.groups, plan.counts):
+            for idx, counts, buckets in zip(plan.groups, plan.counts, plan.buckets):
                 ts = [tensors[i] for i in idx]
                 if nrm.needs is None:
                     out.append(torch.stack([torch.as_tensor(nrm.fn(t), device=t.device) for t in ts]))
                 else:
-                    stats = tensor_stats(ts, nrm.needs, foreach=self.foreach)
+                    stats = tensor_stats(ts, nrm.needs, foreach=self.foreach, buckets=buckets)
                     out.append(finish(nrm.name, stats, counts.to(stats[next(iter(stats))].dtype)))
             return out
         # "layer" / "global": merge per-tensor statistics into blocks on the home device.
@@ -318,8 +352,8 @@ class _GradientTransform(torch.optim.Optimizer):
             )
         else:
             per_group = [
-                tensor_stats([tensors[i] for i in idx], nrm.needs, foreach=self.foreach)
-                for idx in plan.groups
+                tensor_stats([tensors[i] for i in idx], nrm.needs, foreach=self.foreach, buckets=b)
+                for idx, b in zip(plan.groups, plan.buckets)
             ]
             acc = (
                 torch.float64
@@ -390,7 +424,7 @@ class _GradientTransform(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         unique = list({id(p): p for p in params}.values())
         self._excluded = {id(unique[i]) for i in settings["exclude"]}
-        self._plan, self._plan_key = None, None
+        self._plan, self._plan_key, self._candidates_key = None, None, None
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's ``state_dict`` plus the wrapper's settings under ``"normkit_wrapper"``

@@ -196,15 +196,33 @@ def norm(x: Tensor, normalization: str | NormFn | Norm = "l2") -> Tensor:
 # Statistics: per tensor (foreach or loop), per row, and merged into blocks of several tensors.
 
 
-def tensor_stats(tensors: Sequence[Tensor], needs: frozenset[str], *, foreach: bool = True) -> Stats:
+def tensor_stats(
+    tensors: Sequence[Tensor], needs: frozenset[str], *, foreach: bool = True, buckets: Sequence[int] = ()
+) -> Stats:
     """Per-tensor statistics of same-device tensors, each a 1-D tensor of ``len(tensors)`` entries.
 
     Keys (those in ``needs``): ``l1`` = Σ|x|, ``l2`` = √Σ|x|², ``max`` = max|x|, ``min`` = min|x|,
     ``mean`` = mean x and ``m2`` = Σ|x − mean|². Accumulated in float32 (float64 for double inputs).
-    ``foreach=True`` uses ``torch._foreach_norm``; the standard deviation's moments always loop.
+    ``foreach=True`` uses ``torch._foreach_norm``; otherwise (and always for the standard deviation's moments)
+    one reduction per tensor. ``buckets``: sizes of leading runs of tensors with equal ``numel`` that are
+    stacked and reduced in one kernel each (many small tensors: biases, norm-layer affines).
     """
     if not tensors:
         raise ValueError("tensor_stats needs at least one tensor")
+    pieces: list[Stats] = []
+    start = 0
+    for size in buckets:
+        chunk = tensors[start : start + size]
+        pieces.append(row_stats(torch.stack([c.reshape(-1) for c in chunk]), needs))
+        start += size
+    if start < len(tensors):
+        pieces.append(_each_stats(tensors[start:], needs, foreach))
+    if len(pieces) == 1:
+        return pieces[0]
+    return {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
+
+
+def _each_stats(tensors: Sequence[Tensor], needs: frozenset[str], foreach: bool) -> Stats:
     acc = _acc_dtype(tensors[0].dtype)
     cplx = tensors[0].is_complex()  # vector_norm of complex input returns the real dtype by itself
     out: Stats = {}
