@@ -439,7 +439,7 @@ class _Engine:
         self._finish(layer, var)
         return y if total is None else rescale_output(y, bias, total, cdim)
 
-    # shared modules: one try per forward pass -----------------------------------------------------------
+    # shared modules: one try per forward pass, decided at the module's last call -------------------------
     def _after_pass_shared(self, layer: _Layer) -> None:
         var = self._variance(*self._moments(layer.parts))
         layer.parts = []
@@ -471,7 +471,12 @@ class _Engine:
                 self.blocker = layer
                 layer.parts.append(channel_moments(out, layer.channel_dim(out)))
                 if layer.seen == layer.calls:
-                    raise _Stop
+                    self._after_pass_shared(layer)
+                    if not layer.settled:
+                        raise _Stop  # scaled: the rest of this pass would see stale values
+                    self.blocker = None  # converged: the layers after it go on in this same pass
+                    if self.fresh or all(lay.settled for lay in self.layers):
+                        raise _Stop
                 return None
             y = self._in_hook(layer, out)
             if self.fresh or all(lay.settled for lay in self.layers):
@@ -501,14 +506,12 @@ class _Engine:
             finally:
                 for h in handles:
                     h.remove()
-            if self.blocker is not None:
-                if self.blocker.seen != self.blocker.calls:
-                    raise LSUVError(
-                        f"LSUV: layer {self.blocker.name!r} ran {self.blocker.seen} time(s) in a forward "
-                        f"pass, but the traced graph has {self.blocker.calls} call(s): the forward depends "
-                        "on the data."
-                    )
-                self._after_pass_shared(self.blocker)
+            if self.blocker is not None and self.blocker.seen != self.blocker.calls:
+                raise LSUVError(
+                    f"LSUV: layer {self.blocker.name!r} ran {self.blocker.seen} time(s) in a forward "
+                    f"pass, but the traced graph has {self.blocker.calls} call(s): the forward depends "
+                    "on the data."
+                )
             if not self.progress:
                 names = [layer.name for layer in pending if layer.seen == 0]
                 raise LSUVError(

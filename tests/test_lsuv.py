@@ -1,0 +1,485 @@
+"""LSUV and orthogonal init: checked against independent float64 forward passes written here."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrizations
+
+from normkit.init import LayerStatus, LSUVError, lsuv_init, orthogonal_init, orthogonal_weight
+from normkit.init.lsuv import blob_variance, channel_moments, merge_moments, rescale_moments
+from tests.distributed import run_gloo
+
+# --- independent checks ----------------------------------------------------------------------------------
+
+
+def output_variances(model: nn.Module, x: torch.Tensor, names: list[str], per_channel: bool = False):
+    """Unbiased float64 variance of each named layer's output over all its calls, from a plain forward."""
+    mods = dict(model.named_modules())
+    outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [
+        mods[n].register_forward_hook(lambda m, i, o, n=n: outs[n].append(o.detach().double())) for n in names
+    ]
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, f in flags:
+            m.training = f
+    if per_channel:
+        return {
+            n: torch.cat([o.transpose(0, 1).reshape(o.shape[1], -1) for o in v], 1).var(1)
+            for n, v in outs.items()
+        }
+    return {n: torch.cat([o.flatten() for o in v]).var().item() for n, v in outs.items()}
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_params(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed"
+
+
+def plain_relu_net(bias: bool = True) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=bias),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, stride=2, bias=bias),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=bias),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32, bias=bias),
+        nn.ReLU(),
+        nn.Linear(32, 5, bias=bias),
+    )
+
+
+LAYERS = ["0", "2", "4", "7", "9"]
+
+# --- the functional core ---------------------------------------------------------------------------------
+
+
+def test_moments_match_float64_and_rescale_exactly():
+    torch.manual_seed(0)
+    y = torch.randn(6, 3, 5, 4) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1) + 2.0
+    count, mean, m2 = channel_moments(y, 1)
+    ref = y.double()
+    assert torch.allclose(blob_variance(count, mean, m2), ref.var(), rtol=1e-6)
+    assert torch.allclose(m2 / (count - 1), ref.transpose(0, 1).reshape(3, -1).var(1), rtol=1e-6)
+    # merging two halves gives the moments of the whole
+    merged = merge_moments([channel_moments(y[:2], 1), channel_moments(y[2:], 1)])
+    assert torch.allclose(blob_variance(*merged), ref.var(), rtol=1e-6)
+    # s·(y − b) + b: predicted moments equal those of the rescaled tensor
+    b, s = torch.tensor([0.3, -1.0, 2.0]), torch.tensor(0.7, dtype=torch.float64)
+    mean2, m22 = rescale_moments(mean, m2, b.double(), s)
+    y2 = s * (ref - b.double().view(1, 3, 1, 1)) + b.double().view(1, 3, 1, 1)
+    assert torch.allclose(blob_variance(count, mean2, m22), y2.var(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "transposed"),
+    [
+        ((6, 4), 1, False),
+        ((4, 9), 1, False),
+        ((8, 2, 3, 3), 4, False),
+        ((8, 1, 3), 8, False),
+        ((6, 4, 3, 3), 2, True),
+    ],
+)
+def test_orthogonal_weight_per_group_and_axes(shape, groups, transposed):
+    w = orthogonal_weight(shape, groups=groups, transposed=transposed, dtype=torch.float64)
+    assert w.shape == shape
+    k = math.prod(shape[2:])
+    for g in range(groups):
+        if transposed:
+            in_g = shape[0] // groups
+            block = w[g * in_g : (g + 1) * in_g].transpose(0, 1)  # rows = output channels
+        else:
+            out_g = shape[0] // groups
+            block = w[g * out_g : (g + 1) * out_g]
+        m = block.reshape(block.shape[0], -1)
+        rows, cols = m.shape
+        assert cols == (shape[0] // groups if transposed else shape[1]) * k
+        gram = m @ m.T if rows <= cols else m.T @ m
+        assert torch.allclose(gram, torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-10)
+
+
+def test_orthogonal_init_zeroes_biases_and_reports_names():
+    model = plain_relu_net()
+    names = orthogonal_init(model)
+    assert names == LAYERS
+    for n in names:
+        layer = dict(model.named_modules())[n]
+        assert torch.count_nonzero(layer.bias) == 0
+    w = model[7].weight.double()  # 32 × 256: orthonormal rows
+    assert torch.allclose(w @ w.T, torch.eye(32, dtype=torch.float64), atol=1e-5)
+
+
+# --- the paper's property --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_bias", [True, False])
+def test_every_layer_reaches_unit_variance(zero_bias):
+    torch.manual_seed(1)
+    model = plain_relu_net()
+    if not zero_bias:
+        with torch.no_grad():
+            for n in LAYERS:
+                dict(model.named_modules())[n].bias.uniform_(0.5, 1.5)  # iterations are needed
+    x = torch.randn(64, 3, 8, 8) * 3 + 1
+    report = lsuv_init(model, x, zero_bias=zero_bias)
+    assert [r.name for r in report.initialized] == LAYERS
+    assert report.forward_passes == 1
+    measured = output_variances(model, x, LAYERS)
+    for r in report.initialized:
+        assert abs(measured[r.name] - 1.0) < 0.1, (r.name, measured[r.name])
+        assert r.converged and abs(r.var_after - measured[r.name]) < 1e-4
+    if zero_bias:
+        assert all(r.iterations == 1 for r in report.initialized)  # scaling is exact when b = 0
+    assert report.converged
+
+
+def test_target_var_and_per_channel():
+    torch.manual_seed(2)
+    model = plain_relu_net()
+    x = torch.randn(64, 3, 8, 8)
+    lsuv_init(model, x, target_var=2.0, tol=0.05)
+    for n, v in output_variances(model, x, LAYERS).items():
+        assert abs(v - 2.0) < 0.05, n
+    lsuv_init(model, x, per_channel=True)
+    for n, v in output_variances(model, x, ["0", "2", "4"], per_channel=True).items():
+        assert torch.all((v - 1).abs() < 0.1), n
+
+
+def test_function_is_orthogonal_net_up_to_positive_layer_scales():
+    torch.manual_seed(3)
+    base = plain_relu_net(bias=False)
+    x = torch.randn(32, 3, 8, 8)
+    ortho = copy.deepcopy(base)
+    lsuv = copy.deepcopy(base)
+    torch.manual_seed(7)
+    orthogonal_init(ortho)
+    torch.manual_seed(7)  # the same random orthogonal matrices
+    report = lsuv_init(lsuv, x)
+    mods_o, mods_l = dict(ortho.named_modules()), dict(lsuv.named_modules())
+    total = 1.0
+    for r in report.initialized:
+        wo, wl = mods_o[r.name].weight.detach().double(), mods_l[r.name].weight.detach().double()
+        s = (wl * wo).sum() / (wo * wo).sum()
+        assert s > 0 and torch.allclose(wl, s * wo, rtol=1e-5, atol=1e-7)
+        assert math.isclose(float(s), r.scale, rel_tol=1e-5)
+        total *= float(s)
+    with torch.no_grad():
+        yo, yl = ortho(x).double(), lsuv(x).double()
+    # a bias-free ReLU net is positively homogeneous in each layer's weight: outputs are proportional
+    assert torch.allclose(yl, total * yo, rtol=1e-4, atol=1e-6 * float(yl.abs().max()))
+
+
+class Reordered(nn.Module):
+    """Defines its layers in the reverse of the order it runs them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = nn.Linear(16, 4, bias=False)
+        self.middle = nn.Linear(32, 16, bias=False)
+        self.first = nn.Linear(8, 32, bias=False)
+
+    def forward(self, x):
+        return self.last(F.relu(self.middle(F.relu(self.first(x)))))
+
+
+def registration_order_lsuv(model: nn.Module, x: torch.Tensor) -> None:
+    """The peers' order: model.modules(), one exact correction per layer."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            out: list[torch.Tensor] = []
+            h = m.register_forward_hook(lambda mod, i, o, out=out: out.append(o))
+            with torch.no_grad():
+                model(x)
+                m.weight /= out[0].double().var().sqrt().float()
+            h.remove()
+
+
+def test_execution_order_beats_registration_order():
+    torch.manual_seed(4)
+    x = torch.randn(128, 8) * 4
+    model = Reordered()
+    orthogonal_init(model)
+    naive = copy.deepcopy(model)
+    registration_order_lsuv(naive, x)
+    naive_var = output_variances(naive, x, ["first", "middle", "last"])
+    assert abs(naive_var["last"] - 1) > 0.5  # scaled first, then its input changed under it
+    report = lsuv_init(model, x, orthogonal=False)
+    assert [r.name for r in report.initialized] == ["first", "middle", "last"]
+    for n, v in output_variances(model, x, ["first", "middle", "last"]).items():
+        assert abs(v - 1) < 0.1, n
+
+
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.block = nn.Linear(12, 12)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = self.block(torch.relu(self.block(torch.relu(x))))
+        return self.out(x)
+
+
+def test_shared_module_uses_all_its_calls():
+    torch.manual_seed(5)
+    x = torch.randn(256, 6) * 2
+    model = Shared()
+    report = lsuv_init(model, x)
+    assert report["block"].calls == 2 and report["block"].converged
+    measured = output_variances(model, x, ["inp", "block", "out"])
+    for n, v in measured.items():
+        assert abs(v - 1) < 0.1, n
+    assert report.forward_passes == report["block"].iterations + 1  # one pass per try of the shared block
+
+
+def test_conv1d_and_transposed_conv_nets():
+    torch.manual_seed(6)
+    net1d = nn.Sequential(
+        nn.Conv1d(2, 8, 5, padding=2),
+        nn.ReLU(),
+        nn.Conv1d(8, 8, 3, groups=8),  # depthwise
+        nn.ReLU(),
+        nn.Conv1d(8, 4, 1),
+    )
+    x1 = torch.randn(16, 2, 40)
+    lsuv_init(net1d, x1)
+    for n, v in output_variances(net1d, x1, ["0", "2", "4"]).items():
+        assert abs(v - 1) < 0.1, n
+    net2d = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, groups=2),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 3, 3, padding=1),
+    )
+    x2 = torch.randn(8, 3, 16, 16)
+    report = lsuv_init(net2d, x2, per_channel=True)
+    assert report.converged
+    for n, v in output_variances(net2d, x2, ["0", "2", "4"], per_channel=True).items():
+        assert torch.all((v - 1).abs() < 0.1), n
+
+
+# --- normalization, parametrizations, unsupported layers -------------------------------------------------
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.conv2(F.relu(self.bn(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1))
+
+
+def test_layer_feeding_normalization_keeps_orthogonal_init():
+    torch.manual_seed(8)
+    model = ConvBN().train()
+    x = torch.randn(16, 3, 8, 8) * 5
+    report = lsuv_init(model, x)
+    assert report["conv1"].status is LayerStatus.FEEDS_NORMALIZATION
+    assert [r.name for r in report.initialized] == ["conv2", "fc"]
+    w = model.conv1.weight.reshape(8, -1).double()
+    assert torch.allclose(w @ w.T, torch.eye(8, dtype=torch.float64), atol=1e-5)  # orthonormal, not rescaled
+    assert model.training and model.bn.training
+    assert int(model.bn.num_batches_tracked) == 0 and torch.equal(model.bn.running_var, torch.ones(8))
+    report = lsuv_init(model, x, skip_normalized=False)
+    assert report["conv1"].status is LayerStatus.INITIALIZED
+    assert abs(output_variances(model, x, ["conv1"])["conv1"] - 1) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook"])
+def test_weight_norm_layers_are_really_rescaled(kind):
+    torch.manual_seed(9)
+    model = plain_relu_net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for i in (0, 7):
+            if kind == "parametrization":
+                model[i] = parametrizations.weight_norm(model[i])
+            else:
+                model[i] = torch.nn.utils.weight_norm(model[i])
+    x = torch.randn(32, 3, 8, 8) * 4
+    report = lsuv_init(model, x)
+    assert report.converged
+    for n, v in output_variances(model, x, LAYERS).items():
+        assert abs(v - 1) < 0.1, n
+
+
+def test_spectral_norm_is_refused_and_model_untouched():
+    model = plain_relu_net()
+    model[2] = parametrizations.spectral_norm(model[2])
+    before = params_of(model)
+    with pytest.raises(LSUVError, match=r"'2'.*cannot express"):
+        lsuv_init(model, torch.randn(8, 3, 8, 8))
+    assert_same_params(model, before)
+    old = plain_relu_net()
+    old[2] = torch.nn.utils.spectral_norm(old[2])
+    before = params_of(old)
+    with pytest.raises(LSUVError, match="spectral_norm"):
+        lsuv_init(old, torch.randn(8, 3, 8, 8))
+    assert_same_params(old, before)
+
+
+class WithEmbeddingAndLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.rnn = nn.LSTM(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        out, _ = self.rnn(self.emb(tokens))
+        return self.head(out)
+
+
+def test_unsupported_layers_are_reported_not_passed_silently():
+    model = WithEmbeddingAndLSTM()
+    with pytest.warns(RuntimeWarning, match="'emb' \\(Embedding, unsupported\\).*'rnn' \\(LSTM"):
+        report = lsuv_init(model, torch.randint(0, 20, (16, 7)))
+    assert report["emb"].status is LayerStatus.UNSUPPORTED and report["rnn"].status is LayerStatus.UNSUPPORTED
+    assert report["head"].status is LayerStatus.INITIALIZED and report["head"].converged
+
+
+# --- data, options, errors -------------------------------------------------------------------------------
+
+
+def test_fresh_batches_from_a_dataloader():
+    torch.manual_seed(10)
+    data = torch.utils.data.TensorDataset(torch.randn(512, 3, 8, 8) * 2, torch.zeros(512))
+    loader = torch.utils.data.DataLoader(data, batch_size=128, shuffle=True)
+    model = plain_relu_net()
+    report = lsuv_init(model, loader, fresh_batches=True)
+    assert report.forward_passes == len(LAYERS)  # one partial pass per layer, each on its own batch
+    measured = output_variances(model, data.tensors[0], LAYERS)
+    for n, v in measured.items():
+        assert abs(v - 1) < 0.25, n  # fitted on one batch of 128, checked on all 512
+    model2 = plain_relu_net()
+    report2 = lsuv_init(model2, (data.tensors[0][:128], data.tensors[1][:128]))  # (input, target) tuple
+    assert report2.forward_passes == 1 and report2.converged
+
+
+def test_non_convergence_warns_naming_the_layer():
+    torch.manual_seed(11)
+    model = plain_relu_net()
+    with torch.no_grad():
+        model[0].bias.copy_(torch.linspace(-2.0, 2.0, 8))  # a spread of biases: one scaling cannot be exact
+    with pytest.warns(RuntimeWarning, match=r"did not reach.*'0' \(var"):
+        report = lsuv_init(
+            model, torch.randn(32, 3, 8, 8), zero_bias=False, max_iters=1, tol=1e-3, include=["0"]
+        )
+    assert report["0"].converged is False and report["0"].iterations == 1
+
+
+def test_dead_layer_raises_and_restores_the_model():
+    class MidwayDead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+            self.b = nn.Linear(8, 8)
+            self.c = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.c(self.b(torch.relu(self.a(x)) * 0.0))
+
+    model = MidwayDead()
+    before = params_of(model)
+    with pytest.raises(LSUVError, match="'b' is dead"):
+        lsuv_init(model, torch.randn(16, 4))  # a is orthogonalized and scaled before b fails
+    assert_same_params(model, before)
+
+
+def test_bad_arguments_give_clear_errors_and_touch_nothing():
+    model = plain_relu_net()
+    before = params_of(model)
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.raises(ValueError, match="tol"):
+        lsuv_init(model, x, tol=0)
+    with pytest.raises(ValueError, match="max_iters"):
+        lsuv_init(model, x, max_iters=0)
+    with pytest.raises(ValueError, match="target_var"):
+        lsuv_init(model, x, target_var=-1)
+    with pytest.raises(ValueError, match="'6', which is not a linear / conv layer"):
+        lsuv_init(model, x, include=["6"])
+    with pytest.raises(ValueError, match="'nope', which is no module"):
+        lsuv_init(model, x, include=["nope"])
+    with pytest.raises(ValueError, match="fresh_batches=True needs an iterable"):
+        lsuv_init(model, x, fresh_batches=True)
+    with pytest.raises(TypeError, match="tensor batch"):
+        lsuv_init(model, {"x": x})
+    with pytest.raises(LSUVError, match="nothing to initialize"):
+        lsuv_init(nn.Sequential(nn.ReLU()), x)
+    assert_same_params(model, before)
+
+
+def test_include_restricts_the_layers():
+    model = plain_relu_net()
+    before = params_of(model)
+    x = torch.randn(16, 3, 8, 8)
+    report = lsuv_init(model, x, include=lambda name, m: isinstance(m, nn.Linear))
+    assert [r.name for r in report.initialized] == ["7", "9"]
+    assert report["0"].status is LayerStatus.EXCLUDED
+    assert torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_dtype_device_and_mode_are_kept():
+    model = plain_relu_net().double().train()
+    report = lsuv_init(model, torch.randn(16, 3, 8, 8))  # float input is cast to the model's dtype
+    assert report.converged and model.training
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in model.parameters())
+
+
+# --- distributed -----------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(100 + rank)  # different initial weights and RNG on each rank
+    model = plain_relu_net()
+    g = torch.Generator().manual_seed(1000 + rank)
+    x = torch.randn(32, 3, 8, 8, generator=g) * (1.0 + 2.0 * rank)  # different batches
+    ddp = nn.parallel.DistributedDataParallel(model)
+    report = lsuv_init(ddp, x)
+    assert report.converged and dist.is_initialized()
+    return {"x": x, **{k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def test_distributed_ranks_end_identical_on_the_union_of_batches():
+    r0, r1 = run_gloo(_ddp_worker, 2)
+    for k in r0:
+        if k != "x":
+            assert torch.equal(r0[k], r1[k]), k
+    model = plain_relu_net()
+    model.load_state_dict({k: v for k, v in r0.items() if k != "x"})
+    both = torch.cat([r0["x"], r1["x"]])
+    for n, v in output_variances(model, both, LAYERS).items():
+        assert abs(v - 1) < 0.1, n
+    # ... and not on one rank's batch alone: the ranks really pooled their statistics
+    assert abs(output_variances(model, r1["x"], ["0"])["0"] - 1) > 0.3
