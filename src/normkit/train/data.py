@@ -149,7 +149,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte idx file (magic {raw[:4].hex()})")
     dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).copy()
     if data.size != int(np.prod(dims)):
         raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes")
     return data.reshape(dims)

@@ -1,0 +1,240 @@
+"""The training engine: bit-exact resume, reproducibility, atomic checkpoints, techniques, early refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from normkit.train import ConfigError, TensorData, resolve_config, run
+from normkit.train.checkpoint import load_checkpoint, save_checkpoint
+from normkit.train.data import load_dataset
+from normkit.train.engine import evaluate_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    # tiny tensors: one intra-op thread avoids stalls in parallel regions when the cores are shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TIMES = ("time", "train_time")
+
+
+def _strip(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in m.items() if k not in TIMES} for m in metrics]
+
+
+@pytest.fixture(scope="module")
+def digits() -> TensorData:
+    return load_dataset("digits", subset=512)  # 8 steps of 64 per epoch: fast on two loaded cores
+
+
+def _small(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "data": "digits",
+        "model": "mlp",
+        "depth": 2,
+        "width": 32,
+        "norm": "bn",
+        "epochs": 3,
+        "batch_size": 64,
+    }
+    base.update(kw)
+    return base
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+RESUME_CASES = {
+    "sgd-bn-dropout": {"dropout": 0.3, "schedule": "multistep", "milestones": [1, 2], "gamma": 0.5},
+    "brn-adamw-cnn": {
+        "model": "cnn",
+        "width": 4,
+        "norm": "brn",
+        "optimizer": "adamw",
+        "brn_warmup_steps": 5,
+        "brn_r_max_steps": 20,
+    },
+    "sgdg": {"optimizer": "sgdg", "omega": 0.1, "grad_clip": 0.1},
+    "enorm-normalized": {
+        "depth": 3,
+        "norm": "none",
+        "dropout": 0.1,
+        "enorm": 1.2,
+        "normalize": "l2",
+        "schedule": "linear",
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_is_bit_exact(tmp_path: Path, digits: TensorData, case: str) -> None:
+    cfg = _small(**RESUME_CASES[case])
+    full = run(cfg, tmp_path / "full", data=digits, log=_quiet)
+    part = run(cfg, tmp_path / "part", data=digits, log=_quiet, stop_after_epoch=1)
+    assert len(part.metrics) == 1 and not (tmp_path / "part" / "summary.json").exists()
+    resumed = run(None, tmp_path / "part", resume=True, data=digits, log=_quiet)
+    assert _strip(resumed.metrics) == _strip(full.metrics)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert _strip([json.loads(x) for x in lines]) == _strip(full.metrics)
+
+
+def test_same_seed_same_metrics_other_seed_differs(tmp_path: Path, digits: TensorData) -> None:
+    cfg = _small(epochs=2, dropout=0.2)
+    a = run(cfg, tmp_path / "a", data=digits, log=_quiet)
+    b = run(cfg, tmp_path / "b", data=digits, log=_quiet)
+    c = run({**cfg, "seed": 1}, tmp_path / "c", data=digits, log=_quiet)
+    assert _strip(a.metrics) == _strip(b.metrics)
+    assert _strip(a.metrics) != _strip(c.metrics)
+
+
+def test_output_directory(tmp_path: Path, digits: TensorData) -> None:
+    res = run(_small(epochs=2), tmp_path, data=digits, log=_quiet)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoint.pt",
+        "best.pt",
+    }
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config == res.config.to_dict() and config["epochs"] == 2
+    metrics = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    keys = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "time", "step"}
+    assert len(metrics) == 2 and all(keys <= set(m) for m in metrics)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs_done"] == 2 and summary["final_test_acc"] == metrics[-1]["test_acc"]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == summary["best_epoch"]
+    # checkpoints are plain data: torch.load(weights_only=True) reads them
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert set(raw) >= {"model", "optimizer", "scheduler", "rng", "epoch", "step", "config"}
+    ev = evaluate_checkpoint(tmp_path / "checkpoint.pt")
+    assert ev["test_acc"] == pytest.approx(metrics[-1]["test_acc"])
+
+
+def test_reuse_returns_finished_runs(tmp_path: Path, digits: TensorData) -> None:
+    cfg = _small(epochs=1)
+    first = run(cfg, tmp_path, data=digits, log=_quiet)
+    lines: list[str] = []
+    again = run(cfg, tmp_path, data=digits, log=lines.append, reuse=True)
+    assert lines == [] and _strip(again.metrics) == _strip(first.metrics)
+    more = run({**cfg, "epochs": 2}, tmp_path / "x", data=digits, log=_quiet, stop_after_epoch=1)
+    assert len(more.metrics) == 1
+    cont = run({**cfg, "epochs": 2}, tmp_path / "x", data=digits, log=_quiet, reuse=True)
+    assert len(cont.metrics) == 2 and cont.metrics[0] == more.metrics[0]
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    class Boom:
+        def __reduce__(self) -> Any:
+            raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3), "bad": Boom()}, path)
+    state = load_checkpoint(path)  # the previous checkpoint is intact, no temp file is left behind
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_checkpoints_are_data_not_code(tmp_path: Path) -> None:
+    class Payload:
+        def __reduce__(self) -> Any:
+            return (print, ("pwned",))
+
+    torch.save({"format": 1, "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match=r"[Ww]eights only"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+TECHNIQUES = {
+    "sgdg": {"optimizer": "sgdg"},
+    "adamg": {"optimizer": "adamg", "grad_clip": 0.1, "omega": 0.1},
+    "lsuv-cnn": {"init": "lsuv", "model": "cnn", "width": 4, "norm": "none"},
+    "orthogonal": {"init": "orthogonal"},
+    "enorm-sgd": {"enorm": 1.0, "norm": "none"},
+    "enorm-adam": {"enorm": 1.1, "optimizer": "adam", "norm": "none"},
+    "normalized-layer": {"normalize": "max", "granularity": "layer"},
+    "clipped-global": {"clip": "l2", "clipnorm": 0.5, "granularity": "global", "optimizer": "adam"},
+    "brn-ghost": {"norm": "brn", "brn_virtual_batch_size": 16},
+    "bf16-channels-last": {"amp": "bf16", "channels_last": True, "model": "cnn", "width": 4},
+    "fp16-scaler": {"amp": "fp16"},
+    "val-split-label-smoothing": {"val_size": 200, "label_smoothing": 0.1, "warmup_epochs": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_every_technique_trains_a_few_steps(name: str, digits: TensorData) -> None:
+    cfg = _small(epochs=1, max_steps=3, **TECHNIQUES[name])
+    data = digits
+    if cfg.get("val_size"):
+        data = load_dataset("digits", val_size=cfg["val_size"], subset=512)
+    res = run(cfg, data=data, log=_quiet, save=False)
+    (m,) = res.metrics
+    assert m["step"] == 3 and all(v == v for v in m.values() if isinstance(v, float))  # no NaN
+    if cfg.get("val_size"):
+        assert "val_acc" in m and res.summary["best_on"] == "val_acc"
+
+
+def test_a_real_run_learns(digits: TensorData) -> None:
+    res = run(_small(epochs=4, width=64), data=digits, log=_quiet, save=False)
+    assert res.metrics[-1]["test_acc"] > 0.9
+
+
+REFUSED = {
+    "enorm with sgdg": ({"optimizer": "sgdg", "enorm": 1.2}, "enorm cannot be combined with sgdg"),
+    "normalize and clip": ({"normalize": "l2", "clip": "l2", "clipnorm": 1.0}, "not both"),
+    "clip without clipnorm": ({"clip": "l2"}, "needs --clipnorm"),
+    "clipnorm without clip": ({"clipnorm": 1.0}, "only with --clip"),
+    "grassmann without bn": ({"optimizer": "adamg", "norm": "none"}, "use --norm bn"),
+    "lr_g with sgd": ({"lr_g": 0.1}, "only to the Grassmann"),
+    "grad_clip with adam": ({"optimizer": "adam", "grad_clip": 0.1}, "--clip l2 --clipnorm"),
+    "brn flags without brn": ({"brn_r_max": 2.0}, "need --norm brn"),
+    "milestones without multistep": ({"milestones": [2]}, "only to schedule multistep"),
+    "multistep without milestones": ({"schedule": "multistep"}, "needs --milestones"),
+    "1d model on images": ({"model": "cnn1d"}, "models for digits: .*cnn"),
+    "bn model without bn is fine but sync_bn needs no ghost batches": (
+        {"norm": "brn", "brn_virtual_batch_size": 8, "sync_bn": True},
+        "cannot be combined with --sync-bn",
+    ),
+    "nesterov without momentum": ({"momentum": 0.0}, "nesterov needs momentum"),
+    "bad choice": ({"optimizer": "lion"}, r"choose from sgd, adam, adamw, sgdg, adamg"),
+    "unknown key": ({"lernrate": 0.1}, "unknown config keys"),
+    "bad wrn depth": ({"model": "wrn", "depth": 20}, "6n"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_incompatible_combinations_are_refused_before_training(name: str, tmp_path: Path) -> None:
+    overrides, message = REFUSED[name]
+    with pytest.raises(ConfigError, match=message):
+        run(_small(**overrides), tmp_path, log=_quiet)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path, digits: TensorData) -> None:
+    run(_small(epochs=1), tmp_path, data=digits, log=_quiet)
+    with pytest.raises(ValueError, match="cannot change"):
+        run({"lr": 1.0}, tmp_path, resume=True, data=digits, log=_quiet)
+    res = run({"epochs": 2}, tmp_path, resume=True, data=digits, log=_quiet)  # more epochs is fine
+    assert [m["epoch"] for m in res.metrics] == [1, 2]
+
+
+def test_recipe_key_starts_from_the_recipe() -> None:
+    cfg = resolve_config({"recipe": "lsuv-mnist", "epochs": 1})
+    assert cfg.init == "lsuv" and cfg.model == "mnist-convnet" and cfg.epochs == 1 and cfg.lr == 0.1
