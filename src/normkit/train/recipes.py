@@ -104,7 +104,7 @@ def _rbn(arch: str, data: str, method: str, error: float) -> None:
         # the baseline decays every weight (--biasDecay/--gammaDecay/--betaDecay 0.0005)
         base.update(optimizer="sgd", lr=0.1 if cifar else 0.01, decay_norm_and_bias=True)
     else:
-        lr_g = {"sgdg": 0.2, "adamg": 0.05}[method] * (1 if cifar else 0.1)
+        lr_g = {"sgdg": 0.2, "adamg": 0.05}[method] if cifar else {"sgdg": 0.02, "adamg": 0.005}[method]
         base.update(optimizer=method, lr=lr_e, lr_g=lr_g, grad_clip=0.1, omega=0.1)
     table = "Table 1 (CIFAR)" if cifar else "Table 2 (SVHN)"
     label = {"sgd": "SGD", "sgdg": "SGD-G", "adamg": "Adam-G"}[method]
