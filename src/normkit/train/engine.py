@@ -293,6 +293,12 @@ class Trainer:
         if self.info.enabled and cfg.sync_bn:
             from normkit.nn import convert_batchnorm
 
+            if self.device.type == "cpu" and cfg.resolved_norm == "bn":
+                raise ValueError(
+                    "--sync-bn with --norm bn needs CUDA: torch's SyncBatchNorm runs on GPUs only; "
+                    "on CPU use --norm brn (SyncBatchRenorm works with gloo) or drop --sync-bn"
+                )
+
             model = convert_batchnorm(model, to="sync")
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
