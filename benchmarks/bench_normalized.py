@@ -44,8 +44,11 @@ def mlp_30x128(inputs: int = 40, num_classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+Wrap = Callable[[torch.optim.Optimizer, nn.Module], object]
+
+
 def _pair(
-    make: Callable[[], nn.Module], sgd_kwargs: dict, wrap: Callable[[torch.optim.Optimizer, nn.Module], object]
+    make: Callable[[], nn.Module], sgd_kwargs: dict, wrap: Wrap
 ) -> tuple[Callable[[], object], Callable[[], object], int, int]:
     torch.manual_seed(0)
     a = make()
@@ -66,7 +69,7 @@ def run(quick: bool) -> list[Ratio]:
         "SGD(momentum=0.9, nesterov, wd=5e-4)": dict(lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4),
         "SGD(lr only)": dict(lr=1e-3),
     }
-    wrappers: dict[str, Callable[[torch.optim.Optimizer, nn.Module], object]] = {
+    wrappers: dict[str, Wrap] = {
         "Normalized l2 tensor": lambda o, m: NormalizedOptimizer(o, "l2"),
         "Normalized l2 layer": lambda o, m: NormalizedOptimizer(o, "l2", "layer", model=m),
         "Normalized avg_l1_l2 tensor": lambda o, m: NormalizedOptimizer(o, "avg_l1_l2"),
@@ -88,11 +91,21 @@ def run(quick: bool) -> list[Ratio]:
     ]
     makers = {"WRN-16-4": wrn_16_4, "MLP 30x128+BN": mlp_30x128}
     out = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: on a shared 2-core machine, 2 OpenMP threads measure contention
+    try:
+        _measure(plan, makers, configs, wrappers, reps, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _measure(plan: list, makers: dict, configs: dict, wrappers: dict, reps: dict, out: list[Ratio]) -> None:
     for model_name, cfg, wrapper, target in plan:
         cand, ref, n, k = _pair(makers[model_name], configs[cfg], wrappers[wrapper])
         out.append(
             measure_ratio(
-                f"{wrapper}({cfg}).step, {model_name} ({n / 1e6:.2f} M params, {k} tensors)",
+                f"{wrapper}({cfg}).step, {model_name} ({n / 1e6:.2f} M params, {k} tensors), 1 thread",
                 cand,
                 f"{cfg}.step",
                 ref,
@@ -101,4 +114,3 @@ def run(quick: bool) -> list[Ratio]:
             )
         )
         print(f"  {out[-1].name}: {out[-1].ratio:.2f}×", flush=True)
-    return out

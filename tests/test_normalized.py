@@ -498,6 +498,8 @@ def test_errors() -> None:
         NormalizedOptimizer(model.parameters())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="instantiate it"):
         NormalizedOptimizer(torch.optim.SGD)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="LBFGS"):
+        NormalizedOptimizer(torch.optim.LBFGS(model.parameters()))
     with pytest.raises(ValueError, match="granularity"):
         NormalizedOptimizer(sgd, granularity="row")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs the model"):

@@ -132,6 +132,11 @@ class _GradientTransform(torch.optim.Optimizer):
                     else ""
                 )
             )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                f"{type(self).__name__} cannot wrap LBFGS: it re-evaluates the closure in its step, which "
+                "would undo the gradient transform"
+            )
         if granularity not in _GRANULARITIES:
             raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
         if granularity == "layer" and model is None:
