@@ -113,6 +113,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--channels-last", action="store_true", default=S)
     r.add_argument("--sync-bn", action="store_true", default=S, help="synchronized BN/BRN under torchrun")
     r.add_argument("--eval-batch-size", type=int, default=S)
+    r.add_argument(
+        "--threads", type=int, default=S, help="CPU intra-op threads (default: 1 for small models on CPU)"
+    )
     r.add_argument("--max-steps", type=int, default=S, help="stop after this many optimizer steps")
     r.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -100,6 +100,7 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: bool = False
     eval_batch_size: int = 1000
+    threads: int | None = None
     max_steps: int | None = None
     recipe: str | None = None
 
@@ -176,6 +177,8 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be non-negative, got {getattr(self, key)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
 
