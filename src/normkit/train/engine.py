@@ -600,13 +600,15 @@ def _run(
 ) -> RunResult:
     main = info.is_main
     quiet: Log = log if main else (lambda s: None)
+    trainer = Trainer(
+        cfg, data=data, log=quiet, info=info
+    )  # loads the data first: a missing file writes nothing
     out: Path | None = None
     if save:
         out = Path(out_dir) if out_dir is not None else _default_out_dir(cfg)
         if main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "config.json", cfg.to_json() + "\n")
-    trainer = Trainer(cfg, data=data, log=quiet, info=info)
     if state is not None:
         trainer.load_state_dict(state)
         quiet(f"resumed from epoch {trainer.epoch} (step {trainer.step})")
