@@ -483,3 +483,28 @@ def test_distributed_ranks_end_identical_on_the_union_of_batches():
         assert abs(v - 1) < 0.1, n
     # ... and not on one rank's batch alone: the ranks really pooled their statistics
     assert abs(output_variances(model, r1["x"], ["0"])["0"] - 1) > 0.3
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Linear(4, 16)
+        self.a = nn.Linear(16, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace this
+            x = -x
+        return self.a(torch.relu(self.b(x)))
+
+
+def test_untraceable_model_uses_a_hooked_forward_and_verbose_prints_the_table(capsys):
+    torch.manual_seed(12)
+    model = Untraceable()
+    x = torch.randn(64, 4) * 3
+    report = lsuv_init(model, x, verbose=True)
+    assert report.forward_passes == 2  # one hooked pass for the structure, one for LSUV
+    assert [r.name for r in report.initialized] == ["b", "a"]
+    for n, v in output_variances(model, x, ["b", "a"]).items():
+        assert abs(v - 1) < 0.1, n
+    out = capsys.readouterr().out
+    assert "var before" in out and "2 forward pass(es)" in out
