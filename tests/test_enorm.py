@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from normkit.enorm import ENorm, ENormStructureError, balance_factors, unit_norms
@@ -596,3 +598,42 @@ def test_ddp_ranks_stay_identical() -> None:
     r0, r1 = run_gloo(_ddp_worker, 2)
     for a, b in zip(r0, r1):
         assert torch.equal(a, b)
+
+
+def test_tied_and_parametrized_weights_are_left_alone() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    model.append(nn.Linear(4, 2))
+    model[2].weight = model[0].weight  # tied: rescaling one would rescale the other
+    nn.utils.parametrizations.weight_norm(model[6])
+    model = model.double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    _unbalance(model, torch.Generator().manual_seed(0))
+    before = model(x)
+    with pytest.warns(UserWarning, match=r"shares a parameter.*parametrized"):
+        enorm = ENorm(model, None)
+    assert _groups(enorm) == []
+    enorm.cycle()
+    assert _rel(model(x), before) == 0
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 9), min_size=2, max_size=6),
+    c=st.floats(0.5, 2.0),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_mlps_keep_their_function(widths: list[int], c: float, bias: bool, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = nn.Sequential()
+    for a, b in itertools.pairwise([3, *widths]):
+        model.append(nn.Linear(a, b, bias=bias))
+        model.append(nn.ReLU())
+    model.append(nn.Linear(widths[-1], 2)).double()
+    _unbalance(model, torch.Generator().manual_seed(seed))
+    x = torch.randn(5, 3, dtype=torch.float64)
+    before = model(x)
+    enorm = ENorm(model, None, c=c, cycles=3, include_bias=bias)
+    assert len(enorm.groups) == len(widths)
+    enorm.step()
+    assert float((model(x) - before).abs().max()) <= 1e-10 * max(1.0, float(before.abs().max()))

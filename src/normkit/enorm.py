@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from normkit.graph import (
     ChannelPath,
@@ -246,9 +247,26 @@ class Skipped:
     expected: bool  # by design (normalization, model output, unused): no warning
 
 
+def _shared_parameter_owners(modules: dict[str, nn.Module]) -> set[str]:
+    """Modules holding a parameter that another module holds too (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return {n for names in owners.values() if len(names) > 1 for n in names}
+
+
 def _build_group(
     modules: dict[str, nn.Module], producers: Sequence[str], consumers: Iterable[tuple[str, int, int]]
 ) -> ENormGroup:
+    shared = _shared_parameter_owners(modules)
+    unique = list(dict.fromkeys(consumers))
+    for name in (*producers, *(n for n, _, _ in unique)):
+        module = modules[name]
+        if name in shared:
+            raise ChannelPathError(f"{name!r} shares a parameter with another module")
+        if parametrize.is_parametrized(module) or hasattr(module, "weight_g"):
+            raise ChannelPathError(f"{name!r} has a parametrized weight (computed, not stored)")
     channels = out_channels(modules[producers[0]])
     incoming, biases = [], []
     for name in producers:
@@ -256,7 +274,6 @@ def _build_group(
         incoming.append(w)
         if b is not None:
             biases.append(b)
-    unique = list(dict.fromkeys(consumers))
     outgoing = tuple(_consumer_slot(modules[n], channels, off, blk) for n, off, blk in unique)
     return ENormGroup(tuple(producers), tuple(unique), channels, tuple(incoming), tuple(biases), outgoing)
 
