@@ -238,3 +238,34 @@ def test_resume_refuses_changed_settings(tmp_path: Path, digits: TensorData) -> 
 def test_recipe_key_starts_from_the_recipe() -> None:
     cfg = resolve_config({"recipe": "lsuv-mnist", "epochs": 1})
     assert cfg.init == "lsuv" and cfg.model == "mnist-convnet" and cfg.epochs == 1 and cfg.lr == 0.1
+
+
+def test_no_weight_decay_on_biases_and_normalization_unless_asked() -> None:
+    from normkit.train.engine import build_optimizer
+    from normkit.train.models import build_model
+
+    model = build_model("mlp", (1, 8, 8), 10, depth=2, width=8, norm="bn")
+    matrices = {id(p) for p in model.parameters() if p.ndim > 1}
+    opt, inner = build_optimizer(model, resolve_config(_small(weight_decay=1e-3)))
+    assert opt is inner
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert group["weight_decay"] == (1e-3 if id(p) in matrices else 0.0)
+    opt, _ = build_optimizer(model, resolve_config(_small(weight_decay=1e-3, decay_norm_and_bias=True)))
+    assert all(g["weight_decay"] == 1e-3 for g in opt.param_groups)
+    opt, inner = build_optimizer(model, resolve_config(_small(optimizer="sgdg")))
+    grassmann = [g for g in opt.param_groups if g["grassmann"]]
+    assert grassmann and all(g["weight_decay"] == 0 for g in grassmann)
+    opt, inner = build_optimizer(model, resolve_config(_small(normalize="l2")))
+    assert opt is not inner and opt.param_groups is inner.param_groups
+
+
+def test_learning_rate_schedules() -> None:
+    from normkit.train.engine import lr_factor
+
+    f = lr_factor(resolve_config(_small(epochs=10, schedule="multistep", milestones=[3, 6], gamma=0.2)), 5)
+    assert [f(s) for s in (0, 14, 15, 29, 30)] == pytest.approx([1, 1, 0.2, 0.2, 0.04])
+    f = lr_factor(resolve_config(_small(epochs=2, schedule="cosine")), 5)
+    assert [f(0), f(5), f(10)] == pytest.approx([1, 0.5, 0])
+    f = lr_factor(resolve_config(_small(epochs=2, schedule="linear", warmup_epochs=1)), 5)
+    assert [f(0), f(4), f(5)] == pytest.approx([0.2, 0.6, 0.5])

@@ -268,6 +268,9 @@ class Trainer:
         self.device = _device(cfg, self.info)
         _seed_everything(cfg.seed)
         if data is None:
+            wait = cfg.download and self.info.enabled
+            if wait and not self.info.is_main:
+                dist.barrier()  # rank 0 downloads first
             data = load_dataset(
                 cfg.data,
                 cfg.data_dir,
@@ -277,6 +280,8 @@ class Trainer:
                 svhn_extra=cfg.svhn_extra,
                 subset=cfg.subset,
             )
+            if wait and self.info.is_main:
+                dist.barrier()
         self.data = data.to(self.device)
         model = build_model(
             cfg.model,
