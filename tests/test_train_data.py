@@ -69,27 +69,30 @@ def test_real_mnist_test_set(mnist_t10k_dir: Path) -> None:
     assert np.bincount(labels).min() > 800  # all ten classes, roughly balanced
     d = load_dataset("mnist-t10k", mnist_t10k_dir)
     assert d.x_train.shape == (8000, 1, 28, 28) and d.x_test.shape == (2000, 1, 28, 28)
-    assert abs(d.x_train.mean().item()) < 0.05  # MNIST constants
+    assert d.x_train.dtype == torch.uint8  # pixels stay bytes on the device; prepare() normalizes a batch
+    assert abs(d.prepare(d.x_train).mean().item()) < 0.05  # MNIST constants
     with pytest.raises(MissingDataError, match=r"train-images-idx3-ubyte.*pass --download"):
         load_dataset("mnist", mnist_t10k_dir)  # only the test files are there
 
 
-@pytest.mark.parametrize("layout", ["flat-gz", "torchvision-raw"])
+@pytest.mark.parametrize("layout", ["flat-gz", "torchvision-raw", "fashion-raw"])
 def test_mnist_idx_files(tmp_path: Path, layout: str) -> None:
-    folder = tmp_path / "MNIST" / "raw" if layout == "torchvision-raw" else tmp_path
+    raw = {"torchvision-raw": tmp_path / "MNIST" / "raw", "fashion-raw": tmp_path / "FashionMNIST" / "raw"}
+    folder = raw.get(layout, tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 12), ("t10k", 5)):
         imgs = rng.integers(0, 256, (n, 28, 28))
         _write_idx(folder / f"{prefix}-images-idx3-ubyte", imgs, gz=layout == "flat-gz")
         _write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, gz=layout == "flat-gz")
-    d = load_dataset("mnist", tmp_path)
+    name = "fashion-mnist" if layout == "fashion-raw" else "mnist"
+    d = load_dataset(name, tmp_path)
     assert d.x_train.shape == (12, 1, 28, 28) and d.x_test.shape == (5, 1, 28, 28)
     assert d.y_train.tolist() == [i % 10 for i in range(12)]
-    expected = (
-        torch.as_tensor(read_idx(next(folder.glob("train-images*")))[0]).float() / 255 - 0.1307
-    ) / 0.3081
-    assert torch.allclose(d.x_train[0, 0], expected)
+    mean, std = DATASETS[name].mean[0], DATASETS[name].std[0]
+    expected = (torch.as_tensor(read_idx(next(folder.glob("train-images*")))[0]).float() / 255 - mean) / std
+    x = d.prepare(d.x_train)
+    assert x.dtype == torch.float32 and torch.allclose(x[0, 0], expected)
 
 
 def test_cifar_pickle_batches(tmp_path: Path) -> None:
@@ -109,7 +112,7 @@ def test_cifar_pickle_batches(tmp_path: Path) -> None:
     data, labels = batches_written["data_batch_1"]
     mean, std = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
     pixel = data[0].reshape(3, 32, 32)[1, 5, 7] / 255.0  # channel-major rows of 32
-    assert d.x_train[0, 1, 5, 7].item() == pytest.approx((pixel - mean[1]) / std[1], abs=1e-5)
+    assert d.prepare(d.x_train)[0, 1, 5, 7].item() == pytest.approx((pixel - mean[1]) / std[1], abs=1e-5)
     assert d.y_train[:3].tolist() == labels
 
     folder100 = tmp_path / "c100" / "cifar-100-python"

@@ -198,7 +198,7 @@ def _init_model(model: nn.Module, cfg: TrainConfig, data: TensorData, info: Dist
 
         g = torch.Generator().manual_seed(cfg.seed + 7)
         idx = torch.randperm(len(data.y_train), generator=g)[: cfg.batch_size].to(data.x_train.device)
-        batch = data.x_train[idx]
+        batch = data.prepare(data.x_train[idx])
         if info.enabled:
             batch = torch.tensor_split(batch, info.world_size)[info.rank]
         lsuv_init(model, batch, tol=cfg.lsuv_tol, max_iters=cfg.lsuv_max_iters)
@@ -217,6 +217,7 @@ def evaluate(
     info: DistInfo | None = None,
     amp: str = "none",
     channels_last: bool = False,
+    prepare: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` in eval mode; sharded and all-reduced under DDP."""
     info = info or DistInfo()
@@ -228,7 +229,7 @@ def evaluate(
             torch.tensor_split(y, info.world_size)[info.rank],
         )
     stats = torch.zeros(3, dtype=torch.float64, device=x.device)
-    for xb, yb in batches(x, y, batch_size):
+    for xb, yb in batches(x, y, batch_size, prepare=prepare):
         if channels_last and xb.dim() == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(xb.device, amp):
@@ -309,7 +310,9 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizer, self.inner_optimizer = build_optimizer(model, cfg, self.data.x_train[:2])
+        self.optimizer, self.inner_optimizer = build_optimizer(
+            model, cfg, self.data.prepare(self.data.x_train[:2])
+        )
         drop_last = len(self.data.y_train) >= cfg.batch_size
         n = len(self.data.y_train)
         self.steps_per_epoch = n // cfg.batch_size if drop_last else 1
@@ -321,7 +324,7 @@ class Trainer:
         if cfg.enorm > 0:
             from normkit.enorm import ENorm
 
-            example = self.data.x_train[:2]
+            example = self.data.prepare(self.data.x_train[:2])
             self.enorm = ENorm(
                 model, self.inner_optimizer, c=cfg.enorm, every=cfg.enorm_every, example_input=example
             )
@@ -387,6 +390,7 @@ class Trainer:
             drop_last=self.drop_last,
             rank=self.info.rank,
             world_size=self.info.world_size,
+            prepare=self.data.prepare,
         ):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
@@ -428,6 +432,7 @@ class Trainer:
             info=self.info,
             amp=self.cfg.amp,
             channels_last=self.cfg.channels_last,
+            prepare=self.data.prepare,
         )
 
     def run_epoch(self, progress: Any = None) -> dict[str, Any]:
