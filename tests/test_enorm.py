@@ -248,7 +248,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str]]] = {
     ),
     "seed_fully_connected": (SeedFullyConnected, (4, 48), []),
     "seed_fully_convolutional": (
-        lambda: SeedFullyConvolutional(width=0.25),
+        lambda: SeedFullyConvolutional(width=0.125),
         (2, 3, 16, 16),
         ["conv1", "conv2", "conv4", "conv5", "conv7", "conv8"],
     ),
