@@ -269,3 +269,17 @@ def test_learning_rate_schedules() -> None:
     assert [f(0), f(5), f(10)] == pytest.approx([1, 0.5, 0])
     f = lr_factor(resolve_config(_small(epochs=2, schedule="linear", warmup_epochs=1)), 5)
     assert [f(0), f(4), f(5)] == pytest.approx([0.2, 0.6, 0.5])
+
+
+def test_mnist1d_with_cnn1d() -> None:
+    cfg = {
+        "data": "mnist1d",
+        "mnist1d_samples": 600,
+        "model": "cnn1d",
+        "width": 16,
+        "epochs": 2,
+        "batch_size": 32,
+    }
+    res = run(cfg, save=False, log=_quiet)
+    assert res.summary["steps"] == 2 * (480 // 32) and res.config.model == "cnn1d"
+    assert res.metrics[-1]["train_loss"] < res.metrics[0]["train_loss"]
