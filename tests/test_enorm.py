@@ -637,3 +637,19 @@ def test_random_mlps_keep_their_function(widths: list[int], c: float, bias: bool
     assert len(enorm.groups) == len(widths)
     enorm.step()
     assert float((model(x) - before).abs().max()) <= 1e-10 * max(1.0, float(before.abs().max()))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_rescaling_across_bn_would_change_the_function(train: bool) -> None:
+    """Why a normalization layer ends the chain: the reference code's rescaling across BN moves the output."""
+    model, x = _make("seed_fully_connected", torch.float64)
+    model.train(train)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.momentum = 0.0  # keep the running statistics fixed across the two forwards
+    before = model(x)
+    d = torch.exp(torch.randn(32, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    with torch.no_grad():
+        model.layers[0].weight.mul_(d[:, None])
+        model.layers[1].weight.mul_(1 / d)
+    assert _rel(model(x), before) > 1e-2
