@@ -407,6 +407,25 @@ def test_step_works_under_torch_compile(Opt):
         torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("Opt", [SGDG, AdamG])
+def test_step_compiles_with_inductor(Opt):
+    """The default backend generates C++ for the step (about a minute on 2 loaded cores)."""
+    a, b = make_params(torch.float32), make_params(torch.float32)
+    oa = Opt(a, lr=0.1, grad_clip=0.1, omega=0.1, grassmann=True)
+    ob = Opt(b, lr=0.1, grad_clip=0.1, omega=0.1, grassmann=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(ob.step)
+    for k in range(2):
+        gs = grads_for(a, k, torch.float32)
+        for pa, pb, g in zip(a, b, gs):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        oa.step()
+        compiled()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-5)
+
+
 def test_closure_and_zero_grad():
     model = _model()
     opt = AdamG(grassmann_param_groups(model, 0.1, 0.05), lr=0.1)

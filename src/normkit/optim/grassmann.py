@@ -60,15 +60,15 @@ def _dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
 
 
 def _tangent_(
-    w: Tensor, g: Tensor, omega: float, blocks: Sequence[_Block], scratch: Tensor
+    w: Tensor, g: Tensor, omega: float, blocks: Sequence[_Block], scratch: Tensor, need_h2: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize the rows ``w`` in place (``w ← y = w/‖w‖``) and describe the tangent gradient at ``y``.
 
     The gradient with respect to ``y`` is ``‖w‖ g`` (``g = ∂f/∂w``, f scale-invariant), plus with ``omega``
     the regularizer's ``2ω(YYᵀY − Y)`` (``Y``: the unit rows of one tensor, a block of ``blocks``). Returns
     ``(src, a, b, ‖h‖²)`` with the projected gradient ``h = a·src + b·y`` (never formed); ``src`` is ``g``
-    or ``scratch``. ``‖h‖² = ‖g_y‖² − (yᵀg_y)²`` (only the clipping factor uses it).
-    """
+    or ``scratch``. ``‖h‖² = ‖g_y‖² − (yᵀg_y)²`` (used by clipping and Adam-G's v; garbage if not
+    ``need_h2``)."""
     sq_r = _sq_norm(w)
     r = sq_r.sqrt()
     inv_r = _safe_inverse(r)
@@ -85,7 +85,7 @@ def _tangent_(
         h2 = _sq_norm(gy).sub_(s.square()).clamp_min_(0.0)
         return gy, torch.ones_like(r), s.neg_(), h2
     s = _dot(w, g, scratch)  # = yᵀ(‖w‖ g)
-    h2 = _sq_norm(g).mul_(sq_r).sub_(s.square()).clamp_min_(0.0)
+    h2 = _sq_norm(g).mul_(sq_r).sub_(s.square()).clamp_min_(0.0) if need_h2 else s
     w.mul_(inv_r)
     return g, r, s.neg_(), h2
 
@@ -113,6 +113,36 @@ def _geodesic_(y: Tensor, v: Tensor, k: Tensor | float, sq_v: Tensor) -> None:
     y.addcmul_(v, alpha)
 
 
+def _compiled_tangent(
+    w: Tensor, g: Tensor, omega: float, blocks: Sequence[_Block], grad_clip: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Functional form of the tangent gradient for torch.compile: ``(y, ĥ, ‖ĥ‖²)``."""
+    r = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+    y = w * _safe_inverse(r)
+    gy = g * r
+    if omega:
+        n = w.shape[1]
+        parts = []
+        for start, count, rows in blocks:
+            ys = y[start : start + count * rows].view(count, rows, n)
+            gram = torch.bmm(ys, ys.transpose(1, 2)) - torch.eye(rows, dtype=y.dtype, device=y.device)
+            parts.append(torch.bmm(gram, ys).reshape(count * rows, n))
+        gy = gy + (2.0 * omega) * torch.cat(parts)
+    h = gy - (y * gy).sum(1, keepdim=True) * y
+    h2 = (h * h).sum(1, keepdim=True)
+    if grad_clip is not None:
+        c = _clip_scale(h2, grad_clip)
+        h, h2 = h * c, h2 * c.square()
+    return y, h, h2
+
+
+def _compiled_geodesic(y: Tensor, v: Tensor, k: Tensor | float) -> tuple[Tensor, Tensor]:
+    sq_v = (v * v).sum(1, keepdim=True)
+    theta = (k.abs() if isinstance(k, Tensor) else abs(k)) * sq_v.sqrt()
+    cos, snc = torch.cos(theta), sinc(theta)
+    return y * cos + v * (k * snc), v * cos - y * (k * sq_v * snc)
+
+
 def sgdg_rows_(
     w: Tensor,
     g: Tensor,
@@ -128,8 +158,16 @@ def sgdg_rows_(
     """One SGD-G step on a batch of rows, in place: ``w`` (rows of the weights, any positive scale; left
     unit) and ``tau`` (momentum τ, tangent at ``w/‖w‖``). ``g``: gradient rows (read only). All ``(R, n)``.
     ``blocks``: the tensors' row ranges, for the ω term; ``scratch``: an optional ``(R, n)`` work buffer."""
+    if torch.compiler.is_compiling():
+        # The same formulas written functionally: inductor fuses them into a few loops, and its CPU code
+        # generation fails on the in-place sequence below. One multi-tensor copy writes the results.
+        # Reading the inputs through one stacked copy keeps inductor from aliasing reads and writes.
+        w0, tau0 = torch.stack([w, tau]).unbind(0)
+        y, h, _ = _compiled_tangent(w0, g, omega, blocks, grad_clip)
+        torch._foreach_copy_([w, tau], list(_compiled_geodesic(y, momentum * tau0 - lr * h, 1.0)))
+        return
     scratch = torch.empty_like(w) if scratch is None else scratch
-    src, a, b, h2 = _tangent_(w, g, omega, blocks, scratch)
+    src, a, b, h2 = _tangent_(w, g, omega, blocks, scratch, need_h2=grad_clip is not None)
     step = _clip_scale(h2, grad_clip).mul_(-lr) if grad_clip is not None else -lr
     tau.mul_(momentum).addcmul_(src, a.mul_(step)).addcmul_(w, b.mul_(step))  # d = γτ − ηĥ
     _geodesic_(w, tau, 1.0, _sq_norm(tau))  # w ← exp_y(d), τ ← transport of d along d
@@ -153,6 +191,16 @@ def adamg_rows_(
 ) -> None:
     """One Adam-G step on a batch of rows, in place: ``w`` ``(R, n)``, ``exp_avg`` (m, ``(R, n)``, tangent),
     ``exp_avg_sq`` (v, ``(R, 1)``), ``step`` (t after this step's increment; scalar or ``(R, 1)`` tensor)."""
+    t = step.to(w.dtype)  # the float32 step counter, in the math dtype for the bias corrections
+    bias = (1.0 - torch.pow(beta2, t)).sqrt_().div_(1.0 - torch.pow(beta1, t)).mul_(-lr)
+    if torch.compiler.is_compiling():  # see sgdg_rows_
+        w0, m0 = torch.stack([w, exp_avg]).unbind(0)
+        y, h, h2 = _compiled_tangent(w0, g, omega, blocks, grad_clip)
+        m = beta1 * m0 + (1.0 - beta1) * h
+        v = beta2 * exp_avg_sq + (1.0 - beta2) * h2
+        new_w, new_m = _compiled_geodesic(y, m, bias * (v + eps).rsqrt())
+        torch._foreach_copy_([w, exp_avg, exp_avg_sq], [new_w, new_m, v])
+        return
     scratch = torch.empty_like(w) if scratch is None else scratch
     src, a, b, h2 = _tangent_(w, g, omega, blocks, scratch)
     if grad_clip is not None:
@@ -163,10 +211,7 @@ def adamg_rows_(
     exp_avg.mul_(beta1).addcmul_(src, a.mul_(1.0 - beta1)).addcmul_(w, b.mul_(1.0 - beta1))
     exp_avg_sq.mul_(beta2).add_(h2, alpha=1.0 - beta2)
     # Δ = k m with k = −η √(1 − β2ᵗ)/(1 − β1ᵗ) / √(v + ε) per row
-    t = step.to(w.dtype)  # the float32 step counter, in the math dtype for the bias corrections
-    bias2 = (1.0 - torch.pow(beta2, t)).sqrt_()
-    bias1 = 1.0 - torch.pow(beta1, t)
-    k = (exp_avg_sq + eps).rsqrt_().mul_(bias2).div_(bias1).mul_(-lr)
+    k = (exp_avg_sq + eps).rsqrt_().mul_(bias)
     _geodesic_(w, exp_avg, k, _sq_norm(exp_avg))  # w ← exp_y(Δ), m ← transport of m along Δ
 
 
