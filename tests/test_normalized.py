@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from normkit.optim import ClippedOptimizer, NormalizedOptimizer, register_norm, unregister_norm
@@ -536,3 +538,40 @@ def test_plan_follows_dtype_changes() -> None:
     opt.step()
     assert all(p.grad.dtype == torch.float64 for p in model.parameters())
     assert opt._plan is not None and opt._plan.checks[0][2] == torch.float64
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(BUILTINS),
+    granularity=st.sampled_from(["tensor", "unit", "global"]),
+    log_scale=st.floats(-6, 6),
+    seed=st.integers(0, 10_000),
+)
+def test_scale_invariance_and_clip_bound(name: str, granularity: str, log_scale: float, seed: int) -> None:
+    """Every built-in norm is positively homogeneous: with eps = 0, normalizing c·g gives what normalizing g
+    gives; clipping never leaves a block above the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (5,), (2, 3, 2), (1,)]
+    base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    out = []
+    for c in (1.0, 10.0**log_scale):
+        ps = [nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+        for p, b in zip(ps, base):
+            p.grad = b * c
+        NormalizedOptimizer(torch.optim.SGD(ps, lr=0.0), name, granularity, eps=0.0).step()  # type: ignore[arg-type]
+        out.append([p.grad for p in ps])
+    for x, y in zip(*out):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    ps = [nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    for p, b in zip(ps, base):
+        p.grad = b * 10.0**log_scale
+    clip = ClippedOptimizer(
+        torch.optim.SGD(ps, lr=0.0), name, 0.5, granularity=granularity, return_norms=True
+    )  # type: ignore[arg-type]
+    clip.step()
+    if granularity == "global":
+        assert reference(torch.cat([p.grad.reshape(-1) for p in ps]), name) <= 0.5 * (1 + 1e-9)
+    for p in ps:
+        for block in p.grad.reshape(p.shape[0], -1) if granularity == "unit" and p.ndim >= 2 else [p.grad]:
+            if granularity != "global":
+                assert reference(block, name) <= 0.5 * (1 + 1e-9)
