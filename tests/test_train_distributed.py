@@ -52,3 +52,39 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 360 + 1e-9)
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "normkit.cli",
+    ]
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("NORMKIT_SLOW"), reason="three more torchrun launches: set NORMKIT_SLOW=1"
+)
+def test_torchrun_resume_is_bit_exact_with_per_rank_dropout(tmp_path: Path) -> None:
+    args = ["train", *ARGS, "--epochs", "3", "--dropout", "0.2", "--sync-bn", "--no-progress"]
+    for extra in (
+        ["--out", str(tmp_path / "full")],
+        ["--out", str(tmp_path / "part"), "--stop-after-epoch", "1"],
+    ):
+        proc = _torchrun(*args, *extra)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _torchrun("train", "--resume", str(tmp_path / "part"), "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def strip(path: Path) -> list[dict]:
+        rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if "time" not in k} for r in rows]
+
+    assert strip(tmp_path / "part") == strip(tmp_path / "full")

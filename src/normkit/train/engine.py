@@ -346,8 +346,17 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)  # type: ignore[assignment]
 
     # -- state ----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def rank_rng_states(self) -> list[Tensor] | None:
+        """Every rank's torch RNG state (dropout streams), gathered on all ranks — a collective under DDP."""
+        if not self.info.enabled:
+            return None
+        states: list[Any] = [None] * self.info.world_size
+        dist.all_gather_object(states, torch.get_rng_state())
+        return [torch.as_tensor(s) for s in states]
+
+    def state_dict(self, rank_rng: list[Tensor] | None = None) -> dict[str, Any]:
         return {
+            "rank_rng": rank_rng,
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "step": self.step,
@@ -369,7 +378,10 @@ class Trainer:
         if state.get("enorm") is not None and hasattr(self.enorm, "load_state_dict"):
             self.enorm.load_state_dict(state["enorm"])
         restore_rng(state["rng"], self.generator)
-        if self.info.rank:
+        rank_rng = state.get("rank_rng")
+        if rank_rng is not None and len(rank_rng) == self.info.world_size:
+            torch.set_rng_state(rank_rng[self.info.rank])  # each rank continues its own dropout stream
+        elif self.info.rank:  # resumed with another world size: a fresh stream per rank
             torch.manual_seed(self.cfg.seed + 2 + 1000 * self.info.rank + state["epoch"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.metrics = list(state["metrics"])
@@ -640,9 +652,10 @@ def _run(
         if bar is not None:
             bar.close()
         quiet(_line(rec, cfg.epochs))
+        rank_rng = trainer.rank_rng_states() if out is not None else None
         if out is not None and main:
             _write_metrics(out, trainer.metrics)
-            ckpt = trainer.state_dict()
+            ckpt = trainer.state_dict(rank_rng)
             save_checkpoint(ckpt, out / "checkpoint.pt")
             if trainer.best.get("epoch") == rec["epoch"]:
                 save_checkpoint(ckpt, out / "best.pt")
