@@ -267,12 +267,15 @@ def _download_torchvision(name: str, root: Path, **kwargs: Any) -> None:
         "svhn": tvd.SVHN,
     }[name]
     root.mkdir(parents=True, exist_ok=True)
-    if name == "svhn":
-        for split in kwargs.get("splits", ("train", "test")):
-            cls(str(root), split=split, download=True)
-    else:
-        for train in (True, False):
-            cls(str(root), train=train, download=True)
+    try:
+        if name == "svhn":
+            for split in kwargs.get("splits", ("train", "test")):
+                cls(str(root), split=split, download=True)
+        else:
+            for train in (True, False):
+                cls(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        raise MissingDataError(f"{name}: downloading into {root} failed ({e})") from e
 
 
 def _mnist_like(name: str, data_dir: Path, download: bool) -> TensorData:

@@ -90,7 +90,9 @@ def _device(cfg: TrainConfig, info: DistInfo) -> torch.device:
         kind = torch.device(cfg.device).type
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {cfg.device}: CUDA is not available on this machine")
+            raise ValueError(
+                f"--device {cfg.device}: CUDA is not available on this machine (use cpu or auto)"
+            )
         index = info.local_rank if info.enabled else (torch.device(cfg.device).index or 0)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -201,7 +203,13 @@ def _init_model(model: nn.Module, cfg: TrainConfig, data: TensorData, info: Dist
         batch = data.prepare(data.x_train[idx])
         if info.enabled:
             batch = torch.tensor_split(batch, info.world_size)[info.rank]
-        lsuv_init(model, batch, tol=cfg.lsuv_tol, max_iters=cfg.lsuv_max_iters)
+        report = lsuv_init(model, batch, tol=cfg.lsuv_tol, max_iters=cfg.lsuv_max_iters)
+        done = report.initialized
+        log(
+            f"lsuv: {len(done)} layers scaled to unit output variance "
+            f"({sum(bool(r.converged) for r in done)} within tol {cfg.lsuv_tol}), "
+            f"{report.forward_passes} forward passes"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ eval
