@@ -457,13 +457,17 @@ class Trainer:
 
     def run_epoch(self, progress: Any = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]
+        groups = self.optimizer.param_groups
+        euclid = [g["lr"] for g in groups if not g.get("grassmann")]
+        grass = [g["lr"] for g in groups if g.get("grassmann")]
         record: dict[str, Any] = {"epoch": self.epoch + 1}
         record.update(self.train_epoch(progress))
         record["test_loss"], record["test_acc"] = self.evaluate("test")
         if self.data.x_val is not None:
             record["val_loss"], record["val_acc"] = self.evaluate("val")
-        record["lr"] = lr
+        record["lr"] = euclid[0] if euclid else grass[0]
+        if grass:
+            record["lr_g"] = grass[0]
         record["step"] = self.step
         record["time"] = time.perf_counter() - t0
         self.epoch += 1
