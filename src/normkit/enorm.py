@@ -14,7 +14,10 @@ unit. For a chain W_1 … W_q this is the minimizer over the rescalings of
     Σ_k c^{-2k} ‖W_k‖_p^p        (p = 2: the weight-decay term; c = 1: the plain sum of squared norms)
 
 (for each unit the two terms c^{-2k} d² a² + c^{-2(k+1)} b²/d² are minimized at d² = b / (c·a), any p).
-With c > 1 the deeper layers are allowed larger weights, as in the paper's asymmetric scaling.
+With c > 1 the deeper layers are allowed larger weights; this orientation of c is the reference code's
+(``balancer = (right / (left * c)) ** 0.5``) and DESIGN.md's. On a DAG (residual additions, concatenations)
+the same per-unit rule is applied; with c = 1 each update minimizes Σ ‖W‖_p^p over all the weights, so the
+cycle is block coordinate descent on it (no depth index is needed).
 
 Where we differ from the reference code (it paired layers by parameter order, skipped biases, ignored
 BatchNorm and so changed the output by several % per cycle):
@@ -28,6 +31,8 @@ BatchNorm and so changed the output by several % per cycle):
 - outputs that meet in an addition (residual streams) share one scale per channel (a *tied group*: the norms
   are summed over all its producers); concatenations and flatten / reshape map a channel to a block of the
   consumer's inputs;
+- each group's norms are read after the previous groups' rescalings (exact block coordinate descent; the
+  reference read some norms before the previous rescaling was applied);
 - the last hidden layer is balanced too (``skip_last=True`` restores the reference's behaviour);
 - optimizer state follows the gradients, which scale inversely to the weights: SGD momentum and Adam / AdamW
   ``exp_avg`` by ``1/d`` on the producer rows and ``d`` on the consumer columns, ``exp_avg_sq`` (and
