@@ -174,12 +174,7 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 def _find(directory: Path, names: list[str], dataset: str, download_hint: bool) -> list[Path]:
     """Locate each of ``names`` (with or without .gz) in ``directory`` or its torchvision sub-folders."""
-    folders = [
-        directory,
-        directory / dataset / "raw",
-        directory / "MNIST" / "raw",
-        directory / "FashionMNIST" / "raw",
-    ]
+    folders = [directory, directory / dataset / "raw"]  # flat, or torchvision's MNIST/raw, FashionMNIST/raw
     found, missing = [], []
     for name in names:
         hit = next((f / n for f in folders for n in (name, name + ".gz") if (f / n).is_file()), None)
