@@ -512,6 +512,8 @@ def _line(rec: dict[str, Any], epochs: int) -> str:
     )
     if "val_acc" in rec:
         text += f"  val acc {100 * rec['val_acc']:6.2f}%"
+    if "lr_g" in rec:
+        text += f"  lr_g {rec['lr_g']:.3g}"
     return text + f"  lr {rec['lr']:.3g}  {rec['time']:.1f}s"
 
 
