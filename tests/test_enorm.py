@@ -230,6 +230,23 @@ class SeedFullyConvolutional(nn.Module):
         return x.view(x.size(0), x.size(1))
 
 
+class DenseBlock(nn.Module):
+    """DenseNet-style concatenations: each conv reads the concatenation of all earlier feature maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.c1 = nn.Conv2d(4, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(7, 3, 3, padding=1)
+        self.head = nn.Linear(10 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        h = torch.cat([h, F.relu(self.c1(h))], 1)
+        h = torch.cat([h, F.relu(self.c2(h))], 1)
+        return self.head(torch.flatten(F.max_pool2d(h, 2), 1))
+
+
 # name -> (factory, input shape, producers of the balanced groups (tied sets joined by "+"))
 CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str]]] = {
     "mlp_biases": (mlp, (4, 10), ["0", "2", "5"]),
@@ -246,6 +263,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str]]] = {
         (2, 3, 8, 8),
         ["stem", "block1.conv1", "block1.conv2+block1.shortcut+block2.conv2", "block2.conv1"],
     ),
+    "dense_concat": (DenseBlock, (2, 3, 8, 8), ["stem", "c1", "c2"]),
     "seed_fully_connected": (SeedFullyConnected, (4, 48), []),
     "seed_fully_convolutional": (
         lambda: SeedFullyConvolutional(width=0.125),
@@ -370,6 +388,16 @@ def test_fixed_point_ratio_equals_c_and_objective_decreases(c: float, include_bi
         assert values[-1] < 0.9 * values[0]
     for r in _unit_ratios(layers, include_bias):
         torch.testing.assert_close(r, torch.full_like(r, c), rtol=1e-4, atol=0)
+
+
+def test_fixed_point_l1() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 2))
+    _unbalance(model, torch.Generator().manual_seed(4))
+    ENorm(model, None, c=1.3, p=1, cycles=300).step()
+    for prod, cons in itertools.pairwise(_chain_weights(model)):
+        ratio = cons.weight.detach().double().abs().sum(0) / prod.weight.detach().double().abs().sum(1)
+        torch.testing.assert_close(ratio, torch.full_like(ratio, 1.3), rtol=1e-4, atol=0)
 
 
 def test_fixed_point_conv_net() -> None:
