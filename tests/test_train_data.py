@@ -177,3 +177,21 @@ def test_batches_shard_the_global_batch() -> None:
         assert torch.equal(torch.cat([shards[0][step][1], shards[1][step][1]]), yb)
     ordered = list(batches(x, y, 8))
     assert [len(b[1]) for b in ordered] == [8, 8, 4] and torch.equal(torch.cat([b[1] for b in ordered]), y)
+
+
+def test_non_iid_order_batches_hold_few_classes():
+    from normkit.train.data import batches, non_iid_order
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat_interleave(torch.tensor([370, 410, 290, 500, 330, 450, 380, 400, 360, 310]))
+    order = non_iid_order(y, 32, 2, gen)
+    assert len(order) == len(y) // 32 * 32
+    for block in order.split(32):
+        assert len(torch.unique(y[block])) <= 2
+    assert len(torch.unique(order)) > 0.95 * len(y)  # nearly every example is seen each epoch
+    x = torch.arange(len(y), dtype=torch.float32)[:, None]
+    seen = list(batches(x, y, 32, gen, drop_last=True, classes_per_batch=2))
+    assert len(seen) == len(y) // 32 and all(len(torch.unique(yb)) <= 2 for _, yb in seen)
+    # The default is i.i.d.: batches mix many classes.
+    iid = list(batches(x, y, 32, torch.Generator().manual_seed(0), drop_last=True))
+    assert max(len(torch.unique(yb)) for _, yb in iid) > 2

@@ -1,4 +1,4 @@
-"""The ``normkit`` command: ``train``, ``test``, ``recipes`` (``compare`` and ``bench`` plug in the same way).
+"""The ``normkit`` command: ``train``, ``test``, ``recipes``, ``compare``.
 
 Each subcommand is a ``(name, add_arguments, handler)`` entry of :data:`COMMANDS`; a handler gets the parsed
 namespace and the subcommand's parser (for argparse-style errors) and returns the exit status.
@@ -54,6 +54,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--mnist1d-samples", type=int, default=S, metavar="N", help="MNIST-1D sample count (5000)")
     d.add_argument("--svhn-extra", action="store_true", default=S, help="SVHN: train on train + extra")
     d.add_argument("--subset", type=int, default=S, metavar="N", help="use only N training examples")
+    d.add_argument(
+        "--batch-classes",
+        type=int,
+        default=S,
+        metavar="K",
+        help="non-i.i.d. minibatches: each drawn from only K classes (the BRN paper's experiment)",
+    )
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=CHOICES["model"], default=S, help="architecture (default cnn)")
@@ -248,6 +255,59 @@ def _run_recipes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    from normkit.train.compare import SUITES
+    from normkit.train.config import CHOICES
+
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--suite", choices=list(SUITES), help="a named study (default: default)")
+    what.add_argument(
+        "--methods",
+        type=lambda t: [m for m in t.split(",") if m],
+        metavar="M1,M2,...",
+        help="compare these methods (the first is the baseline) on the suite's base setting",
+    )
+    p.add_argument("--method-file", metavar="FILE", help="JSON or TOML file of your own methods")
+    p.add_argument("--list", action="store_true", help="list methods and suites, then exit")
+    p.add_argument("--data", choices=CHOICES["data"], help="dataset for every arm")
+    p.add_argument("--model", choices=CHOICES["model"], help="model for every arm")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default: the suite's)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: the suite's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
+    p.add_argument("--out", help="output directory (default runs/compare-SUITE)")
+    p.add_argument("--html", action="store_true", help="also write report.html with embedded plots")
+
+
+def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from normkit.train.compare import SUITES, compare, describe_methods, load_method_file
+    from normkit.train.config import ConfigError
+
+    try:
+        if args.list:
+            extra = load_method_file(args.method_file) if args.method_file else None
+            print(describe_methods(extra), end="")
+            return 0
+        suite = SUITES[args.suite or "default"]
+        overrides = {k: getattr(args, k) for k in ("data", "model", "epochs") if getattr(args, k) is not None}
+        name = "custom" if args.methods else suite.name
+        compare(
+            suite,
+            args.out or f"runs/compare-{name}",
+            methods=args.methods,
+            method_file=args.method_file,
+            overrides=overrides,
+            seeds=args.seeds,
+            jobs=args.jobs,
+            html=args.html,
+        )
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command(
         "train", "train a model (a recipe or any combination of techniques)", _add_train_arguments, _run_train
@@ -255,6 +315,12 @@ COMMANDS: list[Command] = [
     Command("test", "evaluate a checkpoint", _add_test_arguments, _run_test),
     Command(
         "recipes", "list the named presets and what each reproduces", _add_recipes_arguments, _run_recipes
+    ),
+    Command(
+        "compare",
+        "compare methods side by side over several seeds: report, CSV and plots",
+        _add_compare_arguments,
+        _run_compare,
     ),
 ]
 

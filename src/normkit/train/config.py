@@ -50,6 +50,7 @@ class TrainConfig:
     mnist1d_samples: int = 5000
     svhn_extra: bool = False
     subset: int | None = None
+    batch_classes: int | None = None
     # model
     model: str = "cnn"
     depth: int | None = None
@@ -179,6 +180,11 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.batch_classes is not None and not 1 <= self.batch_classes <= DATASETS[self.data].num_classes:
+            raise ConfigError(
+                f"batch_classes must be between 1 and {DATASETS[self.data].num_classes} (the classes of "
+                f"{self.data}), got {self.batch_classes}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
 

@@ -30,6 +30,7 @@ __all__ = [
     "augment",
     "batches",
     "load_dataset",
+    "non_iid_order",
     "read_idx",
 ]
 
@@ -456,6 +457,35 @@ def augment(x: Tensor, kind: str, generator: torch.Generator, pad: int = 4) -> T
     return out
 
 
+def non_iid_order(y: Tensor, batch_size: int, classes_per_batch: int, generator: torch.Generator) -> Tensor:
+    """An epoch's example order in which every consecutive ``batch_size`` block holds at most
+    ``classes_per_batch`` classes (Ioffe 2017's non-i.i.d. minibatches: 16 classes × 2 examples there).
+
+    Classes are dealt into random groups of ``classes_per_batch``; each group's examples, shuffled, fill whole
+    batches. The epoch has exactly ``len(y) // batch_size`` batches, like an i.i.d. epoch with drop_last: a
+    group whose remainder is needed to reach that count tops it up with examples of its own classes.
+    """
+    classes = torch.unique(y)
+    shuffled = classes[torch.randperm(len(classes), generator=generator)]
+    pools = []
+    for group in shuffled.split(classes_per_batch):
+        members = torch.nonzero(torch.isin(y, group)).flatten()
+        pools.append(members[torch.randperm(len(members), generator=generator)])
+    blocks: list[Tensor] = []
+    remainders: list[tuple[int, Tensor, Tensor]] = []
+    for pool in pools:
+        full = len(pool) // batch_size * batch_size
+        blocks += list(pool[:full].split(batch_size))
+        if full < len(pool):
+            remainders.append((len(pool) - full, pool[full:], pool))
+    remainders.sort(key=lambda r: -r[0])
+    for _, rest, pool in remainders[: max(0, len(y) // batch_size - len(blocks))]:
+        extra = pool[torch.randperm(len(pool), generator=generator)[: batch_size - len(rest)]]
+        blocks.append(torch.cat([rest, extra]))
+    blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
+    return torch.cat(blocks) if blocks else torch.empty(0, dtype=torch.long)
+
+
 def batches(
     x: Tensor,
     y: Tensor,
@@ -467,16 +497,20 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     prepare: Callable[[Tensor], Tensor] | None = None,
+    classes_per_batch: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (inputs, labels) batches of the global ``batch_size``; shuffled when a generator is given.
 
     ``prepare`` turns stored inputs into model inputs (e.g. uint8 pixels into normalized floats) before the
     augmentation. Under data parallelism each rank gets its contiguous share of every global batch (the
     permutation and the augmentation draws are made for the whole global batch on every rank, so one process
-    and N processes see exactly the same examples per step).
+    and N processes see exactly the same examples per step). ``classes_per_batch``: non-i.i.d. batches, see
+    :func:`non_iid_order` (needs ``drop_last`` and a generator).
     """
     n = len(y)
     order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
+    if classes_per_batch is not None and generator is not None and drop_last:
+        order = non_iid_order(y.cpu(), batch_size, classes_per_batch, generator).to(x.device)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         idx = (

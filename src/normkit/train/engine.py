@@ -411,6 +411,7 @@ class Trainer:
             rank=self.info.rank,
             world_size=self.info.world_size,
             prepare=self.data.prepare,
+            classes_per_batch=cfg.batch_classes,
         ):
             if cfg.max_steps is not None and self.step >= cfg.max_steps:
                 break
