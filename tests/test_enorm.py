@@ -681,3 +681,13 @@ def test_rescaling_across_bn_would_change_the_function(train: bool) -> None:
         model.layers[0].weight.mul_(d[:, None])
         model.layers[1].weight.mul_(1 / d)
     assert _rel(model(x), before) > 1e-2
+
+
+def test_channels_last_weights_raise_a_clear_error_without_changing_the_function() -> None:
+    model, x = _make("conv_max_avg_pool", torch.float64)
+    before = model(x)
+    enorm = ENorm(model, None)
+    model[3].to(memory_format=torch.channels_last)  # the first group reads its columns
+    with pytest.raises(RuntimeError, match="contiguous"):
+        enorm.cycle()
+    assert _rel(model(x), before) <= 1e-10  # raised before scaling any tensor of that group

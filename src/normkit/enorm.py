@@ -179,6 +179,12 @@ class _Slot:
         return getattr(self.module, self.attr)  # type: ignore[no-any-return]
 
     def view(self, t: Tensor) -> Tensor:
+        if not t.is_contiguous():
+            raise RuntimeError(
+                "ENorm needs contiguous weights and optimizer state; "
+                f"{type(self.module).__name__}.{self.attr} has strides {t.stride()} (channels_last?). "
+                "Convert it: model.to(memory_format=torch.contiguous_format), before creating the optimizer."
+            )
         v = t.view(self.pre)
         if self.narrow is not None:
             v = v.narrow(*self.narrow)
