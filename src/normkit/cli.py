@@ -274,6 +274,7 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list methods and suites, then exit")
     p.add_argument("--data", choices=CHOICES["data"], help="dataset for every arm")
     p.add_argument("--model", choices=CHOICES["model"], help="model for every arm")
+    p.add_argument("--data-dir", help="where dataset files are (e.g. the folder of MNIST's idx files)")
     p.add_argument("--seeds", type=int, help="seeds per arm (default: the suite's)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the suite's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
@@ -291,7 +292,11 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             print(describe_methods(extra), end="")
             return 0
         suite = SUITES[args.suite or "default"]
-        overrides = {k: getattr(args, k) for k in ("data", "model", "epochs") if getattr(args, k) is not None}
+        overrides = {
+            k: getattr(args, k)
+            for k in ("data", "model", "epochs", "data_dir")
+            if getattr(args, k) is not None
+        }
         name = "custom" if args.methods else suite.name
         compare(
             suite,

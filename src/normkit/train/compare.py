@@ -166,32 +166,36 @@ SUITES: dict[str, Suite] = {
     ),
     "lsuv": Suite(
         "lsuv",
-        "Deep plain network without normalization: default init vs orthogonal vs LSUV.",
+        "Deep plain network without normalization (20 x 64 MLP) on the real MNIST test set split "
+        "8 000 / 2 000: default init vs orthogonal vs LSUV.",
         {
-            "data": "digits",
+            "data": "mnist-t10k",
             "model": "mlp",
             "depth": 20,
             "width": 64,
-            "epochs": 10,
-            "batch_size": 64,
             "norm": "none",
+            "epochs": 8,
+            "batch_size": 64,
+            "lr": 0.01,
         },
         (
             _arm("plain-default"),
             _arm("plain-orthogonal", "plain-default"),
             _arm("lsuv-plain", "plain-default"),
         ),
-        claim="Mishkin & Matas 2016: LSUV lets very deep plain nets train where standard inits stall.",
+        claim="Mishkin & Matas 2016: LSUV lets very deep plain nets train where standard inits stall "
+        "(their MNIST table: LSUV 99.5 %).",
     ),
     "enorm": Suite(
         "enorm",
-        "Deep FC net (no BN) with ENorm c = 1 and c = 1.2 vs off.",
+        "Deep FC net without BN (15 linear layers, width 128) on MNIST-1D: ENorm c = 1 and c = 1.2 vs off; "
+        "the paper's settings (lr 0.1 linearly to 0, weight decay 1e-3, batch 256).",
         {
-            "data": "digits",
+            "data": "mnist1d",
             "model": "enorm-fc",
             "depth": 15,
             "width": 128,
-            "epochs": 20,
+            "epochs": 30,
             "batch_size": 256,
             "lr": 0.1,
             "schedule": "linear",
@@ -202,23 +206,37 @@ SUITES: dict[str, Suite] = {
     ),
     "grassmann": Suite(
         "grassmann",
-        "BN CNN: SGD vs SGD-G vs Adam-G (paper learning rates).",
-        {"data": "digits", "model": "cnn", "epochs": 15, "batch_size": 128, "lr": 0.01},
-        (_arm("sgd"), _arm("sgdg", "sgd", lr_g=0.2, omega=0.1), _arm("adamg", "sgd", lr_g=0.05, omega=0.1)),
+        "BN CNN on digits: SGD vs SGD-G vs Adam-G with the paper's rates (lr_e 0.01, lr_g 0.2 / 0.05, "
+        "ν 0.1, ω 0.1; SGD baseline lr 0.1), step decay ×0.2 at 30/60/80 % of the epochs.",
+        {
+            "data": "digits",
+            "model": "cnn",
+            "epochs": 15,
+            "batch_size": 128,
+            "schedule": "multistep",
+            "milestones": [5, 9, 12],
+            "gamma": 0.2,
+        },
+        (
+            _arm("sgd", lr=0.1),
+            _arm("sgdg", "sgd", lr=0.01, lr_g=0.2, omega=0.1),
+            _arm("adamg", "sgd", lr=0.01, lr_g=0.05, omega=0.1),
+        ),
         claim="Cho & Lee 2017: SGD-G / Adam-G beat SGD on VGG / WRN (e.g. WRN-28-10 CIFAR-10 error 3.89 % vs "
         "4.0 %).",
     ),
     "normalized": Suite(
         "normalized",
-        "30 x 128 MLP with BN and dropout: SGD / Adam vs normalized SGD / Adam.",
+        "30 x 128 MLP with BN and dropout 0.2 (the seed's deep MLP) on MNIST-1D: SGD / Adam vs normalized "
+        "SGD / Adam.",
         {
-            "data": "digits",
+            "data": "mnist1d",
             "model": "mlp",
             "depth": 30,
             "width": 128,
-            "dropout": 0.1,
+            "dropout": 0.2,
             "norm": "bn",
-            "epochs": 10,
+            "epochs": 15,
             "batch_size": 128,
         },
         (
