@@ -91,7 +91,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         history.append((float(np.mean(losses)), accuracy(model, xtr, ytr), accuracy(model, xte, yte)))
     return history
 
@@ -104,10 +104,10 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
