@@ -153,3 +153,23 @@ def test_additions_tie_their_operands() -> None:
     ]
     stem_to_head = channel_path(g, _only_edge(g, "stem", "head"))
     assert [j.name for j in stem_to_head.adds] == [j.name for j in path.adds]  # the same addition nodes
+
+
+class MyReLU(nn.ReLU):
+    pass
+
+
+class MyPool(nn.MaxPool1d):
+    pass
+
+
+def test_op_reach_from_the_class_hierarchy() -> None:
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3), MyReLU(), MyPool(2), nn.Conv1d(3, 2, 1), MyReLU(), nn.Linear(4, 4)
+    )
+    g = trace(model)
+    assert channel_path(g, _only_edge(g, "0", "3")).blocks == ChannelBlocks(-2, 3)
+    model = nn.Sequential(nn.Linear(4, 6), MyPool(2), nn.Linear(3, 2))
+    g = trace(model)
+    with pytest.raises(ChannelPathError, match="channel dimension"):
+        channel_path(g, _only_edge(g, "0", "2"))

@@ -679,17 +679,35 @@ class ChannelPath:
     adds: tuple[AddJoin, ...]
 
 
+_ELEMENTWISE: set[Any] = {
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    F.relu,
+    torch.relu,
+    F.leaky_relu,
+    F.prelu,
+    "relu",
+    "relu_",
+}
+_ALL_DIMS = 1 << 30  # an op whose reach we cannot tell: treat it as acting on every dimension
+
+
 def _spatial_rank(op: Op) -> int | None:
     """How many trailing dims a pooling / padding op acts on; None for elementwise ops (ReLU, PReLU ...)."""
+    classes = op.target.__mro__ if isinstance(op.target, type) else (op.target,)
+    if any(target in _ELEMENTWISE for target in classes):
+        return None
     node = op.node
     if node is not None and node.op == "call_function" and node.target is F.pad:
         pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-        return len(pad) // 2 if isinstance(pad, (list, tuple)) else None
-    name = getattr(op.target, "__name__", str(op.target))
-    for rank in (1, 2, 3):
-        if name.endswith(f"{rank}d"):
-            return rank
-    return None
+        return len(pad) // 2 if isinstance(pad, (list, tuple)) else _ALL_DIMS
+    for target in classes:
+        name = getattr(target, "__name__", str(target))
+        for rank in (1, 2, 3):
+            if name.endswith(f"{rank}d"):
+                return rank
+    return _ALL_DIMS
 
 
 def _normalize_dim(dim: int, ndim: int) -> int:
