@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/brn_digits_demo.py
+	$(VENV)/bin/normkit compare --out runs/compare-default
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples

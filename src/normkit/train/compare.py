@@ -133,7 +133,7 @@ SUITES: dict[str, Suite] = {
             _arm("enorm-off", label="plain-sgd", norm="none"),
             _arm("enorm-1.2", "plain-sgd", label="plain-enorm-1.2", norm="none"),
         ),
-        seeds=2,
+        seeds=3,
     ),
     "brn": Suite(
         "brn",
