@@ -1,3 +1,46 @@
-"""normkit: scale control for deep-network training in PyTorch."""
+"""normkit: scale control for deep-network training in PyTorch.
+
+The five techniques, each in its module (import from there or from here):
+
+- Batch Renormalization — :mod:`normkit.nn`: ``BatchRenorm2d`` (1d, 3d, Sync), ``convert_batchnorm``
+- LSUV initialization — :mod:`normkit.init`: ``lsuv_init``, ``orthogonal_init``
+- Equi-normalization — :mod:`normkit.enorm`: ``ENorm``
+- SGD-G / Adam-G — :mod:`normkit.optim`: ``SGDG``, ``AdamG``, ``grassmann_param_groups``
+- normalized / clipped gradients — :mod:`normkit.optim`: ``NormalizedOptimizer``, ``ClippedOptimizer``
+
+The training harness (:mod:`normkit.train`, the ``normkit`` command) is not imported here.
+"""
+
+from normkit.enorm import ENorm
+from normkit.graph import trace
+from normkit.init import lsuv_init, orthogonal_init
+from normkit.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchRenorm, convert_batchnorm
+from normkit.optim import (
+    SGDG,
+    AdamG,
+    ClippedOptimizer,
+    NormalizedOptimizer,
+    grassmann_param_groups,
+    register_norm,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "SGDG",
+    "AdamG",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "ClippedOptimizer",
+    "ENorm",
+    "NormalizedOptimizer",
+    "SyncBatchRenorm",
+    "__version__",
+    "convert_batchnorm",
+    "grassmann_param_groups",
+    "lsuv_init",
+    "orthogonal_init",
+    "register_norm",
+    "trace",
+]
