@@ -114,3 +114,23 @@ def _measure(plan: list, makers: dict, configs: dict, wrappers: dict, reps: dict
             )
         )
         print(f"  {out[-1].name}: {out[-1].ratio:.2f}×", flush=True)
+    # Where the time goes: the gradient transform alone (no inner step) against the inner step alone.
+    for model_name in makers:
+        cfg = "SGD(momentum=0.9, nesterov, wd=5e-4)"
+        cand, ref, n, k = _pair(makers[model_name], configs[cfg], wrappers["Normalized l2 tensor"])
+        opt = cand.__self__  # type: ignore[attr-defined]
+
+        def transform(opt: NormalizedOptimizer = opt) -> None:
+            with torch.no_grad():
+                opt._transform()
+
+        out.append(
+            measure_ratio(
+                f"l2 tensor transform of .grad alone, {model_name} ({n / 1e6:.2f} M params), 1 thread",
+                transform,
+                f"{cfg}.step",
+                ref,
+                **reps,
+            )
+        )
+        print(f"  {out[-1].name}: {out[-1].ratio:.2f}×", flush=True)
