@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -354,7 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     handler = next(c.handler for c in COMMANDS if c.name == args.command)
-    return handler(args, parsers[args.command])
+    try:
+        return handler(args, parsers[args.command])
+    except BrokenPipeError:  # `normkit recipes | head`: the reader left, that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
