@@ -109,3 +109,14 @@ def test_errors_name_the_choices() -> None:
         build_model("wrn", (3, 32, 32), 10, depth=15)
     with pytest.raises(ValueError, match="bn, brn, none"):
         build_model("cnn", (1, 8, 8), 10, norm="gn")
+
+
+def test_enorm_fc_is_he_initialized_like_the_paper_code():
+    torch.manual_seed(0)
+    model = build_model("enorm-fc", (3, 16, 16), 10, depth=4, width=256)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 5
+    for layer in linears:
+        expected = (2.0 / layer.in_features) ** 0.5
+        assert abs(layer.weight.std().item() / expected - 1) < 0.05
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))

@@ -68,8 +68,15 @@ def enorm_fc(
     dropout: float = 0.0,
     **_: Any,
 ) -> nn.Module:
-    """The ENorm paper's fully connected net: ``depth`` (15) intermediary linear layers of width 500, ReLU."""
-    return mlp(input_shape, num_classes, depth=depth or 15, width=width or 500, norm=norm, dropout=dropout)
+    """The ENorm paper's fully connected net: ``depth`` (15) intermediary linear layers of width 500, ReLU,
+    He-initialized with zero biases as in the paper's code (PyTorch's default init makes a 15-layer ReLU net's
+    signal vanish: it does not train at all)."""
+    model = mlp(input_shape, num_classes, depth=depth or 15, width=width or 500, norm=norm, dropout=dropout)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return model
 
 
 def _conv_bn_relu(cin: int, cout: int, norm: str, k: int = 3) -> list[nn.Module]:
