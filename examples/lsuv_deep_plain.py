@@ -1,13 +1,18 @@
 """A deep plain network (20 conv layers, ReLU, no normalization, no skip connections) trained on real MNIST
 digits from PyTorch's default init and from LSUV (Mishkin & Matas 2016), everything else equal.
 
-    python examples/lsuv_deep_plain.py                      # MNIST t10k: 8 000 train / 2 000 test, 3 epochs
+    python examples/lsuv_deep_plain.py                      # MNIST t10k: 8 000 train / 2 000 test, 6 epochs
     python examples/lsuv_deep_plain.py --data digits        # scikit-learn's 1 797 8×8 digits
 
 PyTorch's default conv init (kaiming_uniform with a = √5) has weight variance 1/(3·fan_in): each conv +
 ReLU divides the signal's second moment by about 6, so after 20 layers the logits barely depend on the input
 and the gradients of the first layers vanish. LSUV rescales every layer to unit output variance on one batch,
 and the same network, optimizer and learning rate train.
+
+Measured (2026-11-22, 1 thread on a shared 2-core CPU; 20 conv layers × 16 channels, SGD lr 0.005, momentum
+0.9, batch 64, 6 epochs, seed 0): PyTorch default init stays at chance — loss 2.3009, test accuracy 10.75 %
+after every epoch from the 2nd on; after LSUV (one forward pass, 0.9 s) test accuracy per epoch is 10.75,
+11.40, 50.30, 83.45, 91.75, 92.40 % (final loss 0.28).
 
 Data: the real MNIST test set (10 000 images, raw idx files) from ``NORMKIT_MNIST_DIR`` or
 ``../shared/data/mnist-t10k`` beside the repository — offline, never downloaded.
@@ -103,7 +108,7 @@ def main() -> None:
     parser.add_argument("--data", choices=["mnist", "digits"], default="mnist")
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
