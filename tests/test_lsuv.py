@@ -561,3 +561,19 @@ def _train_digits(init: str, xtr, ytr, xte, yte) -> float:
             opt.step()
     with torch.no_grad():
         return (model(xte).argmax(1) == yte).double().mean().item()
+
+
+def test_conv3d_and_transposed_conv1d_nets():
+    torch.manual_seed(13)
+    net3d = nn.Sequential(nn.Conv3d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 6, 3, groups=3))
+    x3 = torch.randn(4, 2, 6, 6, 6)
+    assert lsuv_init(net3d, x3).converged
+    for n, v in output_variances(net3d, x3, ["0", "2"]).items():
+        assert abs(v - 1) < 0.1, n
+    net1t = nn.Sequential(
+        nn.ConvTranspose1d(3, 8, 4, stride=2), nn.ReLU(), nn.ConvTranspose1d(8, 4, 3, groups=4)
+    )
+    x1 = torch.randn(16, 3, 20)
+    assert lsuv_init(net1t, x1, per_channel=True).converged
+    for n, v in output_variances(net1t, x1, ["0", "2"], per_channel=True).items():
+        assert torch.all((v - 1).abs() < 0.1), n
