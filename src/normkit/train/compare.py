@@ -224,8 +224,8 @@ SUITES: dict[str, Suite] = {
             _arm("sgdg", "sgd", lr=0.01, lr_g=0.2, omega=0.1),
             _arm("adamg", "sgd", lr=0.01, lr_g=0.05, omega=0.1),
         ),
-        claim="Cho & Lee 2017: SGD-G / Adam-G beat SGD on VGG / WRN (e.g. WRN-28-10 CIFAR-10 error 3.89 % vs "
-        "4.0 %).",
+        claim="Cho & Lee 2017: SGD-G / Adam-G beat SGD on VGG / WRN (e.g. WRN-28-10 CIFAR-10 error: SGD-G "
+        "3.85 %, Adam-G 3.78 % vs SGD 3.89 %).",
     ),
     "normalized": Suite(
         "normalized",
