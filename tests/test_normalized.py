@@ -19,13 +19,7 @@ from tests.test_norms import BUILTINS, reference
 GRANULARITIES = ["tensor", "layer", "unit", "global"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a loaded 2-core machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int = 0) -> nn.Sequential:

@@ -12,13 +12,7 @@ from normkit.optim import norms as N
 BUILTINS = ["l1", "l2", "l1_l2", "avg_l1", "avg_l2", "avg_l1_l2", "max", "linf", "min_max", "std"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a loaded 2-core machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(x: torch.Tensor, name: str) -> float:

@@ -7,7 +7,6 @@ import pickle
 import random
 import struct
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,14 +14,7 @@ import torch
 
 from normkit.train.data import DATASETS, MissingDataError, augment, batches, load_dataset, read_idx
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # tiny tensors: one intra-op thread avoids stalls in parallel regions when the cores are shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_idx(path: Path, array: np.ndarray, gz: bool) -> None:

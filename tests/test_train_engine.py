@@ -14,14 +14,7 @@ from normkit.train.checkpoint import load_checkpoint, save_checkpoint
 from normkit.train.data import load_dataset
 from normkit.train.engine import evaluate_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # tiny tensors: one intra-op thread avoids stalls in parallel regions when the cores are shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TIMES = ("time", "train_time")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 import torch.nn as nn
@@ -11,14 +9,7 @@ import torch.nn as nn
 from normkit.nn import BatchRenorm1d, BatchRenorm2d
 from normkit.train.models import MODELS, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # tiny tensors: one intra-op thread avoids stalls in parallel regions when the cores are shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # (model, input shape, options): small widths / depths so the whole file stays fast

@@ -12,13 +12,7 @@ import torch
 from normkit.train import DATASETS, RECIPES, TensorData, resolve_config, run
 from normkit.train.config import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_data(cfg: TrainConfig, n: int = 4) -> TensorData:
