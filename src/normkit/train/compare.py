@@ -24,6 +24,7 @@ from typing import Any
 
 from normkit.train.checkpoint import atomic_write_text
 from normkit.train.config import ConfigError, TrainConfig, resolve_config
+from normkit.train.engine import finished_run, run
 
 __all__ = [
     "METHODS",
@@ -370,8 +371,6 @@ def plan(
 def _run_job(job: Job, threads: int) -> dict[str, Any]:
     import torch
 
-    from normkit.train.engine import run
-
     torch.set_num_threads(threads)
     log_path = job.out_dir / "log.txt"
     job.out_dir.mkdir(parents=True, exist_ok=True)
@@ -383,19 +382,6 @@ def _run_job(job: Job, threads: int) -> dict[str, Any]:
 
         result = run(job.config, job.out_dir, reuse=True, log=log, progress=False)
     return {"arm": job.arm, "seed": job.seed, "metrics": result.metrics, "summary": result.summary}
-
-
-def _is_finished(job: Job) -> bool:
-    summary, config = job.out_dir / "summary.json", job.out_dir / "config.json"
-    if not (summary.is_file() and config.is_file()):
-        return False
-    try:
-        return (
-            json.loads(config.read_text()) == job.config
-            and json.loads(summary.read_text()).get("epochs_done") == job.config["epochs"]
-        )
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -432,7 +418,7 @@ def compare(
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    reused = sum(_is_finished(j) for j in job_list)
+    reused = sum(finished_run(j.out_dir, TrainConfig.from_dict(j.config)) is not None for j in job_list)
     log(
         f"normkit compare: suite {suite.name}, {len(suite.arms)} arms x {len(job_list) // len(suite.arms)} "
         f"seeds = {len(job_list)} runs ({reused} already finished) -> {out}"

@@ -37,7 +37,7 @@ from normkit.train.config import TrainConfig, resolve_config
 from normkit.train.data import TensorData, batches, load_dataset
 from normkit.train.models import build_model
 
-__all__ = ["RunResult", "Trainer", "evaluate", "evaluate_checkpoint", "run"]
+__all__ = ["RunResult", "Trainer", "evaluate", "evaluate_checkpoint", "finished_run", "run"]
 
 Log = Callable[[str], None]
 
@@ -583,7 +583,7 @@ def run(
     else:
         cfg = resolve_config(config)
         if reuse and out_dir is not None:
-            done = _finished(Path(out_dir), cfg)
+            done = finished_run(out_dir, cfg)
             if done is not None:
                 return done
             if (Path(out_dir) / "checkpoint.pt").is_file():
@@ -611,7 +611,9 @@ def _config_dict(config: TrainConfig | dict[str, Any] | None) -> dict[str, Any]:
     return config.to_dict() if isinstance(config, TrainConfig) else dict(config)
 
 
-def _finished(out_dir: Path, cfg: TrainConfig) -> RunResult | None:
+def finished_run(out_dir: str | Path, cfg: TrainConfig) -> RunResult | None:
+    """The finished run of exactly this config in ``out_dir``, or None (absent, other config, unfinished)."""
+    out_dir = Path(out_dir)
     summary_path, config_path = out_dir / "summary.json", out_dir / "config.json"
     if not (summary_path.is_file() and config_path.is_file()):
         return None
