@@ -47,6 +47,7 @@ def namespace() -> dict:
     }
 
 
+@pytest.mark.filterwarnings("ignore:ENorm")  # the generic snippet on this conv net balances what it can
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.splitlines()[0][:40] for s in SNIPPETS])
 def test_readme_snippet_runs(snippet):
     ns = namespace()
