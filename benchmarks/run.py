@@ -85,8 +85,9 @@ def update_file(sections: dict[str, str]) -> None:
     text = OUTPUT.read_text() if OUTPUT.exists() else HEADER
     for name, body in sections.items():
         pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda _m, body=body: body, text)
+        found = pattern.search(text)
+        if found:
+            text = text[: found.start()] + body + text[found.end() :]
         else:
             text = text.rstrip("\n") + "\n\n" + body + "\n"
     OUTPUT.write_text(text if text.endswith("\n") else text + "\n")

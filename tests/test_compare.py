@@ -109,3 +109,18 @@ def test_cli_compare_list_and_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--suite", "nope"])
     assert exc.value.code == 2
+
+
+def test_cli_bench_runs_from_a_checkout_and_explains_elsewhere(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from normkit.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "nope"])  # the runner's own argparse error names the available benchmarks
+    assert exc.value.code == 2 and "brn" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--quick"])
+    assert exc.value.code == 2 and "root of a normkit checkout" in capsys.readouterr().err

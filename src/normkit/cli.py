@@ -1,4 +1,4 @@
-"""The ``normkit`` command: ``train``, ``test``, ``recipes``, ``compare``.
+"""The ``normkit`` command: ``train``, ``test``, ``recipes``, ``compare``, ``bench``.
 
 Each subcommand is a ``(name, add_arguments, handler)`` entry of :data:`COMMANDS`; a handler gets the parsed
 namespace and the subcommand's parser (for argparse-style errors) and returns the exit status.
@@ -314,6 +314,30 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all of benchmarks/bench_*.py)")
+    p.add_argument("--quick", action="store_true", help="few repetitions; do not write BENCHMARKS.md")
+
+
+def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    # The benchmarks compare against PyTorch and PyPI peers; they live in the source checkout, not the wheel.
+    from pathlib import Path
+
+    root = Path.cwd()
+    if not (root / "benchmarks" / "run.py").is_file():
+        parser.error(
+            f"no benchmarks/run.py in {root}: run `normkit bench` from the root of a normkit checkout"
+        )
+    sys.path.insert(0, str(root))
+    from benchmarks.run import main as bench_main
+
+    bench_main([*args.names, *(["--quick"] if args.quick else [])])
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command(
         "train", "train a model (a recipe or any combination of techniques)", _add_train_arguments, _run_train
@@ -327,6 +351,12 @@ COMMANDS: list[Command] = [
         "compare methods side by side over several seeds: report, CSV and plots",
         _add_compare_arguments,
         _run_compare,
+    ),
+    Command(
+        "bench",
+        "measure each technique against its PyTorch reference and record BENCHMARKS.md (from a checkout)",
+        _add_bench_arguments,
+        _run_bench,
     ),
 ]
 
