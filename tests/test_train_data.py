@@ -187,3 +187,18 @@ def test_non_iid_order_batches_hold_few_classes():
     # The default is i.i.d.: batches mix many classes.
     iid = list(batches(x, y, 32, torch.Generator().manual_seed(0), drop_last=True))
     assert max(len(torch.unique(yb)) for _, yb in iid) > 2
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    import sys
+
+    from normkit.cli import main
+    from normkit.train.data import MissingDependencyError, require
+
+    with pytest.raises(MissingDependencyError, match=r"pip install 'normkit\[report\]'"):
+        require("no_such_module_for_normkit", "report", "plots")
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "1", "--no-progress"])
+    assert exc.value.code == 2
+    assert "pip install 'normkit[data]'" in capsys.readouterr().err

@@ -133,7 +133,7 @@ _NOT_CONFIG = {"config", "out", "resume", "progress", "stop_after_epoch", "comma
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from normkit.train.config import ConfigError, resolve_config
-    from normkit.train.data import MissingDataError
+    from normkit.train.data import MissingDataError, MissingDependencyError
     from normkit.train.engine import run
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
@@ -158,7 +158,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 base = {}
             cfg = resolve_config(base, **overrides)
             result = run(cfg, args.out, progress=args.progress, stop_after_epoch=args.stop_after_epoch)
-    except (ConfigError, MissingDataError, FileNotFoundError) as e:
+    except (ConfigError, MissingDataError, MissingDependencyError, FileNotFoundError) as e:
         parser.error(str(e))
     except ValueError as e:
         parser.error(str(e))
@@ -185,12 +185,12 @@ def _add_test_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_test(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from normkit.train.data import MissingDataError
+    from normkit.train.data import MissingDataError, MissingDependencyError
     from normkit.train.engine import evaluate_checkpoint
 
     try:
         res = evaluate_checkpoint(args.load, data_dir=args.data_dir, device=args.device, split=args.split)
-    except (MissingDataError, FileNotFoundError, ValueError) as e:
+    except (MissingDataError, MissingDependencyError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     if args.json:
         print(json.dumps(res))
@@ -286,6 +286,7 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
 def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from normkit.train.compare import SUITES, compare, describe_methods, load_method_file
     from normkit.train.config import ConfigError
+    from normkit.train.data import MissingDataError, MissingDependencyError
 
     try:
         if args.list:
@@ -309,7 +310,7 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             jobs=args.jobs,
             html=args.html,
         )
-    except ConfigError as exc:
+    except (ConfigError, MissingDataError, MissingDependencyError) as exc:
         parser.error(str(exc))
     return 0
 

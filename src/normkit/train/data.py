@@ -10,6 +10,7 @@ batches and the SVHN ``.mat`` files; ``download=True`` fetches them with torchvi
 from __future__ import annotations
 
 import gzip
+import importlib
 import pickle
 import random
 import struct
@@ -26,6 +27,7 @@ __all__ = [
     "DATASETS",
     "DatasetInfo",
     "MissingDataError",
+    "MissingDependencyError",
     "TensorData",
     "augment",
     "batches",
@@ -37,6 +39,20 @@ __all__ = [
 
 class MissingDataError(FileNotFoundError):
     """A dataset's files are not where they were looked for (the message lists them)."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional package a dataset or report needs is not installed (the message names the extra)."""
+
+
+def require(module: str, extra: str, purpose: str) -> Any:
+    """Import an optional dependency, or say which ``normkit[extra]`` provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{purpose} needs the package {module.split('.')[0]!r}: pip install 'normkit[{extra}]'"
+        ) from exc
 
 
 @dataclass
@@ -212,7 +228,7 @@ def _permutation(n: int) -> Tensor:
 
 
 def _digits(**_: Any) -> TensorData:
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "data", "the digits dataset").load_digits
 
     info = DATASETS["digits"]
     bunch = load_digits()
@@ -225,7 +241,8 @@ def _digits(**_: Any) -> TensorData:
 
 
 def _mnist1d(num_samples: int = 5000, **_: Any) -> TensorData:
-    from mnist1d.data import get_dataset_args, make_dataset
+    mnist1d_data = require("mnist1d.data", "data", "the MNIST-1D dataset")
+    get_dataset_args, make_dataset = mnist1d_data.get_dataset_args, mnist1d_data.make_dataset
 
     args = get_dataset_args()
     args.num_samples = num_samples
@@ -253,7 +270,7 @@ _MNIST_FILES = {
 
 
 def _download_torchvision(name: str, root: Path, **kwargs: Any) -> None:
-    import torchvision.datasets as tvd
+    tvd = require("torchvision.datasets", "vision", "--download")
 
     cls = {
         "mnist": tvd.MNIST,
@@ -359,7 +376,7 @@ def _cifar100(data_dir: Path, download: bool = False, **_: Any) -> TensorData:
 
 
 def _svhn(data_dir: Path, download: bool = False, svhn_extra: bool = False, **_: Any) -> TensorData:
-    import scipy.io
+    scipy_io = require("scipy.io", "vision", "the SVHN loader")
 
     info = DATASETS["svhn"]
     splits = ["train", "test"] + (["extra"] if svhn_extra else [])
@@ -373,7 +390,7 @@ def _svhn(data_dir: Path, download: bool = False, svhn_extra: bool = False, **_:
         )
 
     def load(split: str) -> tuple[Tensor, Tensor]:
-        d = scipy.io.loadmat(str(data_dir / f"{split}_32x32.mat"))
+        d = scipy_io.loadmat(str(data_dir / f"{split}_32x32.mat"))
         x = np.transpose(d["X"], (3, 2, 0, 1))  # (32, 32, 3, N) -> (N, 3, 32, 32)
         y = d["y"].astype(np.int64).reshape(-1) % 10  # the files label digit 0 as 10
         return _pixels(x), torch.as_tensor(y)

@@ -30,11 +30,16 @@ def _curves(result: CompareResult, key: str) -> dict[str, list[list[float]]]:
     return curves
 
 
-def _plot_curves(result: CompareResult, key: str, ylabel: str, path: Path) -> None:
-    import matplotlib
+def _pyplot() -> Any:
+    from normkit.train.data import require
 
+    matplotlib = require("matplotlib", "report", "the compare report's plots")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return require("matplotlib.pyplot", "report", "the compare report's plots")
+
+
+def _plot_curves(result: CompareResult, key: str, ylabel: str, path: Path) -> None:
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for arm, per_epoch in _curves(result, key).items():
@@ -62,10 +67,7 @@ def _plot_curves(result: CompareResult, key: str, ylabel: str, path: Path) -> No
 
 
 def _plot_final(rows: list[dict[str, Any]], suite: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)), dpi=110)
     labels = [r["arm"] for r in rows]
