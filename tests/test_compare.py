@@ -64,6 +64,10 @@ def test_method_file_validation(tmp_path):
     _, jobs = plan(tiny_suite(), methods=["bn-sgd", "my-adam"], extra_methods=methods, seeds=1, out=tmp_path)
     assert [j.config["optimizer"] for j in jobs] == ["sgd", "adam"]
 
+    toml = tmp_path / "methods.toml"
+    toml.write_text('[my-sgdg]\ndescription = "SGD-G, small lr_g"\noptimizer = "sgdg"\nlr_g = 0.1\n')
+    assert load_method_file(toml)["my-sgdg"].overrides == {"optimizer": "sgdg", "lr_g": 0.1}
+
     cases = {
         "unknown options": {"m": {"optimiser": "adam"}},
         "invalid optimizer": {"m": {"optimizer": "lbfgs"}},
