@@ -494,7 +494,9 @@ class SGDG(_GrassmannBase):
 
     Args:
         params: parameters or param groups (see :func:`grassmann_param_groups`).
-        lr: learning rate (η; the paper's ``lr_g`` in Grassmann groups, ``lr_e`` in the others).
+        lr: default learning rate for groups that do not set one (η; the paper's ``lr_g`` in Grassmann
+            groups, ``lr_e`` in the others). 1e-3 as in ``torch.optim.SGD``; ``grassmann_param_groups``
+            sets both.
         momentum: γ (Grassmann) / SGD momentum (Euclidean). The paper uses 0.9 for both.
         nesterov: Nesterov momentum, Euclidean groups only (SGD-G has none in the paper; ignored there).
         weight_decay: Euclidean groups only; a Grassmann group with weight decay raises ``ValueError``.
@@ -512,7 +514,7 @@ class SGDG(_GrassmannBase):
     def __init__(
         self,
         params: Any,
-        lr: float | Tensor,
+        lr: float | Tensor = 1e-3,
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 0.0,
@@ -579,7 +581,7 @@ class AdamG(_GrassmannBase):
     def __init__(
         self,
         params: Any,
-        lr: float | Tensor,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.99),
         eps: float = 1e-8,
         momentum: float = 0.9,
