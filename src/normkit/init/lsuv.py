@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from normkit._moments import merge_moments as _merge
 from normkit.graph import LayerKind, UntraceableModelError, inspection_mode, trace, unwrap_model
 from normkit.init._weights import WeightAccess, WeightAccessError
 from normkit.init.orthogonal import (
@@ -92,13 +93,8 @@ def merge_moments(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, T
     M2 = Σ M2_i + Σ n_i (mean_i − mean)²."""
     if len(parts) == 1:
         return parts[0]
-    counts = torch.stack([p[0] for p in parts])
-    means = torch.stack([p[1] for p in parts])
-    m2s = torch.stack([p[2] for p in parts])
-    n = counts.reshape(-1, *([1] * (means.dim() - 1)))
-    total = counts.sum()
-    mean = (n * means).sum(0) / total
-    return total, mean, m2s.sum(0) + (n * (means - mean).square()).sum(0)
+    counts, means, m2s = (torch.stack([p[k] for p in parts]) for k in range(3))
+    return _merge(counts, means, m2s)
 
 
 def blob_variance(count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from normkit._moments import merge_moments
+
 __all__ = ["batch_renorm", "renorm_correction", "renorm_limits"]
 
 Number = float | Tensor
@@ -64,19 +66,6 @@ def _reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
-def merge_moments(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact mean and biased variance of a union of sets from each set's (count, mean, biased variance).
-
-    Chan et al.'s pairwise update in closed form: M2 = Σ M2_i + Σ n_i (μ_i − μ)². ``counts`` is (K,), the
-    others (K, C).
-    """
-    n = counts.unsqueeze(1)
-    total = counts.sum()
-    mean = (n * means).sum(0) / total
-    m2 = (n * variances).sum(0) + (n * (means - mean).square()).sum(0)
-    return mean, m2 / total
-
-
 def _gathered_moments(mean: Tensor, var: Tensor, count: int, group: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, biased var, total count) over every rank of ``group``; ranks may hold different batch sizes."""
     packed = torch.cat([mean.new_full((1,), float(count)), mean, var])
@@ -86,8 +75,8 @@ def _gathered_moments(mean: Tensor, var: Tensor, count: int, group: Any) -> tupl
     table = torch.stack(gathered)
     c = mean.shape[0]
     counts = table[:, 0]
-    g_mean, g_var = merge_moments(counts, table[:, 1 : 1 + c], table[:, 1 + c :])
-    return g_mean, g_var, counts.sum()
+    total, g_mean, m2 = merge_moments(counts, table[:, 1 : 1 + c], table[:, 1 + c :] * counts[:, None])
+    return g_mean, m2 / total, total
 
 
 class _BatchRenormFunction(torch.autograd.Function):
@@ -190,7 +179,11 @@ def _ghost_batch_renorm(
         means.append(mean_g.detach().reshape(xg.shape[0], -1))
         variances.append(var_g.detach().reshape(xg.shape[0], -1))
     with torch.no_grad():
-        mean, var = merge_moments(torch.cat(counts), torch.cat(means), torch.cat(variances))
+        group_counts = torch.cat(counts)
+        total, mean, m2 = merge_moments(
+            group_counts, torch.cat(means), torch.cat(variances) * group_counts[:, None]
+        )
+        var = m2 / total
         running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         running_std.lerp_((var + eps).sqrt().to(running_std.dtype), momentum)
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
