@@ -509,6 +509,39 @@ def test_every_and_cycles() -> None:
     assert enorm.state_dict() == {"calls": 3}
 
 
+def test_cycle_follows_replaced_parameters_and_reloaded_state() -> None:
+    """The cycle caches its views of the weights and optimizer state; a replaced parameter or state loaded
+    into new tensors must be rescaled, exactly as a fresh ENorm would."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    F.cross_entropy(model(x), torch.zeros(5, dtype=torch.long)).backward()
+    optimizer.step()
+    twin, twin_opt = copy.deepcopy((model, optimizer))
+
+    enorm = ENorm(model, optimizer)
+    enorm.cycle()
+    ENorm(twin, twin_opt).cycle()
+    for opt in (optimizer, twin_opt):
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # new momentum tensors
+    enorm.cycle()
+    ENorm(twin, twin_opt).cycle()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], twin_opt.state[q]["momentum_buffer"])
+
+    weights_only = ENorm(model, None)
+    weights_only.cycle()
+    ENorm(twin, None).cycle()
+    for m in (model, twin):
+        m[2].weight = nn.Parameter(m[2].weight.detach() * 3.0)  # a new tensor in place of the old one
+    weights_only.cycle()
+    ENorm(twin, None).cycle()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_skip_last_reproduces_reference_choice() -> None:
     assert _groups(ENorm(mlp(), None, skip_last=True)) == ["0", "2"]
 

@@ -41,7 +41,6 @@ BatchNorm and so changed the output by several % per cycle):
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -107,14 +106,16 @@ def unit_norms(views: Sequence[Tensor], p: float = 2.0) -> Tensor:
     """Σ over ``views`` of ‖unit‖_p^p, one value per unit (float32 at least), shape (G·C,)."""
     total: Tensor | None = None
     for v in views:
-        v = v.to(_acc_dtype(v))
+        acc = _acc_dtype(v)
+        if v.dtype != acc:
+            v = v.to(acc)
         if v.shape[1] == 1:  # rows: a contiguous reduction
             n = torch.linalg.vector_norm(v, ord=p, dim=3)
-            term = n * n if p == 2 else n.pow(p)
+            term = n.square_() if p == 2 else n.pow_(p)
         else:  # columns: the strided vector_norm is several times slower than a plain sum
-            term = (v * v if p == 2 else v.abs().pow(p)).sum(dim=(1, 3), keepdim=True)
+            term = (v * v if p == 2 else v.abs().pow_(p)).sum(dim=(1, 3), keepdim=True)
         term = term.reshape(-1)
-        total = term if total is None else total + term
+        total = term if total is None else total.add_(term)
     if total is None:
         raise ValueError("unit_norms needs at least one view")
     return total
@@ -123,14 +124,20 @@ def unit_norms(views: Sequence[Tensor], p: float = 2.0) -> Tensor:
 def balance_factors(incoming_pp: Tensor, outgoing_pp: Tensor, c: float = 1.0, p: float = 2.0) -> Tensor:
     """d = (‖out‖ / (c·‖in‖))^{1/2} from the p-th powers of the norms; 1 for a unit with a zero side."""
     ok = (incoming_pp * outgoing_pp) > 0
-    d = (outgoing_pp / incoming_pp).pow_(1.0 / (2.0 * p)).mul_(1.0 / math.sqrt(c))
-    return torch.where(ok, d, 1.0)
+    d = (outgoing_pp / incoming_pp).mul_(c**-p).pow_(1.0 / (2.0 * p))
+    return d.masked_fill_(~ok, 1.0)
 
 
 def _scale_(views: Sequence[Tensor], s: Tensor) -> None:
+    if not views:
+        return
+    g = views[0].shape[0]
+    if all(v.shape[0] == g and v.dtype == s.dtype for v in views):
+        # one call for all views (a C++ loop on CPU, fused kernels where shapes allow)
+        torch._foreach_mul_(list(views), [s.view(g, 1, -1, 1)] * len(views))
+        return
     for v in views:
-        g, _, c, _ = v.shape
-        v.mul_(s.view(g, 1, c, 1).to(v.dtype))
+        v.mul_(s.view(v.shape[0], 1, v.shape[2], 1).to(v.dtype))
 
 
 def balance_(
@@ -417,6 +424,18 @@ def _groups_from_pairs(modules: dict[str, nn.Module], pairs: Sequence[tuple[str,
 # --- the object ------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _GroupViews:
+    """One group's unit views, sorted by what a cycle does with them (see :func:`balance_`)."""
+
+    norm_in: list[Tensor]
+    norm_out: list[Tensor]
+    times_d: list[Tensor]
+    times_inv_d: list[Tensor]
+    times_d2: list[Tensor]
+    times_inv_d2: list[Tensor]
+
+
 class ENorm:
     """Equi-normalization cycles interleaved with an optimizer.
 
@@ -479,6 +498,10 @@ class ENorm:
         self.groups: list[ENormGroup] = groups
         self.skipped: list[tuple[tuple[str, ...], str]] = [(s.layers, s.reason) for s in skipped]
         self._calls = 0
+        slots = (s for g in groups for s in (*g.incoming, *g.biases, *g.outgoing))
+        self._slots = list({(id(s.module), s.attr): s for s in slots}.values())
+        self._views_key: tuple[int, ...] | None = None
+        self._views_cache: list[_GroupViews] = []
         noisy = [s for s in skipped if not s.expected]
         if warn and noisy:
             lines = "; ".join(f"{', '.join(s.layers)}: {s.reason}" for s in noisy)
@@ -498,36 +521,64 @@ class ENorm:
     @torch.no_grad()
     def cycle(self) -> None:
         """One sweep over the groups in execution order (Gauss-Seidel: each uses the previous rescalings)."""
-        state = self.optimizer.state if self.optimizer is not None else None
-        for group in self.groups:
-            w_in = [s.view(s.tensor()) for s in group.incoming]
-            b_in = [s.view(s.tensor()) for s in group.biases]
-            w_out = [s.view(s.tensor()) for s in group.outgoing]
-            gl_in: list[Tensor] = []
-            gl_out: list[Tensor] = []
-            sq_in: list[Tensor] = []
-            sq_out: list[Tensor] = []
-            if state:
-                for slots, gl, sq in (
-                    ((*group.incoming, *group.biases), gl_in, sq_in),
-                    (group.outgoing, gl_out, sq_out),
-                ):
-                    for s in slots:
-                        st = state.get(s.tensor())
-                        if not st:
-                            continue
-                        gl.extend(s.view(st[k]) for k in _GRAD_LIKE if st.get(k) is not None)
-                        sq.extend(s.view(st[k]) for k in _SQUARE_LIKE if st.get(k) is not None)
+        for views in self._views():
             balance_(
-                [*w_in, *b_in] if self.include_bias else w_in,
-                w_out,
-                times_d=[*w_in, *b_in, *gl_out],
-                times_inv_d=[*w_out, *gl_in],
-                times_d2=sq_out,
-                times_inv_d2=sq_in,
+                views.norm_in,
+                views.norm_out,
+                times_d=views.times_d,
+                times_inv_d=views.times_inv_d,
+                times_d2=views.times_d2,
+                times_inv_d2=views.times_inv_d2,
                 c=self.c,
                 p=self.p,
             )
+
+    def _views(self) -> list[_GroupViews]:
+        """The unit views of every group's weights and optimizer state, rebuilt only when a tensor changed
+        (a parameter replaced, state created or loaded): building them is most of a small network's cycle."""
+        state = self.optimizer.state if self.optimizer is not None else {}
+        key: list[int] = []
+        for t in self._tensors():
+            key += (id(t), t.data_ptr())
+            st = state.get(t)
+            if st:
+                key.extend(st[k].data_ptr() for k in (*_GRAD_LIKE, *_SQUARE_LIKE) if st.get(k) is not None)
+            key.append(-1)
+        signature = tuple(key)
+        if signature != self._views_key:
+            self._views_cache = [self._group_views(group, state) for group in self.groups]
+            self._views_key = signature
+        return self._views_cache
+
+    def _tensors(self) -> list[Tensor]:
+        return [s.tensor() for s in self._slots]
+
+    def _group_views(self, group: ENormGroup, state: Any) -> _GroupViews:
+        w_in = [s.view(s.tensor()) for s in group.incoming]
+        b_in = [s.view(s.tensor()) for s in group.biases]
+        w_out = [s.view(s.tensor()) for s in group.outgoing]
+        gl_in: list[Tensor] = []
+        gl_out: list[Tensor] = []
+        sq_in: list[Tensor] = []
+        sq_out: list[Tensor] = []
+        for slots, gl, sq in (
+            ((*group.incoming, *group.biases), gl_in, sq_in),
+            (group.outgoing, gl_out, sq_out),
+        ):
+            for s in slots:
+                st = state.get(s.tensor())
+                if not st:
+                    continue
+                gl.extend(s.view(st[k]) for k in _GRAD_LIKE if st.get(k) is not None)
+                sq.extend(s.view(st[k]) for k in _SQUARE_LIKE if st.get(k) is not None)
+        return _GroupViews(
+            norm_in=[*w_in, *b_in] if self.include_bias else w_in,
+            norm_out=w_out,
+            times_d=[*w_in, *b_in, *gl_out],
+            times_inv_d=[*w_out, *gl_in],
+            times_d2=sq_out,
+            times_inv_d2=sq_in,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self._calls}
