@@ -52,12 +52,13 @@ _GRANULARITIES = ("tensor", "layer", "unit", "global")
 _STATE_KEY = "normkit_wrapper"
 
 
-_SMALL = 4096  # tensors up to this many elements are stacked by size and reduced in one kernel per size
+_SMALL = 4096  # tensors up to this many elements are stacked by shape and reduced in one kernel per shape
 
 
 class _Plan:
     """The layout of one set of gradients, cached between steps: device/dtype groups (each ordered with its
-    small tensors first, bucketed by size), blocks, element counts."""
+    small tensors first, bucketed by shape), blocks, element counts, and per group a buffer for the scales
+    with its 0-dim views (made once: unbinding a fresh tensor every step costs as much as the multiply)."""
 
     def __init__(
         self, grads: list[Tensor], granularity: str, block_of: list[int], bucket: bool = True
@@ -74,15 +75,17 @@ class _Plan:
         self.groups: list[list[int]] = []
         self.buckets: list[list[int]] = []
         for idx in groups.values():
-            by_size: dict[int, list[int]] = {}
+            by_shape: dict[torch.Size, list[int]] = {}
             for i in idx:
-                by_size.setdefault(grads[i].numel(), []).append(i)
-            runs = [r for n, r in by_size.items() if bucket and n <= _SMALL and len(r) > 1]
+                by_shape.setdefault(grads[i].shape, []).append(i)
+            runs = [r for n, r in by_shape.items() if bucket and n.numel() <= _SMALL and len(r) > 1]
             taken = {i for r in runs for i in r}
             self.groups.append([i for r in runs for i in r] + [i for i in idx if i not in taken])
             self.buckets.append([len(r) for r in runs])
         self.checks = [(idx[0], grads[idx[0]].device, grads[idx[0]].dtype) for idx in self.groups]
         self.complex = [grads[idx[0]].is_complex() for idx in self.groups]
+        self._scales: list[Tensor | None] = [None] * len(self.groups)
+        self._scale_views: list[list[Tensor]] = [[] for _ in self.groups]
         self.counts = [
             torch.tensor([float(grads[i].numel()) for i in idx], device=grads[idx[0]].device)
             for idx in self.groups
@@ -98,6 +101,15 @@ class _Plan:
             self.blocks: list[list[int]] = [[] for _ in range(self.num_blocks)]
             for i, s in zip(order, seg):
                 self.blocks[s].append(i)
+
+    def scale_views(self, k: int, scales: Tensor) -> list[Tensor]:
+        """``scales`` (group ``k``, one per tensor) as a list of 0-dim tensors for ``_foreach_mul_``."""
+        buf = self._scales[k]
+        if buf is None or buf.dtype != scales.dtype or buf.device != scales.device:
+            buf = self._scales[k] = torch.empty_like(scales)
+            self._scale_views[k] = list(buf.unbind())
+        buf.copy_(scales)
+        return self._scale_views[k]
 
     def valid_for(self, grads: list[Tensor]) -> bool:
         """Cheap check that the gradients still have the devices/dtypes the plan was made for."""
@@ -311,7 +323,7 @@ class _GradientTransform(torch.optim.Optimizer):
                 s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
                 if plan.complex[k]:
                     s = s.to(grads[idx[0]].real.dtype)
-                torch._foreach_mul_([grads[i] for i in idx], s.unbind())
+                torch._foreach_mul_([grads[i] for i in idx], plan.scale_views(k, s))
         if self.return_norms:
             if plan.granularity == "unit":
                 self.last_norms = {p: n for p, n in zip(params, norms)}

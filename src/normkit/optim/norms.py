@@ -213,7 +213,12 @@ def tensor_stats(
     start = 0
     for size in buckets:
         chunk = tensors[start : start + size]
-        pieces.append(row_stats(torch.stack([c.reshape(-1) for c in chunk]), needs))
+        first = chunk[0].shape
+        if all(c.shape == first for c in chunk):  # stack as they are: a reshape per tensor costs more
+            stacked = torch.stack(list(chunk)).reshape(size, -1)
+        else:
+            stacked = torch.stack([c.reshape(-1) for c in chunk])
+        pieces.append(row_stats(stacked, needs))
         start += size
     if start < len(tensors):
         pieces.append(_each_stats(tensors[start:], needs, foreach))
