@@ -106,7 +106,7 @@ def run(quick: bool) -> list[Ratio]:
                 cases.append((name, "torch.compile(step)", _Compiled(opt), ref))
         cases.append(("one elementwise pass (w += 0·g)", "foreach", _OnePass(shapes), sgd))
         # Also at one thread: on a small shared machine the per-op OpenMP barriers of a many-op step (SGD-G:
-        # about 12 full passes per tensor vs 4 for SGD) dominate at 2 threads when other processes run.
+        # 12 kernels per tensor vs 4 for SGD) dominate at 2 threads when other processes run.
         for n_threads in sorted({threads, 1}, reverse=True):
             torch.set_num_threads(n_threads)
             try:
