@@ -75,7 +75,7 @@ def render(name: str, title: str, result: Any) -> str:
             target = f"≤ {r.target:g}× ({r.verdict})" if r.target is not None else ""
             lines.append(
                 f"| {r.name} | {r.reference} | {r.candidate_ms:.3f} | {r.reference_ms:.3f} | "
-                f"{r.ratio:.2f}× | {target} |"
+                f"{r.ratio:.{2 if r.ratio >= 0.1 else 3}f}× | {target} |"
             )
     lines.append(f"<!-- /bench:{name} -->")
     return "\n".join(lines)
