@@ -494,6 +494,29 @@ def test_low_precision_and_complex_parameters() -> None:
     torch.testing.assert_close(q.grad, want)
 
 
+@pytest.mark.parametrize("name", ["l2", "avg_l1_l2", "max", "std"])
+def test_unit_blocks_of_convs_vectors_scalars_and_channels_last(name: str) -> None:
+    """Granularity "unit": each conv filter, each vector, each scalar is a block — also for channels_last
+    gradients and for same-shape tensors reduced together — against the float64 formula."""
+    torch.manual_seed(0)
+    shapes = [(6, 3, 3, 3), (6, 3, 3, 3), (5, 6, 1, 1), (2, 40, 3, 3), (7,), (7,), (), ()]
+    params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape) * 3.0
+    params[0].grad = params[0].grad.to(memory_format=torch.channels_last)
+    params[3].grad = params[3].grad.to(memory_format=torch.channels_last)
+    raw = [p.grad.double().clone() for p in params]
+    opt = NormalizedOptimizer(torch.optim.SGD(params, lr=0.0), name, "unit", return_norms=True)
+    opt.step()
+    for p, g in zip(params, raw):
+        units = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(1, -1)
+        norms = [reference(u, name) for u in units]
+        want = torch.stack([u / (n + 1e-7) for u, n in zip(units, norms)]).reshape(g.shape)
+        torch.testing.assert_close(p.grad.double(), want, rtol=2e-5, atol=1e-7)
+        logged = opt.last_norms[p].double()
+        torch.testing.assert_close(logged, torch.tensor(norms, dtype=torch.float64), rtol=2e-6, atol=0)
+
+
 def test_errors() -> None:
     model = make_model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)

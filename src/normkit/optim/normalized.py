@@ -90,6 +90,23 @@ class _Plan:
             torch.tensor([float(grads[i].numel()) for i in idx], device=grads[idx[0]].device)
             for idx in self.groups
         ]
+        if granularity == "unit":
+            # per group: units per tensor, each unit's element count, the shape a tensor's scales take
+            self.units = [[num_units(grads[i]) for i in idx] for idx in self.groups]
+            self.unit_counts = [
+                torch.tensor(
+                    [float(grads[i].numel() // u) for i, u in zip(idx, units) for _ in range(u)],
+                    device=grads[idx[0]].device,
+                )
+                for idx, units in zip(self.groups, self.units)
+            ]
+            self.scale_shapes = [
+                [
+                    (u,) + (1,) * (grads[i].ndim - 1) if grads[i].ndim >= 2 else (1,) * grads[i].ndim
+                    for i, u in zip(idx, units)
+                ]
+                for idx, units in zip(self.groups, self.units)
+            ]
         if granularity in ("layer", "global"):
             order = [i for idx in self.groups for i in idx]
             ids: dict[int, int] = {}
@@ -311,11 +328,16 @@ class _GradientTransform(torch.optim.Optimizer):
         plan = self._get_plan(params, grads, key)
         weights = [p.detach() for p in params] if self._needs_param_norms() else None
         if plan.granularity == "unit":
-            norms = [self._row_norms(g) for g in grads]
-            wnorms = [self._row_norms(w) for w in weights] if weights is not None else None
-            for k, g in enumerate(grads):
-                s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
-                g.mul_(s.to(g.device).view(-1, *([1] * (g.ndim - 1))) if g.ndim >= 2 else s.to(g.device)[0])
+            norms = []
+            for k, idx in enumerate(plan.groups):
+                unit_norms = self._unit_norms(plan, k, [grads[i] for i in idx])
+                w_norms = (
+                    self._unit_norms(plan, k, [weights[i] for i in idx]) if weights is not None else None
+                )
+                s = self._scales(unit_norms, w_norms)
+                scales = [v.view(shape) for v, shape in zip(s.split(plan.units[k]), plan.scale_shapes[k])]
+                torch._foreach_mul_([grads[i] for i in idx], scales)
+                norms.append(unit_norms)
         else:
             norms = self._grouped_norms(plan, grads)
             wnorms = self._grouped_norms(plan, weights) if weights is not None else None
@@ -326,17 +348,36 @@ class _GradientTransform(torch.optim.Optimizer):
                 torch._foreach_mul_([grads[i] for i in idx], plan.scale_views(k, s))
         if self.return_norms:
             if plan.granularity == "unit":
-                self.last_norms = {p: n for p, n in zip(params, norms)}
+                self.last_norms = {
+                    params[i]: n
+                    for k, idx in enumerate(plan.groups)
+                    for i, n in zip(idx, norms[k].split(plan.units[k]))
+                }
             else:
                 self.last_norms = {
                     params[i]: n for k, idx in enumerate(plan.groups) for i, n in zip(idx, norms[k].unbind())
                 }
 
-    def _row_norms(self, x: Tensor) -> Tensor:
+    def _unit_norms(self, plan: _Plan, k: int, tensors: list[Tensor]) -> Tensor:
+        """The norm of every unit of group ``k``'s tensors, concatenated (tensors of one small shape
+        stacked into one reduction)."""
         nrm = self.norm
-        if nrm.needs is not None:
-            rows = num_units(x)
-            return finish(nrm.name, row_stats(x, nrm.needs), float(x.numel() // rows))
+        if nrm.needs is None:
+            return torch.cat([self._row_norms(x) for x in tensors])
+        pieces: list[dict[str, Tensor]] = []
+        start = 0
+        for size in plan.buckets[k]:
+            stacked = torch.stack(tensors[start : start + size])
+            pieces.append(row_stats(stacked.reshape(size * num_units(tensors[start]), -1), nrm.needs))
+            start += size
+        pieces += [row_stats(x, nrm.needs) for x in tensors[start:]]
+        stats = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
+        counts = plan.unit_counts[k]
+        return finish(nrm.name, stats, counts.to(stats[next(iter(stats))].dtype))
+
+    def _row_norms(self, x: Tensor) -> Tensor:
+        """A custom norm of every unit of ``x``."""
+        nrm = self.norm
         rows_view = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
         try:
             return torch.vmap(nrm.fn)(rows_view)
