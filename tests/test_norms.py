@@ -155,3 +155,19 @@ def test_bucketed_multi_tensor_path(name: str) -> None:
     got = N.finish(canon, stats, torch.tensor([float(x.numel()) for x in xs]))
     for x, v, w in zip(xs, got, out):
         assert close(v, reference(x, name)) and close(w, reference(x, name))
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_unit_statistics_of_several_tensors(name: str) -> None:
+    """unit_stats: every unit (row of a matrix or filter, a whole vector, a scalar) of several tensors, with
+    same-shape runs reduced together, equals the formula on each unit."""
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(3, 2, 2, generator=g), torch.randn(3, 2, 2, generator=g), torch.zeros(4)]
+    xs += [torch.randn(4, generator=g), torch.randn(5, 6, generator=g), torch.tensor(-2.5)]
+    canon = N._ALIASES.get(name, name)
+    stats = N.unit_stats(xs, N._NEEDS[canon], buckets=[2])
+    units = [u for x in xs for u in (x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1))]
+    got = N.finish(canon, stats, torch.tensor([float(u.numel()) for u in units]))
+    assert got.shape == (len(units),)
+    for u, v in zip(units, got):
+        assert close(v, reference(u, name))

@@ -41,8 +41,8 @@ from normkit.optim.norms import (
     finish,
     get_norm,
     num_units,
-    row_stats,
     tensor_stats,
+    unit_stats,
 )
 
 __all__ = ["ClippedOptimizer", "Granularity", "NormalizedOptimizer"]
@@ -84,7 +84,7 @@ class _Plan:
             self.buckets.append([len(r) for r in runs])
         self.checks = [(idx[0], grads[idx[0]].device, grads[idx[0]].dtype) for idx in self.groups]
         self.complex = [grads[idx[0]].is_complex() for idx in self.groups]
-        self._scales: list[Tensor | None] = [None] * len(self.groups)
+        self._scale_buffers: list[Tensor | None] = [None] * len(self.groups)
         self._scale_views: list[list[Tensor]] = [[] for _ in self.groups]
         self.counts = [
             torch.tensor([float(grads[i].numel()) for i in idx], device=grads[idx[0]].device)
@@ -121,9 +121,9 @@ class _Plan:
 
     def scale_views(self, k: int, scales: Tensor) -> list[Tensor]:
         """``scales`` (group ``k``, one per tensor) as a list of 0-dim tensors for ``_foreach_mul_``."""
-        buf = self._scales[k]
+        buf = self._scale_buffers[k]
         if buf is None or buf.dtype != scales.dtype or buf.device != scales.device:
-            buf = self._scales[k] = torch.empty_like(scales)
+            buf = self._scale_buffers[k] = torch.empty_like(scales)
             self._scale_views[k] = list(buf.unbind())
         buf.copy_(scales)
         return self._scale_views[k]
@@ -364,16 +364,8 @@ class _GradientTransform(torch.optim.Optimizer):
         nrm = self.norm
         if nrm.needs is None:
             return torch.cat([self._row_norms(x) for x in tensors])
-        pieces: list[dict[str, Tensor]] = []
-        start = 0
-        for size in plan.buckets[k]:
-            stacked = torch.stack(tensors[start : start + size])
-            pieces.append(row_stats(stacked.reshape(size * num_units(tensors[start]), -1), nrm.needs))
-            start += size
-        pieces += [row_stats(x, nrm.needs) for x in tensors[start:]]
-        stats = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
-        counts = plan.unit_counts[k]
-        return finish(nrm.name, stats, counts.to(stats[next(iter(stats))].dtype))
+        stats = unit_stats(tensors, nrm.needs, buckets=plan.buckets[k])
+        return finish(nrm.name, stats, plan.unit_counts[k].to(stats[next(iter(stats))].dtype))
 
     def _row_norms(self, x: Tensor) -> Tensor:
         """A custom norm of every unit of ``x``."""

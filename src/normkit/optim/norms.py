@@ -54,6 +54,7 @@ __all__ = [
     "row_stats",
     "tensor_norms",
     "tensor_stats",
+    "unit_stats",
     "unregister_norm",
 ]
 
@@ -215,13 +216,34 @@ def tensor_stats(
         chunk = tensors[start : start + size]
         first = chunk[0].shape
         if all(c.shape == first for c in chunk):  # stack as they are: a reshape per tensor costs more
-            stacked = torch.stack(list(chunk)).reshape(size, -1)
+            pieces.append(row_stats(_stacked(chunk, 1), needs))
         else:
-            stacked = torch.stack([c.reshape(-1) for c in chunk])
-        pieces.append(row_stats(stacked, needs))
+            pieces.append(row_stats(torch.stack([c.reshape(-1) for c in chunk]), needs))
         start += size
     if start < len(tensors):
         pieces.append(_each_stats(tensors[start:], needs, foreach))
+    return _concat(pieces)
+
+
+def unit_stats(tensors: Sequence[Tensor], needs: frozenset[str], *, buckets: Sequence[int] = ()) -> Stats:
+    """The statistics of :func:`row_stats` for every unit of several same-device tensors, concatenated in
+    order. ``buckets``: sizes of leading runs of tensors of one shape, reduced together in one kernel each."""
+    pieces: list[Stats] = []
+    start = 0
+    for size in buckets:
+        chunk = tensors[start : start + size]
+        pieces.append(row_stats(_stacked(chunk, num_units(chunk[0])), needs))
+        start += size
+    pieces += [row_stats(x, needs) for x in tensors[start:]]
+    return _concat(pieces)
+
+
+def _stacked(chunk: Sequence[Tensor], rows_each: int) -> Tensor:
+    """Tensors of one shape as one matrix of ``rows_each`` rows per tensor (one reduction for all)."""
+    return torch.stack(list(chunk)).reshape(len(chunk) * rows_each, -1)
+
+
+def _concat(pieces: list[Stats]) -> Stats:
     if len(pieces) == 1:
         return pieces[0]
     return {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
