@@ -25,7 +25,8 @@ Three computational paths, all without host synchronisation:
   ``min|x|``, mean and ``Σ|x − mean|²``) for a list of tensors with ``torch._foreach_norm`` (multi-tensor)
   or a loop (single-tensor), which :func:`combine_stats` merges exactly into blocks made of several tensors
   (a layer, all gradients; the standard deviation with Chan's parallel formula);
-* :func:`row_stats` — the same statistics per row (output unit) of one tensor.
+* :func:`row_stats` — the same statistics per row (output unit) of one tensor; :func:`unit_stats` for every
+  unit of several tensors at once.
 
 Custom norms (:func:`register_norm`, or a callable given directly) are plain functions ``fn(x) -> scalar``; a
 block of several tensors is handed to them concatenated and flattened, rows through ``torch.vmap`` when the
