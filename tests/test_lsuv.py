@@ -399,22 +399,115 @@ def test_non_convergence_warns_naming_the_layer():
     assert report["0"].converged is False and report["0"].iterations == 1
 
 
-def test_dead_layer_raises_and_restores_the_model():
-    class MidwayDead(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(4, 8)
-            self.b = nn.Linear(8, 8)
-            self.c = nn.Linear(8, 2)
+class MidwayDead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 2)
 
-        def forward(self, x):
-            return self.c(self.b(torch.relu(self.a(x)) * 0.0))
+    def forward(self, x):
+        return self.c(self.b(torch.relu(self.a(x)) * 0.0))
 
+
+def test_layer_whose_output_ignores_its_weight_keeps_it_and_is_named():
+    torch.manual_seed(10)
+    x = torch.randn(16, 4)
+    model = MidwayDead()
+    # b sees an all-zero input: its output is its bias whatever its weight. The old loop multiplied the weight
+    # by 1/sqrt(var(bias)) ten times over (~1e7) without changing anything.
+    with pytest.warns(RuntimeWarning, match=r"kept the weights of: 'b' \(the output does not depend"):
+        report = lsuv_init(model, x, zero_bias=False)
+    assert report["b"].status is LayerStatus.NO_EFFECT and report["b"].iterations == 0
+    w = model.b.weight.detach().double()
+    assert torch.allclose(w @ w.T, torch.eye(8, dtype=torch.float64), atol=1e-5)  # orthogonal, never scaled
+    assert report["a"].status is LayerStatus.INITIALIZED and report["a"].converged
+    # with zero biases every layer after the zeroing is dead: reported, not an error, nothing scaled
+    model = MidwayDead()
+    with pytest.warns(RuntimeWarning, match="'b'.*'c'"):
+        report = lsuv_init(model, x)
+    assert [r.status for r in report] == [LayerStatus.INITIALIZED, LayerStatus.NO_EFFECT, LayerStatus.NO_EFFECT]
+    for name in ("b", "c"):
+        w = getattr(model, name).weight.detach().double()
+        rows = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        assert torch.allclose(rows, torch.eye(min(w.shape), dtype=torch.float64), atol=1e-5)
+
+
+def test_scale_beyond_max_scale_keeps_the_weight():
+    torch.manual_seed(11)
+    model = plain_relu_net()
+    x = torch.randn(32, 3, 8, 8) * 1e-6  # the first layer would need a factor of about 1e6
+    with pytest.warns(RuntimeWarning, match=r"'0' \(would scale the weight by .*beyond max_scale=10000"):
+        report = lsuv_init(model, x)
+    assert report["0"].status is LayerStatus.OUT_OF_BOUNDS and report["0"].iterations == 0
+    w = model[0].weight.detach().reshape(8, -1).double()
+    assert torch.allclose(w @ w.T, torch.eye(8, dtype=torch.float64), atol=1e-5)
+    for r in report.initialized:
+        assert 1e-4 <= r.scale <= 1e4, r.name
+    report = lsuv_init(model, x, max_scale=1e8)  # a wider bound lets it through
+    assert report["0"].status is LayerStatus.INITIALIZED and report["0"].converged
+
+
+def test_non_finite_output_raises_and_restores_the_model():
     model = MidwayDead()
     before = params_of(model)
-    with pytest.raises(LSUVError, match="'b' is dead"):
-        lsuv_init(model, torch.randn(16, 4))  # a is orthogonalized and scaled before b fails
+    x = torch.randn(16, 4)
+    x[0, 0] = float("nan")
+    with pytest.raises(LSUVError, match="'a' gives a non-finite output variance"):
+        lsuv_init(model, x)
     assert_same_params(model, before)
+
+
+class BNThenPlain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.conv2(F.relu(self.bn(self.conv1(x))))
+        return self.fc(self.drop(F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1)))
+
+
+def train_mode_variances(model, x, names):
+    """Float64 variances of the named layers' outputs with BatchNorm on batch statistics and dropout off
+    (the mode training will run), measured on a copy so the model's running statistics stay untouched."""
+    probe = copy.deepcopy(model).eval()
+    for m in probe.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    return output_variances_in_mode(probe, x, names)
+
+
+def output_variances_in_mode(model, x, names):
+    mods = dict(model.named_modules())
+    outs: dict[str, torch.Tensor] = {}
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.detach())) for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {n: outs[n].double().var().item() for n in names}
+
+
+def test_variances_are_measured_with_batch_statistics_as_training_runs():
+    torch.manual_seed(12)
+    model = BNThenPlain().train()
+    x = torch.randn(16, 3, 8, 8) * 5  # conv1's output is far from unit variance: BN in eval would not fix it
+    report = lsuv_init(model, x)
+    assert report["conv1"].status is LayerStatus.FEEDS_NORMALIZATION
+    for name, v in train_mode_variances(model, x, ["conv2", "fc"]).items():
+        assert abs(v - 1) < 0.1, (name, v)
+    # running statistics, the counter and every mode flag are as before
+    assert model.training and model.bn.training and model.drop.training
+    assert int(model.bn.num_batches_tracked) == 0 and torch.equal(model.bn.running_var, torch.ones(8))
+    assert torch.equal(model.bn.running_mean, torch.zeros(8))
+    # batch_statistics=False keeps the old, eval-mode semantics (frozen statistics)
+    report = lsuv_init(model, x, batch_statistics=False)
+    assert abs(output_variances(model, x, ["conv2"])["conv2"] - 1) < 0.1
 
 
 def test_bad_arguments_give_clear_errors_and_touch_nothing():

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "AddJoin",
@@ -37,18 +38,29 @@ __all__ = [
     "ModelGraph",
     "Op",
     "OpKind",
+    "ParamIndex",
     "UntraceableModelError",
+    "WeightCalls",
+    "add_functional_layers",
+    "attention_layer_names",
+    "attention_projections",
+    "call_weight_and_bias",
     "channel_dim",
     "channel_path",
+    "functional_layer_name",
+    "functional_units",
+    "has_hidden_weights",
     "in_channels",
     "inspection_mode",
     "is_normalization",
     "is_per_channel_normalization",
     "layer_kind",
+    "no_fused_attention",
     "out_channels",
     "tied_sources",
     "trace",
     "unwrap_model",
+    "weight_function_kind",
 ]
 
 
@@ -68,6 +80,7 @@ class OpKind(enum.Enum):
     IDENTITY = "identity"  # dropout, nn.Identity, contiguous, clone, type casts
     SCALE_COMMUTING = "scale_commuting"  # f(s*x) = s*f(x) per channel, s > 0: ReLU, pooling, zero padding
     RESHAPE = "reshape"  # flatten, view, reshape: channels become blocks of features
+    PERMUTE = "permute"  # permute, transpose: the channel axis moves to another position
     ADD = "add"
     CAT = "cat"
     OTHER = "other"
@@ -180,6 +193,20 @@ _RESHAPE_FUNCTIONS: set[Any] = {torch.flatten, torch.reshape}
 _ADD_FUNCTIONS: set[Any] = {operator.add, operator.iadd, torch.add}
 _CAT_FUNCTIONS: set[Any] = {torch.cat, torch.concat}
 
+_PERMUTE_FUNCTIONS: set[Any] = {torch.permute, torch.transpose, torch.swapaxes, torch.swapdims}
+_PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "swapdims"}
+# Per-sample drop (stochastic depth / drop path) multiplies each sample by 0 or 1/(1 - p): like dropout, it
+# acts on all channels alike. Recognized by name, so the core imports neither torchvision nor timm.
+_DROP_PATH_FUNCTIONS = {
+    ("torchvision.ops.stochastic_depth", "stochastic_depth"),
+    ("timm.layers.drop", "drop_path"),
+}
+
+
+def _is_drop_path(fn: Any) -> bool:
+    return (getattr(fn, "__module__", None), getattr(fn, "__name__", None)) in _DROP_PATH_FUNCTIONS
+
+
 _IDENTITY_METHODS = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as", "detach"}
 _SCALE_COMMUTING_METHODS = {"relu", "relu_"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
@@ -201,8 +228,10 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
         return OpKind.OTHER
     if node.op == "call_function":
         fn = node.target
-        if fn in _IDENTITY_FUNCTIONS:
+        if fn in _IDENTITY_FUNCTIONS or _is_drop_path(fn):
             return OpKind.IDENTITY
+        if fn in _PERMUTE_FUNCTIONS:
+            return OpKind.PERMUTE
         if fn is F.pad:
             value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
             mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
@@ -226,6 +255,8 @@ def _classify(node: fx.Node, modules: dict[str, nn.Module]) -> OpKind:
             return OpKind.SCALE_COMMUTING
         if name in _RESHAPE_METHODS:
             return OpKind.RESHAPE
+        if name in _PERMUTE_METHODS:
+            return OpKind.PERMUTE
         if name in _ADD_METHODS:
             return OpKind.ADD
         return OpKind.OTHER
@@ -289,6 +320,13 @@ class LayerNode:
     producers: list[Edge] = field(default_factory=list)
     consumers: list[Edge] = field(default_factory=list)
     output_shape: tuple[int, ...] | None = None  # of the first call, when traced with an example input
+    # A layer the forward computes by a functional call (F.linear / F.conv*) on a weight ``module`` owns,
+    # never by calling ``module``: Swin's ``F.linear(x, self.qkv.weight)``, MultiheadAttention's projections.
+    # Found by running an example input; ``param`` names the weight, ``rows`` the output rows it covers
+    # (MultiheadAttention's packed ``in_proj_weight`` holds three projections: q, k, v).
+    functional: bool = False
+    param: str = "weight"
+    rows: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"LayerNode({self.name!r}, {self.kind.value}, order={self.order}, calls={self.calls})"
@@ -353,6 +391,8 @@ class ModelGraph:
         Only operations of the kinds in ``through`` may stand on the paths (default: none that change values).
         With ``per_channel`` the normalization must normalize each channel on its own (BatchNorm, BatchRenorm,
         InstanceNorm): then a positive rescaling of one output unit's weights leaves the function unchanged.
+        There a concatenation along the channel axis (dim 1, DenseNet's ``torch.cat(features, 1)``) counts as
+        no operation: each concatenated channel stays a channel of its own.
         """
         layer = self[name]
         allowed = set(through)
@@ -361,7 +401,10 @@ class ModelGraph:
         if not self.traced and allowed != {OpKind.IDENTITY}:
             self._require_traced("follow operations between layers")
         for edge in layer.consumers:
-            if edge.dst is None or not edge.kinds() <= allowed:
+            if edge.dst is None:
+                return False
+            kinds = {op.kind for op in edge.ops if not (per_channel and _cat_along_channels(op))}
+            if not kinds <= allowed:
                 return False
             dst = self.layers[edge.dst].module
             ok = is_per_channel_normalization(dst) if per_channel else is_normalization(dst)
@@ -374,6 +417,7 @@ class ModelGraph:
         return True
 
     _fully_direct: frozenset[str] = frozenset()
+    functional_run = False  # add_functional_layers found layers by running the model
 
     def _require_traced(self, what: str) -> None:
         if not self.traced:
@@ -384,18 +428,41 @@ class ModelGraph:
             )
 
 
+def _cat_along_channels(op: Op) -> bool:
+    """A concatenation along dim 1, the channel axis of a per-channel normalization's input."""
+    node = op.node
+    if op.kind is not OpKind.CAT or node is None:
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if not isinstance(dim, int):
+        return False
+    if dim < 0:
+        shape = op.shape
+        if shape is None:
+            return False
+        dim += len(shape)
+    return dim == 1
+
+
 # --- tracing ---------------------------------------------------------------------------------------------
 
 
 class _LayerTracer(fx.Tracer):
-    """Keeps every layer, normalization and torch.nn module as a leaf."""
+    """Keeps every linear / conv / normalization layer and torch.nn module as a leaf. Other modules, also those
+    owning a parameter of their own (ConvNeXt's layer scale, ViT's position embedding), are traced into, so the
+    layers they call stay visible; with ``opaque_owners`` those are leaves too (the fallback when tracing
+    into them fails)."""
 
-    def __init__(self, extra_leaves: tuple[type[nn.Module], ...]) -> None:
+    def __init__(self, extra_leaves: tuple[type[nn.Module], ...], opaque_owners: bool = False) -> None:
         super().__init__()
         self.extra_leaves = extra_leaves
+        self.opaque_owners = opaque_owners
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if layer_kind(m) is not None or isinstance(m, self.extra_leaves):
+        kind = layer_kind(m)
+        if kind is not None and (kind is not LayerKind.OTHER or self.opaque_owners):
+            return True
+        if isinstance(m, self.extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -544,6 +611,257 @@ def _build_from_hooks(model: nn.Module, example_input: Any, error: BaseException
     return graph
 
 
+# --- layers computed by functional calls on a module's weight ---------------------------------------------
+
+_WEIGHT_FUNCTIONS: dict[Any, LayerKind] = {
+    F.linear: LayerKind.LINEAR,
+    F.conv1d: LayerKind.CONV,
+    F.conv2d: LayerKind.CONV,
+    F.conv3d: LayerKind.CONV,
+    F.conv_transpose1d: LayerKind.CONV_TRANSPOSE,
+    F.conv_transpose2d: LayerKind.CONV_TRANSPOSE,
+    F.conv_transpose3d: LayerKind.CONV_TRANSPOSE,
+}
+
+
+def weight_function_kind(func: Any) -> LayerKind | None:
+    """The layer kind of a functional linear / conv call (``F.linear``, ``F.conv2d`` ...), else None."""
+    return _WEIGHT_FUNCTIONS.get(func)
+
+
+def call_weight_and_bias(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """The ``weight`` and ``bias`` arguments of a functional linear / conv call."""
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return weight, bias
+
+
+class WeightCalls(TorchFunctionMode):
+    """A torch function mode that hands every functional linear / conv call to ``handler(func, kind, args,
+    kwargs)`` (which must compute and return the result) and runs everything else unchanged."""
+
+    def __init__(self, handler: Callable[[Any, LayerKind, tuple[Any, ...], dict[str, Any]], Any]) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        kind = _WEIGHT_FUNCTIONS.get(func)
+        if kind is None:
+            return func(*args, **kwargs)
+        return self.handler(func, kind, args, kwargs)
+
+
+class ParamIndex:
+    """Finds which module parameter a weight tensor is, or which rows of it (a row slice / chunk)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = dict(model.named_modules())
+        self._by_storage: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
+        for mname, module in self.modules.items():
+            for pname, p in module.named_parameters(recurse=False):
+                self._by_storage.setdefault(p.untyped_storage().data_ptr(), []).append((mname, pname, p))
+
+    def resolve(self, w: Any) -> tuple[str, str, tuple[int, int]] | None:
+        """(owner module name, parameter name, (first row, end row)) of weight ``w``, or None."""
+        if not isinstance(w, torch.Tensor) or w.dim() < 1:
+            return None
+        for mname, pname, p in self._by_storage.get(w.untyped_storage().data_ptr(), ()):
+            if w.shape[1:] != p.shape[1:] or w.stride() != p.stride():
+                continue
+            row = p.stride(0) if p.dim() > 1 else 1
+            offset = w.storage_offset() - p.storage_offset()
+            if offset < 0 or offset % row:
+                continue
+            r0 = offset // row
+            if r0 + w.shape[0] <= p.shape[0]:
+                return mname, pname, (r0, r0 + w.shape[0])
+        return None
+
+
+def attention_projections(module: nn.MultiheadAttention) -> list[tuple[str, tuple[int, int] | None]]:
+    """The input projections of a ``nn.MultiheadAttention`` as (parameter, rows): q, k, v rows of the packed
+    ``in_proj_weight``, or the separate ``q/k/v_proj_weight`` when key / value sizes differ."""
+    e = module.embed_dim
+    if module.in_proj_weight is not None:
+        return [("in_proj_weight", (i * e, (i + 1) * e)) for i in range(3)]
+    return [("q_proj_weight", None), ("k_proj_weight", None), ("v_proj_weight", None)]
+
+
+def attention_layer_names(name: str, module: nn.MultiheadAttention) -> list[str]:
+    """Names of the four projections of a ``nn.MultiheadAttention`` (q, k, v, out) as graph layers."""
+    prefix = f"{name}." if name else ""
+    e = module.embed_dim
+    names = [
+        functional_layer_name(name, module, p, rows or (0, e), 3 * e if rows else e)
+        for p, rows in attention_projections(module)
+    ]
+    return [*names, prefix + "out_proj"]
+
+
+def functional_units(
+    module: nn.Module, param: str, rows: tuple[int, int], n_rows: int
+) -> list[tuple[int, int]]:
+    """The row ranges of a parameter that count as separate layers within one call's rows:
+    MultiheadAttention's packed ``in_proj_weight`` is three projections (q, k, v); otherwise the call's rows."""
+    if isinstance(module, nn.MultiheadAttention) and param == "in_proj_weight":
+        third = n_rows // 3
+        return [(a, a + third) for a in (0, third, 2 * third) if rows[0] <= a and a + third <= rows[1]]
+    return [rows]
+
+
+def functional_layer_name(
+    owner: str, module: nn.Module, param: str, rows: tuple[int, int], n_rows: int
+) -> str:
+    """Report name of a layer computed from (rows of) a module's parameter."""
+    prefix = f"{owner}." if owner else ""
+    if param == "weight" and layer_kind(module) in _CHANNEL_LAYER_KINDS and rows == (0, n_rows):
+        return owner
+    if isinstance(module, nn.MultiheadAttention) and param == "in_proj_weight":
+        return f"{prefix}{param}[{'qkv'[3 * rows[0] // n_rows]}]"
+    if rows == (0, n_rows):
+        return prefix + param
+    return f"{prefix}{param}[{rows[0]}:{rows[1]}]"
+
+
+@contextlib.contextmanager
+def no_fused_attention() -> Iterator[None]:
+    """Turn off the fused fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (taken in
+    eval mode without grad), so their projections run as ``F.linear`` calls that can be seen."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def has_hidden_weights(graph: ModelGraph) -> bool:
+    """Whether the model holds a weight (a parameter of 2 or more dims) that no layer of ``graph`` owns, or a
+    ``nn.MultiheadAttention``: then only running it (:func:`add_functional_layers`) shows where it is used."""
+    owned = {id(p) for layer in graph for p in layer.module.parameters()}
+    for module in graph.model.modules():
+        if isinstance(module, nn.MultiheadAttention) and not any(
+            l.module is module and l.functional for l in graph
+        ):
+            return True
+    return any(p.dim() >= 2 and id(p) not in owned for p in graph.model.parameters())
+
+
+def add_functional_layers(graph: ModelGraph, example_input: Any) -> ModelGraph:
+    """Run ``example_input`` once and add the linear / conv computations the graph does not show: layers
+    called inside modules fx keeps opaque (``nn.TransformerEncoder``), and functional calls on a module's weight
+    (``F.linear(x, self.qkv.weight)``, MultiheadAttention's projections). Layers are then renumbered in the
+    order this forward runs them. The added layers have no edges: what surrounds them is not known."""
+    model = graph.model
+    if graph.functional_run or not has_hidden_weights(graph):
+        return graph
+    index = ParamIndex(model)
+    modules = index.modules
+    seen: list[str] = []  # first-call order of every layer, old and new
+    added: dict[str, LayerNode] = {}
+    running: list[nn.Module] = []  # linear / conv modules whose forward is running
+
+    def on_call(func: Any, kind: LayerKind, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        out = func(*args, **kwargs)
+        weight, _ = call_weight_and_bias(args, kwargs)
+        found = index.resolve(weight)
+        if found is None:
+            return out
+        owner, param, rows = found
+        module = modules[owner]
+        n_rows = int(getattr(module, param).shape[0])
+        by_module = bool(running) and running[-1] is module and param == "weight"
+        if by_module and owner in graph.layers:
+            return out
+        for unit in functional_units(module, param, rows, n_rows):
+            name = functional_layer_name(owner, module, param, unit, n_rows)
+            node = added.get(name)
+            if node is None:
+                full = unit == (0, n_rows)
+                node = added[name] = LayerNode(
+                    name,
+                    module,
+                    kind,
+                    order=0,
+                    calls=0,
+                    functional=not by_module,
+                    param=param,
+                    rows=None if full and param == "weight" else unit,
+                )
+                seen.append(name)
+            node.calls += 1
+        return out
+
+    def add(name: str, module: nn.Module, kind: LayerKind, param: str, rows: tuple[int, int] | None) -> None:
+        node = added.get(name)
+        if node is None:
+            node = added[name] = LayerNode(
+                name, module, kind, order=0, calls=0, functional=True, param=param, rows=rows
+            )
+            seen.append(name)
+        node.calls += 1
+
+    def pre(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if layer_kind(module) in _CHANNEL_LAYER_KINDS:
+                running.append(module)
+            if name in graph.layers and name not in first:
+                first.add(name)
+                seen.append(name)
+            if isinstance(module, nn.MultiheadAttention):
+                # its projections run inside F.multi_head_attention_forward, which a function mode cannot
+                # look into: q, k, v before the call, out_proj (the last op, its output is the module's) after
+                names = attention_layer_names(name, module)
+                for (param, rows), unit in zip(attention_projections(module), names):
+                    add(unit, module, LayerKind.LINEAR, param, rows)
+
+        return hook
+
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        if running and running[-1] is module:
+            running.pop()
+        if isinstance(module, nn.MultiheadAttention):
+            add(
+                attention_layer_names(attention_names[id(module)], module)[3],
+                module.out_proj,
+                LayerKind.LINEAR,
+                "weight",
+                None,
+            )
+
+    attention_names = {id(m): n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+
+    first: set[str] = set()
+    handles = []
+    for name, module in modules.items():
+        if layer_kind(module) is not None:
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post))
+    try:
+        with inspection_mode(model), no_fused_attention(), WeightCalls(on_call):
+            _call(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    graph.functional_run = True
+    if not added:
+        return graph
+    rank = {name: i for i, name in enumerate(seen)}
+    everything = {**graph.layers, **added}
+    ordered = sorted(everything.values(), key=lambda n: rank.get(n.name, len(rank) + n.order))
+    for i, node in enumerate(ordered):
+        node.order = i
+    graph.layers = {node.name: node for node in ordered}
+    return graph
+
+
 @contextlib.contextmanager
 def inspection_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no_grad for a probing forward pass (running statistics untouched); every submodule's
@@ -588,12 +906,16 @@ def trace(
     """
     model = unwrap_model(model)
     try:
-        tracer = _LayerTracer(leaf_modules)
-        graph = tracer.trace(model)
+        try:
+            tracer = _LayerTracer(leaf_modules)
+            graph = tracer.trace(model)
+        except Exception:
+            tracer = _LayerTracer(leaf_modules, opaque_owners=True)
+            graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:
         if fallback and example_input is not None:
-            return _build_from_hooks(model, example_input, exc)
+            return add_functional_layers(_build_from_hooks(model, example_input, exc), example_input)
         raise UntraceableModelError(
             f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). "
             + (
@@ -606,7 +928,8 @@ def trace(
         args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
         with inspection_mode(model):
             ShapeProp(gm).propagate(*args)
-    return _build_from_fx(model, gm)
+    built = _build_from_fx(model, gm)
+    return built if example_input is None else add_functional_layers(built, example_input)
 
 
 # --- channel bookkeeping along paths (used by ENorm; general structure) ----------------------------------

@@ -27,6 +27,7 @@ Where we differ from the paper, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import warnings
@@ -37,15 +38,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from normkit._moments import merge_moments as _merge
-from normkit.graph import LayerKind, UntraceableModelError, inspection_mode, trace, unwrap_model
+from normkit.graph import (
+    LayerKind,
+    ParamIndex,
+    UntraceableModelError,
+    WeightCalls,
+    add_functional_layers,
+    attention_layer_names,
+    call_weight_and_bias,
+    functional_layer_name,
+    functional_units,
+    has_hidden_weights,
+    is_per_channel_normalization,
+    no_fused_attention,
+    trace,
+    unwrap_model,
+)
 from normkit.init._weights import WeightAccess, WeightAccessError
 from normkit.init.orthogonal import (
     Include,
     Snapshot,
     broadcast_layers,
+    orthogonal_weight,
     orthogonalize,
     select_layers,
 )
@@ -171,7 +189,9 @@ class LayerStatus(str, enum.Enum):
     FEEDS_NORMALIZATION = "feeds normalization"  # orthogonal pre-init only (skip_normalized)
     EXCLUDED = "excluded"  # left out by include=
     UNSUPPORTED = "unsupported"  # a module with weights LSUV does not cover (RNN, embedding ...)
-    NOT_RUN = "not run"  # a linear / conv module the traced forward never calls as a module
+    NOT_RUN = "not run"  # a linear / conv module whose weight the forward never uses
+    NO_EFFECT = "no effect"  # the output does not depend on the weight (zero input): weight kept
+    OUT_OF_BOUNDS = "out of bounds"  # the correction would exceed max_scale: weight kept
 
 
 @dataclass(frozen=True)
@@ -325,13 +345,61 @@ class _Stop(Exception):
     """Raised from a hook when the rest of the forward pass has nothing left to do."""
 
 
+class _RowsAccess:
+    """Rows of a parameter that act as one layer's weight (MultiheadAttention's q, k, v projections), with the
+    interface of :class:`WeightAccess`."""
+
+    def __init__(self, module: nn.Module, param: str, rows: tuple[int, int] | None) -> None:
+        self.module, self.param, self.rows = module, param, rows
+
+    def _tensor(self) -> Tensor:
+        p = getattr(self.module, self.param)
+        return p if self.rows is None else p[self.rows[0] : self.rows[1]]
+
+    def get(self) -> Tensor:
+        return self._tensor().detach()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._tensor().shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._tensor().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensor().device
+
+    def set(self, value: Tensor) -> None:
+        with torch.no_grad():
+            self._tensor().copy_(value)
+
+    def scale_(self, factor: Tensor) -> None:
+        with torch.no_grad():
+            t = self._tensor()
+            t.mul_(factor.to(t.dtype))
+
+    def bias(self) -> Tensor | None:
+        """MultiheadAttention's bias of these rows: ``in_proj_bias`` is packed like ``in_proj_weight``, also
+        when q, k, v have separate weights."""
+        b = getattr(self.module, "in_proj_bias", None)
+        if not isinstance(b, Tensor):
+            return None
+        if self.rows is not None:
+            return b[self.rows[0] : self.rows[1]]
+        e = int(self.module.embed_dim)
+        i = ("q_proj_weight", "k_proj_weight", "v_proj_weight").index(self.param)
+        return b[i * e : (i + 1) * e]
+
+
 @dataclass
 class _Layer:
     name: str
     module: nn.Module
     kind: LayerKind
     calls: int  # per forward, from the graph
-    access: WeightAccess
+    access: WeightAccess | _RowsAccess
     groups: int
     settled: bool = False
     iterations: int = 0
@@ -341,11 +409,44 @@ class _Layer:
     scale: Tensor | None = None
     seen: int = 0  # calls in the current pass
     parts: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    status: LayerStatus = LayerStatus.INITIALIZED
+    note: str = ""
+    saved: Tensor | None = None  # the weight before a multi-call layer's first correction
+    functional: bool = False  # computed by F.linear / F.conv* on the weight, not by calling the module
+    attention: tuple[nn.MultiheadAttention, int] | None = None  # (module, 0..3 = q, k, v, out_proj)
 
     def channel_dim(self, y: Tensor) -> int:
         if self.kind is LayerKind.LINEAR:
             return y.dim() - 1
         return 1 if y.dim() == len(self.access.shape) else 0
+
+    def bias(self) -> Tensor | None:
+        b = self.access.bias() if isinstance(self.access, _RowsAccess) else getattr(self.module, "bias", None)
+        return b.detach() if isinstance(b, Tensor) else None
+
+
+@contextlib.contextmanager
+def measuring_mode(model: nn.Module, batch_statistics: bool = True) -> Iterator[None]:
+    """The mode LSUV measures in: no grad, dropout (and every other train-only randomness) off, and — with
+    ``batch_statistics`` — batch-statistics normalization layers (BatchNorm, BatchRenorm, InstanceNorm with
+    running stats) in train mode, as training will run them. Their running statistics and
+    ``num_batches_tracked`` and every module's train/eval flag are restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    norms = [m for m in model.modules() if batch_statistics and is_per_channel_normalization(m)]
+    with torch.no_grad():
+        saved = [(b, b.clone()) for m in norms for b in m.buffers(recurse=False)]
+    model.eval()
+    for m in norms:
+        m.train()
+    try:
+        with torch.no_grad(), no_fused_attention():
+            yield
+    finally:
+        with torch.no_grad():
+            for b, old in saved:
+                b.copy_(old)
+        for m, flag in flags:
+            m.training = flag
 
 
 class _Engine:
@@ -359,10 +460,13 @@ class _Engine:
         per_channel: bool,
         fresh: bool,
         group: dist.ProcessGroup | None,
+        max_scale: float = 1e4,
+        batch_statistics: bool = True,
     ) -> None:
         self.layers = layers
         self.tol, self.max_iters, self.target = tol, max_iters, target_var
         self.per_channel, self.fresh, self.group = per_channel, fresh, group
+        self.max_scale, self.batch_statistics = max_scale, batch_statistics
         self.distributed = dist.is_available() and dist.is_initialized()
         self.blocker: _Layer | None = None
         self.progress = False
@@ -377,109 +481,237 @@ class _Engine:
     def _variance(self, count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
         return moments_variance(count, m2) if self.per_channel else blob_variance(count, mean, m2)
 
-    def _check_alive(self, layer: _Layer, var: Tensor) -> None:
-        bad = ~torch.isfinite(var) | (var <= 0)
-        if bool(bad.any()):
-            what = (
-                f"{int(bad.sum())} of its {var.numel()} output channels have"
-                if var.dim() > 0
-                else f"its output has variance {float(var):.3g}:"
-            )
+    def _check_finite(self, layer: _Layer, var: Tensor) -> None:
+        if not bool(torch.isfinite(var).all()):
             raise LSUVError(
-                f"LSUV: layer {layer.name!r} is dead — {what} zero or non-finite variance on the init "
-                "batch, so no weight scale can give it the target variance. Check the input data (constant?) "
-                "and the layers before it (a ReLU net with all-negative pre-activations?); the model was "
-                "left as it was before the call."
+                f"LSUV: layer {layer.name!r} gives a non-finite output variance on the init batch. Check the "
+                "input data (inf / NaN?) and the layers before it; the model was left as it was before the call."
             )
 
-    def _done(self, var: Tensor) -> bool:
-        return bool(((var - self.target).abs() < self.tol).all())
+    def _no_effect(self, count: Tensor, mean: Tensor, m2: Tensor, bias: Tensor | None, var: Tensor) -> Tensor:
+        """Where the output does not depend on the weight: the part s·(y − b) that a weight scale s acts on
+        is zero up to rounding (an all-zero input after dead ReLUs). No scale can reach the target there."""
+        b = bias if bias is not None else torch.zeros_like(mean)
+        zvar = self._variance(count, mean - b, m2)
+        square = m2 / count + mean.square()  # mean of y² per channel
+        if not self.per_channel:
+            square = square.mean()
+        eps = torch.finfo(torch.float32).eps
+        return zvar <= (16 * eps) ** 2 * square + torch.finfo(torch.float64).tiny
+
+    def _done(self, var: Tensor, dead: Tensor | None = None) -> bool:
+        ok = (var - self.target).abs() < self.tol
+        if dead is not None:
+            ok = ok | dead
+        return bool(ok.all())
 
     @staticmethod
-    def _summary(var: Tensor) -> float:
+    def _summary(var: Tensor, dead: Tensor | None = None) -> float:
+        if dead is not None and dead.dim() > 0 and bool(dead.any()) and not bool(dead.all()):
+            return float(var[~dead].mean())
         return float(var.mean())
+
+    def _out_of_bounds(self, total: Tensor) -> bool:
+        return bool(((total > self.max_scale) | (total < 1 / self.max_scale)).any())
 
     def _apply(self, layer: _Layer, factor: Tensor) -> None:
         layer.access.scale_(weight_factor(factor, layer.access.shape, layer.kind, layer.groups))
         layer.scale = factor if layer.scale is None else layer.scale * factor
-        layer.iterations += 1
 
-    def _finish(self, layer: _Layer, var: Tensor) -> None:
+    def _finish(self, layer: _Layer, var: Tensor, dead: Tensor | None = None) -> None:
+        layer.var_after = self._summary(var, dead)
+        layer.converged = self._done(var, dead)
+        layer.settled = True
+        self.progress = True
+        if dead is not None and bool(dead.any()):
+            layer.note = f"{int(dead.sum())} of {dead.numel()} channels do not depend on the weight; kept"
+
+    def _leave(self, layer: _Layer, var: Tensor, status: LayerStatus, note: str) -> None:
+        """Give up on a layer: its weight stays (or is put back) as before the LSUV scaling."""
+        if layer.saved is not None:
+            layer.access.set(layer.saved)
+            layer.saved = None
+        layer.scale = None
+        layer.iterations = 0
+        layer.status, layer.note = status, note
         layer.var_after = self._summary(var)
-        layer.converged = self._done(var)
+        layer.converged = False
         layer.settled = True
         self.progress = True
 
+    def _bound_note(self, total: Tensor) -> str:
+        worst = float(total.max()) if float(total.max()) > self.max_scale else float(total.min())
+        return (
+            f"would scale the weight by {worst:.3g}, beyond max_scale={self.max_scale:g}; weight kept "
+            "(check the input scale, or raise max_scale)"
+        )
+
     # the loop inside the hook, for a layer run once per forward ------------------------------------------
-    def _in_hook(self, layer: _Layer, y: Tensor) -> Tensor:
+    def _in_hook(self, layer: _Layer, y: Tensor, bias: Tensor | None) -> Tensor:
         """The paper's loop on this output: each try's variance follows exactly from the per-channel moments
         (scaling W by s maps mean → s(mean − b) + b and M2 → s² M2), so the output is touched twice: once to
         measure, once to apply the total factor."""
         cdim = layer.channel_dim(y)
-        bias = getattr(layer.module, "bias", None)
-        bias = bias.detach() if isinstance(bias, Tensor) else None
         count, mean, m2 = self._moments([channel_moments(y, cdim)])
         b64 = bias.double() if bias is not None else None
         var = self._variance(count, mean, m2)
         layer.var_before = self._summary(var)
-        total: Tensor | None = None
-        while True:
-            self._check_alive(layer, var)
-            if self._done(var) or layer.iterations >= self.max_iters:
-                break
-            factor = lsuv_factor(var, self.target)
+        self._check_finite(layer, var)
+        dead = self._no_effect(count, mean, m2, b64, var)
+        if bool(dead.all()):
+            self._leave(layer, var, LayerStatus.NO_EFFECT, "the output does not depend on the weight; kept")
+            return y
+        total = torch.ones_like(var)
+        iterations = 0
+        while not self._done(var, dead) and iterations < self.max_iters:
+            factor = torch.where(dead, torch.ones_like(var), lsuv_factor(var, self.target))
             mean, m2 = rescale_moments(mean, m2, b64, factor)
-            self._apply(layer, factor)
-            total = factor if total is None else total * factor
+            total = total * factor
+            iterations += 1
             var = self._variance(count, mean, m2)
-        self._finish(layer, var)
-        return y if total is None else rescale_output(y, bias, total, cdim)
+        if self._out_of_bounds(total):
+            self._leave(layer, var, LayerStatus.OUT_OF_BOUNDS, self._bound_note(total))
+            layer.var_after = layer.var_before
+            return y
+        if iterations:
+            self._apply(layer, total)
+        layer.iterations = iterations
+        self._finish(layer, var, dead if dead.dim() > 0 else None)
+        return y if not iterations else rescale_output(y, bias, total, cdim)
 
     # shared modules: one try per forward pass, decided at the module's last call -------------------------
-    def _after_pass_shared(self, layer: _Layer) -> None:
-        var = self._variance(*self._moments(layer.parts))
+    def _after_pass_shared(self, layer: _Layer) -> bool:
+        """One correction of a multi-call layer; True when its weight changed (the pass must stop)."""
+        count, mean, m2 = self._moments(layer.parts)
         layer.parts = []
-        if layer.var_before is None:
+        var = self._variance(count, mean, m2)
+        first = layer.var_before is None
+        if first:
             layer.var_before = self._summary(var)
-        self._check_alive(layer, var)
+        self._check_finite(layer, var)
+        bias = layer.bias()
+        dead = self._no_effect(count, mean, m2, bias.double() if bias is not None else None, var)
+        if bool(dead.any()) and first:
+            self._leave(layer, var, LayerStatus.NO_EFFECT, "the output does not depend on the weight; kept")
+            return False
         if self._done(var) or layer.iterations >= self.max_iters:
             self._finish(layer, var)
-        else:
-            self._apply(layer, lsuv_factor(var, self.target))
-            self.progress = True
+            return False
+        factor = lsuv_factor(var, self.target)
+        total = factor if layer.scale is None else layer.scale * factor
+        if self._out_of_bounds(total) or bool(dead.any()):
+            changed = layer.saved is not None
+            self._leave(layer, var, LayerStatus.OUT_OF_BOUNDS, self._bound_note(total))
+            return changed
+        if layer.saved is None:
+            layer.saved = layer.access.get().clone()
+        self._apply(layer, factor)
+        layer.iterations += 1
+        self.progress = True
+        return True
 
-    def _hook(self, layer: _Layer) -> Any:
+    def process(self, layer: _Layer, out: Tensor, bias: Tensor | None) -> Tensor | None:
+        """A layer's output in the current pass: measure (and correct) it; the tensor to pass on, or None
+        to keep ``out``."""
+        layer.seen += 1
+        if layer.seen > layer.calls:
+            raise LSUVError(
+                f"LSUV: layer {layer.name!r} ran {layer.seen} times in one forward pass, but the traced "
+                f"graph has {layer.calls} call(s): the forward depends on the data. Leave the layer out "
+                "with include=, or make the forward's structure fixed."
+            )
+        if not isinstance(out, Tensor):
+            raise LSUVError(f"LSUV: layer {layer.name!r} returned a {type(out).__name__}, not a tensor")
+        if layer.settled:
+            return None
+        if self.blocker is not None and self.blocker is not layer:
+            return None  # downstream of a layer still being scaled in this pass: next pass
+        if layer.calls > 1:
+            self.blocker = layer
+            layer.parts.append(channel_moments(out, layer.channel_dim(out)))
+            if layer.seen == layer.calls:
+                if self._after_pass_shared(layer) or not layer.settled:
+                    raise _Stop  # the rest of this pass would see stale values
+                self.blocker = None  # settled unchanged: the layers after it go on in this same pass
+                if self.fresh or all(lay.settled for lay in self.layers):
+                    raise _Stop
+            return None
+        y = self._in_hook(layer, out, bias)
+        if self.fresh or all(lay.settled for lay in self.layers):
+            raise _Stop
+        return y
+
+    def _module_hook(self, layer: _Layer) -> Any:
         def hook(module: nn.Module, args: Any, out: Any) -> Any:
-            layer.seen += 1
-            if layer.seen > layer.calls:
-                raise LSUVError(
-                    f"LSUV: layer {layer.name!r} ran {layer.seen} times in one forward pass, but the traced "
-                    f"graph has {layer.calls} call(s): the forward depends on the data. Leave the layer out "
-                    "with include=, or make the forward's structure fixed."
-                )
-            if not isinstance(out, Tensor):
-                raise LSUVError(f"LSUV: layer {layer.name!r} returned a {type(out).__name__}, not a tensor")
-            if layer.settled:
-                return None
-            if self.blocker is not None and self.blocker is not layer:
-                return None  # downstream of a layer still being scaled in this pass: next pass
-            if layer.calls > 1:
-                self.blocker = layer
-                layer.parts.append(channel_moments(out, layer.channel_dim(out)))
-                if layer.seen == layer.calls:
-                    self._after_pass_shared(layer)
-                    if not layer.settled:
-                        raise _Stop  # scaled: the rest of this pass would see stale values
-                    self.blocker = None  # converged: the layers after it go on in this same pass
-                    if self.fresh or all(lay.settled for lay in self.layers):
-                        raise _Stop
-                return None
-            y = self._in_hook(layer, out)
-            if self.fresh or all(lay.settled for lay in self.layers):
-                raise _Stop
-            return y
+            return self.process(layer, out, layer.bias())
 
         return hook
+
+    def _attention_hooks(self, module: nn.MultiheadAttention, units: list[_Layer | None]) -> list[Any]:
+        """q, k, v are measured in a pre-hook (computed here from the module's inputs and its weights: the
+        module then runs with the corrected weights); out_proj's output is the module's output."""
+        q, k, v, out = units
+
+        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs = [
+                args[i] if len(args) > i else kwargs.get(key)
+                for i, key in enumerate(("query", "key", "value"))
+            ]
+            for layer, x in zip((q, k, v), inputs):
+                if layer is None or not isinstance(x, Tensor):
+                    continue
+                bias = layer.bias()
+                self.process(layer, F.linear(x, layer.access.get(), bias), bias)
+
+        def post(mod: nn.Module, args: Any, result: Any) -> Any:
+            if out is None:
+                return None
+            y = result[0] if isinstance(result, tuple) else result
+            new = self.process(out, y, out.bias())
+            if new is None:
+                return None
+            return (new, *result[1:]) if isinstance(result, tuple) else new
+
+        return [
+            module.register_forward_pre_hook(pre, with_kwargs=True),
+            module.register_forward_hook(post),
+        ]
+
+    def _function_handler(self, model: nn.Module, layers: list[_Layer]) -> Any:
+        index = ParamIndex(model)
+        by_name = {layer.name: layer for layer in layers}
+
+        def handler(func: Any, kind: LayerKind, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            out = func(*args, **kwargs)
+            weight, bias = call_weight_and_bias(args, kwargs)
+            found = index.resolve(weight)
+            if found is None:
+                return out
+            owner, param, rows = found
+            module = index.modules[owner]
+            n_rows = int(getattr(module, param).shape[0])
+            units = functional_units(module, param, rows, n_rows)
+            todo = [(u, by_name.get(functional_layer_name(owner, module, param, u, n_rows))) for u in units]
+            if all(layer is None for _, layer in todo):
+                return out
+            cdim = out.dim() - 1 if kind is LayerKind.LINEAR else (1 if out.dim() == weight.dim() else 0)
+            pieces: list[Tensor] = []
+            at = rows[0]
+            changed = False
+            for (u0, u1), layer in todo:
+                if u0 > at:
+                    pieces.append(out.narrow(cdim, at - rows[0], u0 - at))
+                part = out.narrow(cdim, u0 - rows[0], u1 - u0)
+                b = bias[u0 - rows[0] : u1 - rows[0]].detach() if isinstance(bias, Tensor) else None
+                new = self.process(layer, part, b) if layer is not None else None
+                changed = changed or new is not None
+                pieces.append(part if new is None else new)
+                at = u1
+            if at < rows[1]:
+                pieces.append(out.narrow(cdim, at - rows[0], rows[1] - at))
+            return torch.cat(pieces, cdim) if changed else out
+
+        return handler
 
     def run(self, model: nn.Module, batches: _Batches, forward_count: list[int]) -> None:
         x = _to_model(batches.first, model)
@@ -492,10 +724,27 @@ class _Engine:
             pending = [layer for layer in self.layers if not layer.settled]
             for layer in self.layers:
                 layer.seen = 0
-            handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in pending]
+            handles = []
+            attention: dict[int, tuple[nn.MultiheadAttention, list[_Layer | None]]] = {}
+            functional: list[_Layer] = []
+            for layer in pending:
+                if layer.attention is not None:
+                    mha, slot = layer.attention
+                    attention.setdefault(id(mha), (mha, [None, None, None, None]))[1][slot] = layer
+                elif layer.functional:
+                    functional.append(layer)
+                else:
+                    handles.append(layer.module.register_forward_hook(self._module_hook(layer)))
+            for mha, slots in attention.values():
+                handles.extend(self._attention_hooks(mha, slots))
+            mode: Any = (
+                WeightCalls(self._function_handler(model, functional))
+                if functional
+                else contextlib.nullcontext()
+            )
             try:
                 forward_count[0] += 1
-                with inspection_mode(model):
+                with measuring_mode(model, self.batch_statistics), mode:
                     model(x)
             except _Stop:
                 pass
@@ -544,6 +793,8 @@ def lsuv_init(
     zero_bias: bool = True,
     verbose: bool = False,
     process_group: dist.ProcessGroup | None = None,
+    batch_statistics: bool = True,
+    max_scale: float = 1e4,
 ) -> LSUVReport:
     """LSUV-initialize ``model`` in place (Mishkin & Matas 2016) and return the per-layer report.
 
@@ -565,12 +816,23 @@ def lsuv_init(
         zero_bias: the orthogonal pre-init sets biases to zero (as the paper's); False keeps them.
         verbose: print the report as a table.
         process_group: the group whose ranks share the variance (default: the world, when initialized).
+        batch_statistics: measure with batch-statistics normalization layers (BatchNorm, BatchRenorm,
+            InstanceNorm with running stats) in train mode, as training runs them; dropout and every other
+            train-only randomness stay off. Running statistics, ``num_batches_tracked`` and every module's
+            train/eval flag are restored afterwards. False measures fully in eval mode (running statistics),
+            for a model that will be trained with frozen normalization statistics.
+        max_scale: the largest factor (and 1/max_scale the smallest) by which LSUV may scale a weight; a
+            layer that would need more keeps its weight, with status ``OUT_OF_BOUNDS`` in the report. A layer
+            whose output does not depend on its weight (all-zero input) keeps it too (``NO_EFFECT``).
 
     Raises:
         LSUVError: a dead layer (zero-variance output) or a forward that does not match the traced structure;
             ValueError / TypeError for bad arguments. In every case the model's weights are restored first.
     """
     tol = _check_number("tol", tol)
+    max_scale = _check_number("max_scale", max_scale)
+    if max_scale <= 1:
+        raise ValueError(f"max_scale must be > 1, got {max_scale!r}")
     target_var = _check_number("target_var", target_var)
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
         raise ValueError(f"max_iters must be an int ≥ 1, got {max_iters!r}")
@@ -585,27 +847,45 @@ def lsuv_init(
     except UntraceableModelError:
         forward_count[0] += 1  # the hooked fallback runs the model once
         graph = trace(inner, _to_model(batches.first, inner))
+    if has_hidden_weights(graph):
+        # weights used by functional calls or inside modules fx keeps opaque: one run finds them
+        forward_count[0] += 1
+        graph = add_functional_layers(graph, _to_model(batches.first, inner))
 
     chosen = select_layers(inner, include)
     chosen_names = {n for n, _ in chosen}
+    names_of = {id(m): n for n, m in inner.named_modules()}
     records: dict[str, LSUVLayerRecord] = {}
     todo: list[_Layer] = []
     pre_init: list[str] = []
-    pre_access: dict[str, WeightAccess] = {}
+    pre_access: dict[str, WeightAccess | _RowsAccess] = {}
     for node in graph:
         tname = type(node.module).__name__
         if node.kind is LayerKind.NORM:
             continue
         if node.kind is LayerKind.OTHER:
+            if any(other.name.startswith(node.name + ".") for other in graph if other.functional):
+                continue  # MultiheadAttention: its projections are layers of their own
             records[node.name] = LSUVLayerRecord(
                 node.name, tname, LayerStatus.UNSUPPORTED, calls=node.calls, note="LSUV covers linear/conv"
             )
             continue
-        if node.name not in chosen_names:
+        own_module = names_of.get(id(node.module)) == node.name
+        wanted = (
+            node.name in chosen_names
+            if own_module
+            else include is None
+            or (callable(include) and not isinstance(include, nn.Module) and include(node.name, node.module))
+        )
+        if not wanted:
             records[node.name] = LSUVLayerRecord(node.name, tname, LayerStatus.EXCLUDED, calls=node.calls)
             continue
         try:
-            access = WeightAccess(node.name, node.module)
+            access: WeightAccess | _RowsAccess = (
+                WeightAccess(node.name, node.module)
+                if own_module
+                else _RowsAccess(node.module, node.param, node.rows)
+            )
         except WeightAccessError as exc:
             raise LSUVError(str(exc)) from None
         pre_init.append(node.name)
@@ -616,9 +896,27 @@ def lsuv_init(
                 node.name, tname, LayerStatus.FEEDS_NORMALIZATION, calls=node.calls, note=f"→ {dst}"
             )
             continue
+        attention = None
+        if isinstance(node.module, nn.MultiheadAttention):
+            attention = (
+                node.module,
+                attention_layer_names(names_of[id(node.module)], node.module).index(node.name),
+            )
+        elif node.name.endswith("out_proj") and isinstance(
+            parent := inner.get_submodule(node.name.rpartition(".")[0]) if "." in node.name else inner,
+            nn.MultiheadAttention,
+        ):
+            attention = (parent, 3)
         todo.append(
             _Layer(
-                node.name, node.module, node.kind, node.calls, access, int(getattr(node.module, "groups", 1))
+                node.name,
+                node.module,
+                node.kind,
+                node.calls,
+                access,
+                int(getattr(node.module, "groups", 1)),
+                functional=node.functional,
+                attention=attention,
             )
         )
         records[node.name] = LSUVLayerRecord(node.name, tname, LayerStatus.INITIALIZED, calls=node.calls)
@@ -629,7 +927,7 @@ def lsuv_init(
             type(m).__name__,
             LayerStatus.NOT_RUN,
             calls=0,
-            note="not called as a module by the traced forward; left untouched",
+            note="its weight is not used by the forward on the init batch; left untouched",
         )
     if not todo and not pre_init:
         raise LSUVError(
@@ -638,7 +936,7 @@ def lsuv_init(
             + "; nothing to initialize"
         )
 
-    snapshot = Snapshot(graph[n].module for n in pre_init)
+    snapshot = Snapshot({id(graph[n].module): graph[n].module for n in pre_init}.values())
     try:
         if orthogonal:
             ordered = [
@@ -647,6 +945,18 @@ def lsuv_init(
             orthogonalize(
                 ordered, [pre_access[n] for n, _ in ordered], zero_bias=zero_bias, group=process_group
             )
+            for n in pre_init:  # rows of a parameter (attention projections): one orthogonal block each
+                acc = pre_access[n]
+                if isinstance(acc, _RowsAccess):
+                    acc.set(orthogonal_weight(acc.shape, dtype=acc.dtype, device=acc.device))
+                    bias = acc.bias()
+                    if zero_bias and bias is not None:
+                        with torch.no_grad():
+                            bias.zero_()
+            if any(isinstance(pre_access[n], _RowsAccess) for n in pre_init):
+                broadcast_layers(
+                    {id(graph[n].module): graph[n].module for n in pre_init}.values(), process_group
+                )
         elif dist.is_available() and dist.is_initialized():
             broadcast_layers([graph[n].module for n in pre_init], process_group)
         if todo:
@@ -658,6 +968,8 @@ def lsuv_init(
                 per_channel=per_channel,
                 fresh=fresh_batches,
                 group=process_group,
+                max_scale=max_scale,
+                batch_statistics=batch_statistics,
             )
             engine.run(inner, batches, forward_count)
     except WeightAccessError as exc:
@@ -672,13 +984,14 @@ def lsuv_init(
         records[layer.name] = LSUVLayerRecord(
             layer.name,
             type(layer.module).__name__,
-            LayerStatus.INITIALIZED,
+            layer.status,
             var_before=layer.var_before,
             var_after=layer.var_after,
             iterations=layer.iterations,
-            converged=layer.converged,
+            converged=layer.converged if layer.status is LayerStatus.INITIALIZED else None,
             calls=layer.calls,
             scale=1.0 if scale is None else scale,
+            note=layer.note,
         )
     report = LSUVReport(list(records.values()), target_var, tol, forward_count[0], per_channel=per_channel)
     if verbose:
@@ -688,6 +1001,13 @@ def lsuv_init(
         warnings.warn(
             f"LSUV: {len(slow)} layer(s) did not reach |var − {target_var:g}| < {tol:g} in {max_iters} "
             "iterations: " + ", ".join(f"{r.name!r} (var {r.var_after:.4g})" for r in slow),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    kept = [r for r in report if r.status in (LayerStatus.NO_EFFECT, LayerStatus.OUT_OF_BOUNDS)]
+    if kept:
+        warnings.warn(
+            "LSUV kept the weights of: " + ", ".join(f"{r.name!r} ({r.note})" for r in kept),
             RuntimeWarning,
             stacklevel=2,
         )
