@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import StochasticDepth
 
 from normkit.graph import (
     ChannelBlocks,
@@ -173,3 +174,59 @@ def test_op_reach_from_the_class_hierarchy() -> None:
     g = trace(model)
     with pytest.raises(ChannelPathError, match="channel dimension"):
         channel_path(g, _only_edge(g, "0", "2"))
+
+
+class PermuteNet(nn.Module):
+    """ConvNeXt / Swin style: channels-first conv, then channels-last linear layers after a permute; a
+    transpose back; per-sample drop path on the way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+        self.conv1d = nn.Conv1d(5, 4, 1)
+        self.drop_path = StochasticDepth(0.5, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.permute(F.relu(self.conv(x)), (0, 2, 3, 1))  # (N, H, W, 6)
+        h = self.drop_path(self.fc(h))  # (N, H, W, 5)
+        h = F.relu(h).flatten(1, 2).transpose(1, 2)  # (N, 5, H*W)
+        return self.conv1d(h)
+
+
+def test_channels_are_followed_through_permute_transpose_and_drop_path() -> None:
+    torch.manual_seed(0)
+    model = PermuteNet().double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    g = trace(model, x)
+    first = channel_path(g, _only_edge(g, "conv", "fc"))
+    assert first.blocks == ChannelBlocks(-1, 6)
+    second = channel_path(g, _only_edge(g, "fc", "conv1d"))
+    assert second.blocks == ChannelBlocks(-2, 5)
+    # what the paths claim, checked by the function itself (drop path on: per-sample masks, same seed)
+    for src, dst in (("conv", "fc"), ("fc", "conv1d")):
+        torch.manual_seed(1)
+        before = model(x)
+        d = torch.rand(out_channels(getattr(model, src)), dtype=torch.float64) + 0.5
+        with torch.no_grad():
+            getattr(model, src).weight.mul_(d.view(-1, *[1] * (getattr(model, src).weight.dim() - 1)))
+            getattr(model, src).bias.mul_(d)
+            w = getattr(model, dst).weight
+            w.div_(d.view(1, -1, *[1] * (w.dim() - 2)))
+        torch.manual_seed(1)
+        assert torch.allclose(model(x), before, rtol=0, atol=1e-12)
+
+
+def test_a_permute_that_moves_channels_off_the_next_layers_axis_is_refused() -> None:
+    class Wrong(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).permute(0, 1, 3, 2))  # channels stay on dim 1; fc reads the last
+
+    g = trace(Wrong(), torch.randn(2, 3, 5, 5))
+    with pytest.raises(ChannelPathError, match="not on its channel dim"):
+        channel_path(g, _only_edge(g, "conv", "fc"))

@@ -1080,6 +1080,32 @@ def _through_reshape(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
     )
 
 
+def _through_permute(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
+    """Follow the channel axis through permute / transpose (channels keep their blocks, only the axis moves)."""
+    node = op.node
+    assert node is not None
+    rest = [*node.args[1:], *node.kwargs.values()]
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    shape_in = _input_shape(op)
+    if name == "permute":
+        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        ndim = len(dims)
+    else:
+        dims = list(rest[:2])
+        ndim = len(shape_in) if shape_in is not None else 0
+    if not all(isinstance(d, int) for d in dims):
+        raise ChannelPathError(f"{op.name}: {name} with non-constant dimensions")
+    if ndim == 0 and any(d >= 0 for d in dims):
+        raise ChannelPathError(f"{op.name}: {name} needs tensor shapes to follow the channels; trace with an example input")
+    axis = blocks.dim if ndim == 0 else blocks.dim + ndim
+    dims = [d if ndim == 0 or d >= 0 else d + ndim for d in dims]
+    if name == "permute":
+        new = dims.index(axis)
+    else:
+        new = dims[1] if axis == dims[0] else dims[0] if axis == dims[1] else axis
+    return ChannelBlocks(new - ndim if ndim else new, blocks.size, blocks.block, blocks.offset)
+
+
 def _through_cat(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
     node = op.node
     assert node is not None
@@ -1137,6 +1163,9 @@ def channel_path(graph: ModelGraph, edge: Edge) -> ChannelPath:
             continue
         if op.kind is OpKind.CAT:
             blocks = _through_cat(blocks, op)
+            continue
+        if op.kind is OpKind.PERMUTE:
+            blocks = _through_permute(blocks, op)
             continue
         if op.kind is OpKind.ADD and op.node is not None:
             operands = [*op.node.args, *(v for k, v in op.node.kwargs.items() if k != "alpha")]
