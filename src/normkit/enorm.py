@@ -689,7 +689,7 @@ class ENorm:
             for s in g.biases
             if layer_kind(s.module) in _CHANNEL_KINDS and s.tensor().requires_grad
         ]
-        if warn and self.c != 1.0 and biased:
+        if self.c != 1.0 and biased:
             warnings.warn(
                 f"ENorm with c = {self.c:g} balances layers with trainable biases ({', '.join(biased)}): "
                 "c ≠ 1 shrinks the middle layers' activations while their biases keep their size, and "
