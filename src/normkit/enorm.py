@@ -25,14 +25,20 @@ BatchNorm and so changed the output by several % per cycle):
 - the pairs come from :func:`normkit.graph.trace`: a layer is balanced only when *every* path from it reaches
   linear / convolution layers through operations that commute with positive per-channel scaling; a
   normalization layer (BatchNorm, GroupNorm, LayerNorm, BatchRenorm), a non-homogeneous activation (GELU,
-  SiLU, tanh …) or the model output on any path leaves that layer's units alone;
-- producer biases are scaled with their rows (exactness); whether they count in the norms is an option
-  (``include_bias``, default off, as the paper recommends);
+  SiLU, tanh …) or the model output on any path leaves that layer's units alone (``norm_layers="stop"``).
+  The reference balanced across BatchNorm, which changes the function (``norm_layers="ignore"`` does the
+  same, and says so); ``norm_layers="affine"`` carries the unit's scale in the BatchNorm's γ, β instead,
+  which keeps the function;
+- producer biases are scaled with their rows (exactness; ``bias="keep"`` leaves them alone as the reference
+  did); whether they count in the norms is an option (``include_bias``, default off, as the paper
+  recommends). With c ≠ 1 trainable biases make training unstable in both codes: a warning says so;
+- frozen weights (``requires_grad=False``) and weights outside the optimizer are left alone;
 - outputs that meet in an addition (residual streams) share one scale per channel (a *tied group*: the norms
   are summed over all its producers); concatenations and flatten / reshape map a channel to a block of the
   consumer's inputs;
 - each group's norms are read after the previous groups' rescalings (exact block coordinate descent; the
-  reference read some norms before the previous rescaling was applied);
+  reference read every norm before the rescaling that changes it, i.e. all at the start of the cycle:
+  ``sweep="simultaneous"``);
 - the last hidden layer is balanced too (``skip_last=True`` restores the reference's behaviour);
 - optimizer state follows the gradients, which scale inversely to the weights: SGD momentum and Adam / AdamW
   ``exp_avg`` by ``1/d`` on the producer rows and ``d`` on the consumer columns, ``exp_avg_sq`` (and
