@@ -81,7 +81,7 @@ def test_architecture_sizes() -> None:
     convs = [m for m in build_model("enorm-conv", (3, 32, 32), 10).modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 9
     linears = [m for m in build_model("enorm-fc", (3, 32, 32), 10).modules() if isinstance(m, nn.Linear)]
-    assert len(linears) == 16 and all(m.out_features == 500 for m in linears[:-1])
+    assert len(linears) == 15 and all(m.out_features == 500 for m in linears[:-1])
     mlp30 = build_model("mlp", (1, 28, 28), 10, depth=30, width=128, norm="bn", dropout=0.2)
     assert sum(isinstance(m, nn.BatchNorm1d) for m in mlp30.modules()) == 30
     vgg16 = build_model("vgg16", (3, 32, 32), 10)
@@ -102,12 +102,89 @@ def test_errors_name_the_choices() -> None:
         build_model("cnn", (1, 8, 8), 10, norm="gn")
 
 
-def test_enorm_fc_is_he_initialized_like_the_paper_code():
+def test_enorm_nets_are_he_initialized_like_the_paper_code():
     torch.manual_seed(0)
-    model = build_model("enorm-fc", (3, 16, 16), 10, depth=4, width=256)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert len(linears) == 5
-    for layer in linears:
-        expected = (2.0 / layer.in_features) ** 0.5
-        assert abs(layer.weight.std().item() / expected - 1) < 0.05
-        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    model = build_model("enorm-fc", (3, 16, 16), 10, depth=5, width=256)
+    conv = build_model("enorm-conv", (3, 28, 28), 10, width=16)
+    layers = [m for m in [*model.modules(), *conv.modules()] if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(layers) == 5 + 9
+    for layer in layers:
+        fan_in = layer.weight[0].numel()
+        assert abs(layer.weight.std().item() / (2.0 / fan_in) ** 0.5 - 1) < 0.1
+        assert layer.bias is None
+
+
+# --- the authors' architectures (facebookresearch/enorm, models/), transcribed layer by layer -------------
+
+
+def _signature(m: nn.Module) -> tuple:
+    if isinstance(m, nn.Linear):
+        return ("Linear", m.in_features, m.out_features, m.bias is not None)
+    if isinstance(m, nn.Conv2d):
+        return (
+            "Conv2d",
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.bias is not None,
+        )
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return (type(m).__name__, m.num_features)
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        return (type(m).__name__, m.kernel_size, m.stride, m.padding)
+    return (type(m).__name__,)
+
+
+def authors_fully_connected(n_layers: int, p: int, d_in: int = 3072) -> list[tuple]:
+    """Their FullyConnected(n_layers, p): layer_i = Linear(3072 if i == 0 else p, p or 10 for the last,
+    bias=False), then for every layer but the last bn_i = BatchNorm1d(p) and relu_i; the forward runs
+    layer, bn, relu in that order. (They flatten the CIFAR images in the data loader.)"""
+    out: list[tuple] = []
+    for i in range(n_layers):
+        last = i == n_layers - 1
+        out.append(("Linear", d_in if i == 0 else p, 10 if last else p, False))
+        if not last:
+            out += [("BatchNorm1d", p), ("ReLU",)]
+    return out
+
+
+def authors_fully_convolutional() -> list[tuple]:
+    """Their FullyConvolutional() in forward order (conv / bn / relu / pool calls), all convs bias-free."""
+    conv = lambda i, o, k, s, p: ("Conv2d", i, o, (k, k), (s, s), (p, p), False)
+    pool = ("MaxPool2d", 3, 2, 1)
+    relu = ("ReLU",)
+    return [
+        conv(3, 128, 3, 1, 1), relu, conv(128, 128, 3, 1, 1), relu,
+        conv(128, 128, 3, 1, 1), ("BatchNorm2d", 128), relu, pool,
+        conv(128, 256, 3, 1, 1), relu, conv(256, 256, 3, 1, 1), relu,
+        conv(256, 256, 3, 1, 1), ("BatchNorm2d", 256), relu, pool,
+        conv(256, 320, 3, 1, 1), relu, conv(320, 320, 1, 1, 0), relu,
+        conv(320, 10, 1, 1, 1), relu, ("AvgPool2d", 5, 5, 0),
+    ]  # fmt: skip
+
+
+def _layers(model: nn.Module) -> list[tuple]:
+    return [_signature(m) for m in model.children() if not isinstance(m, nn.Flatten)]
+
+
+def test_enorm_fc_matches_the_authors_layer_for_layer() -> None:
+    ours = build_model("enorm-fc", (3, 32, 32), 10, depth=15, width=500)
+    assert _layers(ours) == authors_fully_connected(15, 500)
+    assert isinstance(next(iter(ours.children())), nn.Flatten)
+    bn_free = build_model("enorm-fc", (3, 32, 32), 10, depth=15, width=500, norm="none")
+    assert _layers(bn_free) == [s for s in authors_fully_connected(15, 500) if s[0] != "BatchNorm1d"]
+
+
+def test_enorm_conv_matches_the_authors_layer_for_layer() -> None:
+    ours = build_model("enorm-conv", (3, 28, 28), 10)  # their CIFAR crops are 28 x 28
+    assert _layers(ours) == authors_fully_convolutional()
+    assert isinstance(list(ours.children())[-1], nn.Flatten)
+    bn_free = build_model("enorm-conv", (3, 28, 28), 10, norm="none")
+    assert _layers(bn_free) == [s for s in authors_fully_convolutional() if s[0] != "BatchNorm2d"]
+    narrow = build_model("enorm-conv", (3, 28, 28), 10, width=32)
+    widths = [m.out_channels for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [32, 32, 32, 64, 64, 64, 80, 80, 10]
+    with torch.no_grad():
+        assert ours.eval()(torch.zeros(2, 3, 28, 28)).shape == (2, 10)

@@ -102,6 +102,15 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--enorm", type=float, default=S, metavar="C", help="ENorm asymmetry c (0 = off)")
     t.add_argument("--enorm-every", type=int, default=S, metavar="K", help="one ENorm cycle every K steps")
     t.add_argument(
+        "--enorm-norm-layers",
+        choices=CHOICES["enorm_norm_layers"],
+        default=S,
+        help="ENorm across BatchNorm: stop (default, function kept), ignore (the authors), affine (γ, β)",
+    )
+    t.add_argument(
+        "--enorm-bias", choices=CHOICES["enorm_bias"], default=S, help="ENorm: scale biases (default) or keep"
+    )
+    t.add_argument(
         "--normalize", choices=CHOICES["normalize"], default=S, metavar="NORM", help="normalized gradients"
     )
     t.add_argument("--clip", choices=CHOICES["clip"], default=S, metavar="NORM", help="clipped gradients")

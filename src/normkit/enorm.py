@@ -25,14 +25,20 @@ BatchNorm and so changed the output by several % per cycle):
 - the pairs come from :func:`normkit.graph.trace`: a layer is balanced only when *every* path from it reaches
   linear / convolution layers through operations that commute with positive per-channel scaling; a
   normalization layer (BatchNorm, GroupNorm, LayerNorm, BatchRenorm), a non-homogeneous activation (GELU,
-  SiLU, tanh …) or the model output on any path leaves that layer's units alone;
-- producer biases are scaled with their rows (exactness); whether they count in the norms is an option
-  (``include_bias``, default off, as the paper recommends);
+  SiLU, tanh …) or the model output on any path leaves that layer's units alone (``norm_layers="stop"``).
+  The reference balanced across BatchNorm, which changes the function (``norm_layers="ignore"`` does the
+  same, and says so); ``norm_layers="affine"`` carries the unit's scale in the BatchNorm's γ, β instead,
+  which keeps the function;
+- producer biases are scaled with their rows (exactness; ``bias="keep"`` leaves them alone as the reference
+  did); whether they count in the norms is an option (``include_bias``, default off, as the paper
+  recommends). With c ≠ 1 trainable biases make training unstable in both codes: a warning says so;
+- frozen weights (``requires_grad=False``) and weights outside the optimizer are left alone;
 - outputs that meet in an addition (residual streams) share one scale per channel (a *tied group*: the norms
   are summed over all its producers); concatenations and flatten / reshape map a channel to a block of the
   consumer's inputs;
 - each group's norms are read after the previous groups' rescalings (exact block coordinate descent; the
-  reference read some norms before the previous rescaling was applied);
+  reference read every norm before the rescaling that changes it, i.e. all at the start of the cycle:
+  ``sweep="simultaneous"``);
 - the last hidden layer is balanced too (``skip_last=True`` restores the reference's behaviour);
 - optimizer state follows the gradients, which scale inversely to the weights: SGD momentum and Adam / AdamW
   ``exp_avg`` by ``1/d`` on the producer rows and ``d`` on the consumer columns, ``exp_avg_sq`` (and
@@ -41,6 +47,7 @@ BatchNorm and so changed the output by several % per cycle):
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -52,13 +59,16 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from normkit.graph import (
+    ChannelBlocks,
     ChannelPath,
     ChannelPathError,
     LayerKind,
     ModelGraph,
     UntraceableModelError,
+    channel_dim,
     channel_path,
     in_channels,
+    is_per_channel_normalization,
     layer_kind,
     out_channels,
     tied_sources,
@@ -78,6 +88,9 @@ __all__ = [
 ]
 
 _CHANNEL_KINDS = (LayerKind.LINEAR, LayerKind.CONV, LayerKind.CONV_TRANSPOSE)
+NORM_LAYER_MODES = ("stop", "ignore", "affine")
+BIAS_MODES = ("scale", "keep")
+SWEEPS = ("sequential", "simultaneous")
 _SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
@@ -159,6 +172,17 @@ def balance_(
     squared-gradient state by the squares.
     """
     d = balance_factors(unit_norms(norm_in, p), unit_norms(norm_out, p), c, p)
+    _apply_(d, times_d, times_inv_d, times_d2, times_inv_d2)
+    return d
+
+
+def _apply_(
+    d: Tensor,
+    times_d: Sequence[Tensor],
+    times_inv_d: Sequence[Tensor],
+    times_d2: Sequence[Tensor],
+    times_inv_d2: Sequence[Tensor],
+) -> None:
     inv = d.reciprocal()
     _scale_(times_d, d)
     _scale_(times_inv_d, inv)
@@ -166,7 +190,6 @@ def balance_(
         _scale_(times_d2, d.square())
     if times_inv_d2:
         _scale_(times_inv_d2, inv.square())
-    return d
 
 
 # --- how each weight is seen as units ---------------------------------------------------------------------
@@ -198,8 +221,27 @@ class _Slot:
         return v.view(self.final)
 
 
+def _channels(module: nn.Module) -> int:
+    if layer_kind(module) is LayerKind.NORM:
+        return int(module.num_features)  # type: ignore[arg-type]
+    return out_channels(module)
+
+
+def _unit_slot(module: nn.Module, attr: str) -> _Slot:
+    n = _channels(module)
+    return _Slot(module, attr, (1, 1, n, 1), None, (1, 1, n, 1))
+
+
 def _producer_slots(module: nn.Module) -> tuple[_Slot, _Slot | None]:
-    """Rows (output channels) of a producer's weight, and its bias."""
+    """Rows (output channels) of a producer's weight, and its bias; for a normalization layer (the
+    ``"affine"`` mode) its affine weight γ and bias β."""
+    if layer_kind(module) is LayerKind.NORM:
+        if getattr(module, "weight", None) is None:
+            raise ChannelPathError(
+                f"{type(module).__name__} has no affine weight (affine=False) to carry the units' scale"
+            )
+        bias = _unit_slot(module, "bias") if getattr(module, "bias", None) is not None else None
+        return _unit_slot(module, "weight"), bias
     w: Tensor = module.weight  # type: ignore[assignment]
     n_out = out_channels(module)
     if layer_kind(module) is LayerKind.CONV_TRANSPOSE:  # weight (in, out/groups, *k)
@@ -251,9 +293,15 @@ class ENormGroup:
     incoming: tuple[_Slot, ...]
     biases: tuple[_Slot, ...]
     outgoing: tuple[_Slot, ...]
+    crossed: tuple[str, ...] = ()  # normalization layers between producers and consumers ("ignore")
+    stats: tuple[_Slot, ...] = ()  # their running means (scaled by d); running variances follow (by d²)
 
     def __repr__(self) -> str:
-        return f"ENormGroup(producers={self.producers}, consumers={self.consumers}, channels={self.channels})"
+        cross = f", crossed={self.crossed}" if self.crossed else ""
+        return (
+            f"ENormGroup(producers={self.producers}, consumers={self.consumers}, channels={self.channels}"
+            f"{cross})"
+        )
 
 
 @dataclass(frozen=True)
@@ -275,7 +323,10 @@ def _shared_parameter_owners(modules: dict[str, nn.Module]) -> set[str]:
 
 
 def _build_group(
-    modules: dict[str, nn.Module], producers: Sequence[str], consumers: Iterable[tuple[str, int, int]]
+    modules: dict[str, nn.Module],
+    producers: Sequence[str],
+    consumers: Iterable[tuple[str, int, int]],
+    crossed: Sequence[str] = (),
 ) -> ENormGroup:
     shared = _shared_parameter_owners(modules)
     unique = list(dict.fromkeys(consumers))
@@ -285,7 +336,7 @@ def _build_group(
             raise ChannelPathError(f"{name!r} shares a parameter with another module")
         if parametrize.is_parametrized(module) or hasattr(module, "weight_g"):
             raise ChannelPathError(f"{name!r} has a parametrized weight (computed, not stored)")
-    channels = out_channels(modules[producers[0]])
+    channels = _channels(modules[producers[0]])
     incoming, biases = [], []
     for name in producers:
         w, b = _producer_slots(modules[name])
@@ -293,11 +344,59 @@ def _build_group(
         if b is not None:
             biases.append(b)
     outgoing = tuple(_consumer_slot(modules[n], channels, off, blk) for n, off, blk in unique)
-    return ENormGroup(tuple(producers), tuple(unique), channels, tuple(incoming), tuple(biases), outgoing)
+    stats = tuple(
+        _unit_slot(modules[n], "running_mean")
+        for n in crossed
+        if getattr(modules[n], "running_mean", None) is not None
+    )
+    return ENormGroup(
+        tuple(producers),
+        tuple(unique),
+        channels,
+        tuple(incoming),
+        tuple(biases),
+        outgoing,
+        tuple(crossed),
+        stats,
+    )
+
+
+def _crossable_norms(graph: ModelGraph) -> tuple[dict[str, str], list[Skipped]]:
+    """Normalization layers a unit's scale can be carried across: per channel (BatchNorm, BatchRenorm,
+    InstanceNorm), run once, fed directly (the very tensor) by one linear / convolution layer whose output
+    feeds nothing else, with the channels on the normalized axis. Returns {norm layer: its producer}."""
+    crossed: dict[str, str] = {}
+    skips: list[Skipped] = []
+    for node in graph:
+        if node.kind is not LayerKind.NORM:
+            continue
+        src = graph[node.producers[0].src] if len(node.producers) == 1 and node.producers[0].src else None
+        if src is None or src.kind not in _CHANNEL_KINDS:
+            continue  # nothing rescalable feeds it: nothing to cross
+        edge = node.producers[0]
+        reason = None
+        if not is_per_channel_normalization(node.module):
+            reason = f"{type(node.module).__name__} normalizes across channels"
+        elif node.calls > 1 or src.calls > 1:
+            reason = "it or its input layer runs more than once per forward"
+        elif not edge.direct:
+            reason = f"operations stand between {src.name!r} and it"
+        elif len(src.consumers) != 1:
+            reason = f"the output of {src.name!r} is used elsewhere too"
+        elif out_channels(src.module) != int(node.module.num_features):  # type: ignore[arg-type]
+            n = node.module.num_features
+            reason = f"{src.name!r} has {out_channels(src.module)} channels, it normalizes {n}"
+        elif node.output_shape is not None and 1 - len(node.output_shape) != channel_dim(src.module):
+            reason = f"the channels of {src.name!r} are not on its normalized axis"
+        if reason is None:
+            crossed[node.name] = src.name
+        else:
+            skips.append(Skipped((src.name,), f"cannot balance across {node.name!r}: {reason}", False))
+    return crossed, skips
 
 
 def _check_tied(
-    graph: ModelGraph, members: tuple[str | None, ...]
+    graph: ModelGraph, members: tuple[str | None, ...], crossed: dict[str, str]
 ) -> tuple[list[ChannelPath], list[Skipped]]:
     layers = tuple(m for m in members if m is not None)
     skips: list[Skipped] = []
@@ -305,6 +404,8 @@ def _check_tied(
         skips.append(Skipped(layers, "their output is added to the model input", False))
     for m in layers:
         node = graph[m]
+        if m in crossed:
+            continue
         if node.kind not in _CHANNEL_KINDS:
             expected = node.kind is LayerKind.NORM
             what = "a normalization layer" if expected else f"{type(node.module).__name__} (not rescalable)"
@@ -316,13 +417,17 @@ def _check_tied(
     paths: list[ChannelPath] = []
     for m in layers:
         node = graph[m]
-        if node.kind not in _CHANNEL_KINDS:
+        start = None
+        if m in crossed:  # the channels leave the normalization layer where its input layer put them
+            src = graph[crossed[m]].module
+            start = ChannelBlocks(channel_dim(src), out_channels(src))
+        elif node.kind not in _CHANNEL_KINDS:
             continue
         if not node.consumers:
             skips.append(Skipped(layers, f"the output of {m!r} is unused", True))
         for edge in node.consumers:
             try:
-                paths.append(channel_path(graph, edge))
+                paths.append(channel_path(graph, edge, start=start))
             except ChannelPathError as exc:
                 dst = graph[edge.dst] if edge.dst is not None else None
                 expected = edge.dst is None or (dst is not None and dst.kind is LayerKind.NORM)
@@ -336,7 +441,8 @@ def _check_tied(
                 skips.append(
                     Skipped(layers, f"consumer {edge.dst!r} runs {dst_node.calls} times per forward", False)
                 )
-    if len({out_channels(graph[m].module) for m in layers if graph[m].kind in _CHANNEL_KINDS}) > 1:
+    counted = [crossed.get(m, m) for m in layers if m in crossed or graph[m].kind in _CHANNEL_KINDS]
+    if len({out_channels(graph[m].module) for m in counted}) > 1:
         skips.append(Skipped(layers, "layers summed together with different channel counts", False))
     joins: dict[str, list[Any]] = {}
     for path in paths:
@@ -362,14 +468,18 @@ def discover_groups(
     example_input: Any = None,
     *,
     pairs: Sequence[tuple[str, str]] | None = None,
+    norm_layers: str = "stop",
 ) -> tuple[list[ENormGroup], list[Skipped]]:
     """The groups of units ENorm balances, in execution order, and what it leaves alone (with the reason).
 
     From the traced graph (:func:`normkit.graph.trace`), or from ``pairs=[(producer, consumer), ...]`` by
     module names, in which case the ops between them are trusted to be positively homogeneous per channel and
     a consumer with k times more inputs than the producer has channels reads each channel as a block of k
-    (channel-major flatten).
+    (channel-major flatten). ``norm_layers`` as in :class:`ENorm`: with ``"ignore"`` a group's producer is
+    the layer before the normalization layer, with ``"affine"`` the normalization layer itself (its γ, β).
     """
+    if norm_layers not in NORM_LAYER_MODES:
+        raise ValueError(f"norm_layers must be one of {', '.join(NORM_LAYER_MODES)}, got {norm_layers!r}")
     inner = unwrap_model(model)
     modules = dict(inner.named_modules())
     if pairs is not None:
@@ -385,15 +495,25 @@ def discover_groups(
         ) from exc
     groups: list[ENormGroup] = []
     skipped: list[Skipped] = []
+    crossed, cross_skips = _crossable_norms(graph) if norm_layers != "stop" else ({}, [])
+    skipped.extend(cross_skips)
+    carried = set(crossed.values())  # their units are balanced through the normalization layer they feed
     for members in tied_sources(graph):
         layers = tuple(m for m in members if m is not None)
-        if not any(graph[m].kind in _CHANNEL_KINDS for m in layers):
+        if None not in members and all(m in carried for m in layers):
             continue
-        paths, skips = _check_tied(graph, members)
+        if not any(graph[m].kind in _CHANNEL_KINDS or m in crossed for m in layers):
+            continue
+        paths, skips = _check_tied(graph, members, crossed)
         if not skips:
             try:
                 consumers = [(p.edge.dst, p.blocks.offset, p.blocks.block) for p in paths]
-                groups.append(_build_group(modules, layers, consumers))  # type: ignore[arg-type]
+                if norm_layers == "ignore":
+                    producers = [crossed.get(m, m) for m in layers]
+                    through = [m for m in layers if m in crossed]
+                else:
+                    producers, through = list(layers), []
+                groups.append(_build_group(modules, producers, consumers, through))  # type: ignore[arg-type]
                 continue
             except ChannelPathError as exc:
                 skips = [Skipped(layers, str(exc), False)]
@@ -445,15 +565,43 @@ class ENorm:
         model: the network (a DDP / compile wrapper is looked through).
         optimizer: SGD, Adam or AdamW, whose state is rescaled with the weights; ``None`` to rescale only the
             weights. Any other optimizer raises (its state would no longer match the weights).
-        c: asymmetric scaling coefficient: at the fixed point ‖outgoing‖ = c·‖incoming‖ per unit (the paper
-            uses 1.2 for its FC net and 1.1 for its conv net).
+        c: asymmetric scaling coefficient, finite and positive: at the fixed point ‖outgoing‖ = c·‖incoming‖
+            per unit (the paper uses 1.2 for its FC net and 1.1 for its conv net).
         p: order of the entrywise norms (2 in the paper).
         every: run the cycles every ``every`` calls of :meth:`step`.
         example_input: an input of the model; needed for tensor shapes when a flatten / reshape or a
             concatenation sits between two layers.
         cycles: sweeps over the network per run.
-        include_bias: count producer biases in ‖incoming‖ (they are always scaled with their rows).
+        include_bias: count producer biases in ‖incoming‖ (with ``bias="scale"``).
+        bias: ``"scale"`` (default): producer biases are scaled with their rows, which keeps the function;
+            ``"keep"``: biases are left alone, as the authors' code does ("more stable"); the function then
+            changes wherever a bias is non-zero. With c ≠ 1, trainable biases on balanced layers make
+            training unstable in both modes (a warning says so): use bias-free layers, as the paper's
+            networks, or c = 1.
+        norm_layers: what a normalization layer (BatchNorm, BatchRenorm, InstanceNorm) between two layers
+            does to the units it normalizes.
+
+            - ``"stop"`` (default): it ends the chain; those units are left alone. The function is kept.
+            - ``"ignore"``: the authors' practice ("ignore the BatchNorm weights and perform the ENorm cycle
+              as usual"): rows of the layer before it and columns of the layer after it are balanced as if it
+              were not there. **The function changes**: the normalization cancels the row scaling, the column
+              scaling remains (a warning at construction says so). Its running statistics are scaled with
+              the rows (mean by d, variance by d²) so that eval mode cancels the rows too; the reference code
+              left them to catch up.
+            - ``"affine"`` (ours, function-preserving): the unit's scale is carried by the normalization
+              layer's affine γ, β (scaled by d) against the columns of the layer after it (by 1/d);
+              ‖incoming‖ is |γ_i| (with ``include_bias``, ‖(γ_i, β_i)‖). The layer before it is untouched.
+              Exact in train and eval mode; needs ``affine=True``.
+
+            Only a per-channel normalization fed directly by one linear / conv layer is crossed; any other is
+            reported in :attr:`skipped`.
+        sweep: ``"sequential"`` (default): each group's norms are read after the previous groups' rescalings
+            (exact block coordinate descent); ``"simultaneous"``: every factor from the norms at the start of
+            the cycle, as the reference code computes them (with ``skip_last=True`` and ``bias="keep"``, its
+            exact arithmetic).
         skip_last: leave the last group alone, as the reference code did (for reproductions).
+        include_frozen: also balance groups with a frozen weight (``requires_grad=False``) or one outside
+            ``optimizer``; by default they are left alone and listed in :attr:`skipped`.
         pairs: ``[(producer, consumer), ...]`` by module names, instead of tracing the model.
         warn: warn once about the layers left alone for reasons other than normalization / model output.
 
@@ -473,32 +621,53 @@ class ENorm:
         *,
         cycles: int = 1,
         include_bias: bool = False,
+        bias: str = "scale",
+        norm_layers: str = "stop",
+        sweep: str = "sequential",
         skip_last: bool = False,
+        include_frozen: bool = False,
         pairs: Sequence[tuple[str, str]] | None = None,
         warn: bool = True,
     ) -> None:
+        for name, value, choices in (
+            ("bias", bias, BIAS_MODES),
+            ("norm_layers", norm_layers, NORM_LAYER_MODES),
+            ("sweep", sweep, SWEEPS),
+        ):
+            if value not in choices:
+                raise ValueError(
+                    f"ENorm {name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+                )
+        if include_bias and bias == "keep":
+            raise ValueError("include_bias=True counts biases that bias='keep' leaves alone: choose one")
         if optimizer is not None and not isinstance(optimizer, _SUPPORTED_OPTIMIZERS):
             raise TypeError(
                 f"ENorm rescales the optimizer state of SGD, Adam and AdamW only; {type(optimizer).__name__} "
                 "keeps state ENorm cannot transform consistently. Pass optimizer=None to rescale only the "
                 "weights (that optimizer's state then refers to the unscaled network)."
             )
-        if not c > 0 or not p > 0:
-            raise ValueError(f"c and p must be positive, got c={c}, p={p}")
+        if not (math.isfinite(c) and c > 0) or not (math.isfinite(p) and p > 0):
+            raise ValueError(
+                f"c and p must be finite and positive, got c={c}, p={p} (c = 1 balances symmetrically; the "
+                "paper uses c = 1.1-1.2 and p = 2)"
+            )
         if every < 1 or cycles < 1:
             raise ValueError(f"every and cycles must be at least 1, got every={every}, cycles={cycles}")
         self.model = model
         self.optimizer = optimizer
         self.c, self.p, self.every, self.cycles = float(c), float(p), int(every), int(cycles)
         self.include_bias = include_bias
-        groups, skipped = discover_groups(model, example_input, pairs=pairs)
+        self.bias, self.norm_layers, self.sweep = bias, norm_layers, sweep
+        groups, skipped = discover_groups(model, example_input, pairs=pairs, norm_layers=norm_layers)
         if skip_last and groups:
             skipped.append(Skipped(groups[-1].producers, "skip_last=True", True))
             groups = groups[:-1]
+        if not include_frozen:
+            groups = self._without_frozen(model, optimizer, groups, skipped)
         self.groups: list[ENormGroup] = groups
         self.skipped: list[tuple[tuple[str, ...], str]] = [(s.layers, s.reason) for s in skipped]
         self._calls = 0
-        slots = (s for g in groups for s in (*g.incoming, *g.biases, *g.outgoing))
+        slots = (s for g in groups for s in (*g.incoming, *self._biases(g), *g.outgoing, *g.stats))
         self._slots = list({(id(s.module), s.attr): s for s in slots}.values())
         self._views_key: tuple[int, ...] | None = None
         self._views_cache: list[_GroupViews] = []
@@ -510,6 +679,64 @@ class ENorm:
             )
         if not groups:
             warnings.warn("ENorm found no pair of layers to balance in this model", stacklevel=2)
+        crossed = [n for g in groups for n in g.crossed]
+        if crossed:
+            warnings.warn(
+                f"ENorm(norm_layers='ignore') balances across {', '.join(crossed)}: a normalization layer "
+                "cancels the scaling of the rows before it, not that of the columns after it, so every cycle "
+                "changes the network's function (the paper authors' practice). norm_layers='affine' carries "
+                "the scale in the layers' γ, β instead and keeps the function.",
+                stacklevel=2,
+            )
+        names = {id(m): n for n, m in unwrap_model(model).named_modules()}
+        biased = [
+            names.get(id(s.module), "?")
+            for g in groups
+            for s in g.biases
+            if layer_kind(s.module) in _CHANNEL_KINDS and s.tensor().requires_grad
+        ]
+        if self.c != 1.0 and biased:
+            warnings.warn(
+                f"ENorm with c = {self.c:g} balances layers with trainable biases ({', '.join(biased)}): "
+                "c ≠ 1 shrinks the middle layers' activations while their biases keep their size, and "
+                "training with SGD becomes unstable (measured: diverges within a few hundred steps, lr 0.1, "
+                "in this code and in the authors'). Remedy: bias-free layers (bias=False, as in the paper's "
+                "networks, with BatchNorm's β for the offset if needed), or c = 1.",
+                stacklevel=2,
+            )
+
+    def _biases(self, group: ENormGroup) -> tuple[_Slot, ...]:
+        return group.biases if self.bias == "scale" else ()
+
+    def _without_frozen(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        groups: list[ENormGroup],
+        skipped: list[Skipped],
+    ) -> list[ENormGroup]:
+        """The groups whose every rescaled parameter is trainable and (with an optimizer) optimized."""
+        names = {id(m): n for n, m in unwrap_model(model).named_modules()}
+        optimized = (
+            {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer is not None else None
+        )
+        kept = []
+        for group in groups:
+            reason = None
+            for slot in (*group.incoming, *self._biases(group), *group.outgoing):
+                t = slot.tensor()
+                where = f"{names.get(id(slot.module), '?')}.{slot.attr}"
+                if not t.requires_grad:
+                    reason = f"{where} is frozen (requires_grad=False)"
+                elif optimized is not None and id(t) not in optimized:
+                    reason = f"{where} is not in the optimizer"
+                if reason is not None:
+                    break
+            if reason is None:
+                kept.append(group)
+            else:
+                skipped.append(Skipped(group.producers, f"{reason}; include_frozen=True balances it", True))
+        return kept
 
     def step(self) -> None:
         """Count a training step; every ``every`` steps run ``cycles`` ENorm cycles."""
@@ -520,18 +747,28 @@ class ENorm:
 
     @torch.no_grad()
     def cycle(self) -> None:
-        """One sweep over the groups in execution order (Gauss-Seidel: each uses the previous rescalings)."""
-        for views in self._views():
-            balance_(
-                views.norm_in,
-                views.norm_out,
-                times_d=views.times_d,
-                times_inv_d=views.times_inv_d,
-                times_d2=views.times_d2,
-                times_inv_d2=views.times_inv_d2,
-                c=self.c,
-                p=self.p,
-            )
+        """One sweep over the groups in execution order: Gauss-Seidel (each group uses the previous groups'
+        rescalings) or, with ``sweep="simultaneous"``, every factor from the norms at the start."""
+        all_views = self._views()
+        if self.sweep == "sequential":
+            for views in all_views:
+                balance_(
+                    views.norm_in,
+                    views.norm_out,
+                    times_d=views.times_d,
+                    times_inv_d=views.times_inv_d,
+                    times_d2=views.times_d2,
+                    times_inv_d2=views.times_inv_d2,
+                    c=self.c,
+                    p=self.p,
+                )
+            return
+        factors = [
+            balance_factors(unit_norms(v.norm_in, self.p), unit_norms(v.norm_out, self.p), self.c, self.p)
+            for v in all_views
+        ]
+        for v, d in zip(all_views, factors):
+            _apply_(d, v.times_d, v.times_inv_d, v.times_d2, v.times_inv_d2)
 
     def _views(self) -> list[_GroupViews]:
         """The unit views of every group's weights and optimizer state, rebuilt only when a tensor changed
@@ -555,14 +792,19 @@ class ENorm:
 
     def _group_views(self, group: ENormGroup, state: Any) -> _GroupViews:
         w_in = [s.view(s.tensor()) for s in group.incoming]
-        b_in = [s.view(s.tensor()) for s in group.biases]
+        b_in = [s.view(s.tensor()) for s in self._biases(group)]
         w_out = [s.view(s.tensor()) for s in group.outgoing]
+        means = [s.view(s.tensor()) for s in group.stats]
+        variances = [
+            s.view(s.module.running_var)  # type: ignore[arg-type]
+            for s in group.stats
+        ]
         gl_in: list[Tensor] = []
         gl_out: list[Tensor] = []
         sq_in: list[Tensor] = []
         sq_out: list[Tensor] = []
         for slots, gl, sq in (
-            ((*group.incoming, *group.biases), gl_in, sq_in),
+            ((*group.incoming, *self._biases(group)), gl_in, sq_in),
             (group.outgoing, gl_out, sq_out),
         ):
             for s in slots:
@@ -574,9 +816,9 @@ class ENorm:
         return _GroupViews(
             norm_in=[*w_in, *b_in] if self.include_bias else w_in,
             norm_out=w_out,
-            times_d=[*w_in, *b_in, *gl_out],
+            times_d=[*w_in, *b_in, *gl_out, *means],
             times_inv_d=[*w_out, *gl_in],
-            times_d2=sq_out,
+            times_d2=[*sq_out, *variances],
             times_inv_d2=sq_in,
         )
 
@@ -589,5 +831,6 @@ class ENorm:
     def __repr__(self) -> str:
         return (
             f"ENorm(c={self.c}, p={self.p}, every={self.every}, cycles={self.cycles}, "
+            f"norm_layers={self.norm_layers!r}, bias={self.bias!r}, sweep={self.sweep!r}, "
             f"groups={len(self.groups)}, skipped={len(self.skipped)})"
         )

@@ -1136,8 +1136,12 @@ def _through_cat(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
     return ChannelBlocks(blocks.dim, size, blocks.block, blocks.offset + offset)
 
 
-def channel_path(graph: ModelGraph, edge: Edge) -> ChannelPath:
+def channel_path(graph: ModelGraph, edge: Edge, *, start: ChannelBlocks | None = None) -> ChannelPath:
     """Follow the source layer's output channels along ``edge`` to the destination layer's input channels.
+
+    ``start``: where the channels are at the source, for a source that is not a linear / convolution layer
+    but whose channels the caller has located (ENorm crossing a normalization layer); default: the source
+    layer's own output channels.
 
     Raises:
         ChannelPathError: naming the node that breaks the per-channel correspondence (an op that mixes
@@ -1145,10 +1149,13 @@ def channel_path(graph: ModelGraph, edge: Edge) -> ChannelPath:
             a missing shape) or saying which end is not a linear / convolution layer.
     """
     graph._require_traced("follow channels between layers")
-    if edge.src is None or graph[edge.src].kind not in _CHANNEL_LAYER_KINDS:
+    if start is not None:
+        blocks = start
+    elif edge.src is None or graph[edge.src].kind not in _CHANNEL_LAYER_KINDS:
         raise ChannelPathError(f"source {edge.src!r} is not a linear or convolution layer")
-    src = graph[edge.src].module
-    blocks = ChannelBlocks(channel_dim(src), out_channels(src))
+    else:
+        src = graph[edge.src].module
+        blocks = ChannelBlocks(channel_dim(src), out_channels(src))
     adds: list[AddJoin] = []
     for op in edge.ops:
         if op.kind is OpKind.IDENTITY:

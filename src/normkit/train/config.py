@@ -31,6 +31,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("none", "bf16", "fp16"),
     "normalize": NORMS,
     "clip": NORMS,
+    "enorm_norm_layers": ("stop", "ignore", "affine"),
+    "enorm_bias": ("scale", "keep"),
 }
 
 GRASSMANN = ("sgdg", "adamg")
@@ -84,6 +86,8 @@ class TrainConfig:
     grassmann_select: str = "bn_input"
     enorm: float = 0.0
     enorm_every: int = 1
+    enorm_norm_layers: str = "stop"
+    enorm_bias: str = "scale"
     normalize: str | None = None
     clip: str | None = None
     clipnorm: float | None = None

@@ -334,7 +334,13 @@ class Trainer:
 
             example = self.data.prepare(self.data.x_train[:2])
             self.enorm = ENorm(
-                model, self.inner_optimizer, c=cfg.enorm, every=cfg.enorm_every, example_input=example
+                model,
+                self.inner_optimizer,
+                c=cfg.enorm,
+                every=cfg.enorm_every,
+                example_input=example,
+                norm_layers=cfg.enorm_norm_layers,
+                bias=cfg.enorm_bias,
             )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)

@@ -64,18 +64,74 @@ def enorm_fc(
     *,
     depth: int | None = None,
     width: int | None = None,
-    norm: str = "none",
+    norm: str = "bn",
     dropout: float = 0.0,
     **_: Any,
 ) -> nn.Module:
-    """The ENorm paper's fully connected net: ``depth`` (15) intermediary linear layers of width 500, ReLU,
-    He-initialized with zero biases as in the paper's code (PyTorch's default init makes a 15-layer ReLU net's
-    signal vanish: it does not train at all)."""
-    model = mlp(input_shape, num_classes, depth=depth or 15, width=width or 500, norm=norm, dropout=dropout)
+    """The ENorm paper's fully connected net (the authors' ``models/fully_connected.py``).
+
+    ``depth`` (15) Linear layers in all, as the authors count them (``--n-layers 15``): ``depth - 1`` hidden
+    layers of ``width`` (500) units, each Linear → BatchNorm1d → ReLU, then the classifier. Every Linear is
+    bias-free and Kaiming-normal initialized, as in their code. ``norm="none"`` drops the BatchNorm layers
+    (the BN-free variant); ``dropout`` (not in the paper) follows each ReLU.
+    """
+    depth, width = depth if depth is not None else 15, width or 500
+    if depth < 1:
+        raise ValueError(f"enorm-fc needs --depth of at least 1 (Linear layers in all), got {depth}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    prev = math.prod(input_shape)
+    for _i in range(depth - 1):
+        layers += [nn.Linear(prev, width, bias=False), _norm(norm, width, 1), nn.ReLU(inplace=True)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        prev = width
+    layers.append(nn.Linear(prev, num_classes, bias=False))
+    model = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+    return model
+
+
+def enorm_conv(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    width: int | None = None,
+    norm: str = "bn",
+    **_: Any,
+) -> nn.Module:
+    """The ENorm paper's fully convolutional net (the authors' ``models/fully_convolutional.py``, after
+    Gitman & Ginsburg 2017).
+
+    Nine bias-free convolutions, each followed by ReLU: three 3×3 of ``w`` channels, max pool (3, stride 2,
+    pad 1); three 3×3 of ``2w``, max pool; a 3×3 of ``2.5w``, a 1×1 of ``2.5w``, and a 1×1 to the classes
+    with zero padding 1 (as theirs), then average pooling. ``w`` = ``width`` (128: 128 / 256 / 320 channels).
+    BatchNorm2d after conv3 and conv6 (before their ReLU); ``norm="none"`` drops both. Kaiming-normal init.
+    The final pool is theirs (``AvgPool2d(5)``, which covers their 9×9 map of a 28×28 crop) when the map is
+    between 5 and 9 pixels wide, a global average otherwise, so that the net runs on any image size.
+    """
+    w = width or 128
+    widths = (w, w, w, 2 * w, 2 * w, 2 * w, (5 * w) // 2, (5 * w) // 2)
+    cin, size = input_shape[0], min(input_shape[1:])
+    layers: list[nn.Module] = []
+    for i, cout in enumerate(widths):
+        k = 1 if i == 7 else 3
+        layers.append(nn.Conv2d(cin, cout, k, 1, k // 2, bias=False))
+        if i in (2, 5) and norm != "none":
+            layers.append(_norm(norm, cout, 2))
+        layers.append(nn.ReLU(inplace=True))
+        if i in (2, 5):
+            layers.append(nn.MaxPool2d(3, 2, 1))
+            size = (size - 1) // 2 + 1
+        cin = cout
+    layers += [nn.Conv2d(cin, num_classes, 1, 1, 1, bias=False), nn.ReLU(inplace=True)]
+    size += 2
+    layers += [nn.AvgPool2d(5) if 5 <= size < 10 else nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    model = nn.Sequential(*layers)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     return model
 
 
@@ -85,34 +141,6 @@ def _conv_bn_relu(cin: int, cout: int, norm: str, k: int = 3) -> list[nn.Module]
         _norm(norm, cout, 2),
         nn.ReLU(inplace=True),
     ]
-
-
-def enorm_conv(
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    *,
-    width: int | None = None,
-    norm: str = "none",
-    **_: Any,
-) -> nn.Module:
-    """The ENorm paper's fully convolutional net: 9 convolutions (3×3 then 1×1), max pooling, global average.
-
-    Widths w, w, 2w, 2w, 4w, 4w, 4w, 4w (w = 64), the last conv maps to the classes; no linear layer.
-    """
-    w = width or 64
-    size = min(input_shape[1:])
-    layers: list[nn.Module] = []
-    cin = input_shape[0]
-    for i, (cout, k) in enumerate(
-        [(w, 3), (w, 3), (2 * w, 3), (2 * w, 3), (4 * w, 3), (4 * w, 3), (4 * w, 3), (4 * w, 1)]
-    ):
-        layers += _conv_bn_relu(cin, cout, norm, k)
-        cin = cout
-        if i in (1, 3, 5) and size > 1:
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
-    layers += [nn.Conv2d(cin, num_classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return nn.Sequential(*layers)
 
 
 _VGG = {
@@ -329,8 +357,10 @@ def _vgg(depth: int) -> Callable[..., nn.Module]:
 MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(cnn, 3, "bn", "small CNN for digits / MNIST (--width)"),
     "mlp": ModelSpec(mlp, None, "none", "MLP (--depth hidden layers of --width, --norm, --dropout)"),
-    "enorm-fc": ModelSpec(enorm_fc, None, "none", "ENorm paper FC net (--depth 15 layers of width 500)"),
-    "enorm-conv": ModelSpec(enorm_conv, 3, "none", "ENorm paper 9-conv fully convolutional net"),
+    "enorm-fc": ModelSpec(
+        enorm_fc, None, "bn", "ENorm paper FC net: --depth 15 bias-free Linear in all, width 500, BN"
+    ),
+    "enorm-conv": ModelSpec(enorm_conv, 3, "bn", "ENorm paper 9-conv bias-free net, BN after conv3, conv6"),
     "vgg11": ModelSpec(_vgg(11), 3, "bn", "CIFAR-style VGG-11 with BN"),
     "vgg13": ModelSpec(_vgg(13), 3, "bn", "CIFAR-style VGG-13 with BN"),
     "vgg16": ModelSpec(_vgg(16), 3, "bn", "CIFAR-style VGG-16 with BN"),

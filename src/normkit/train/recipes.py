@@ -152,6 +152,8 @@ _ENORM_FC = {
     "weight_decay": 1e-3,
     "schedule": "linear",
     "val_size": 9040,
+    "decay_norm_and_bias": True,  # their SGD decays every parameter
+    "enorm_norm_layers": "ignore",  # the authors balance across BatchNorm (off when enorm = 0)
 }
 _ENORM_CONV = {
     "model": "enorm-conv",
@@ -164,6 +166,8 @@ _ENORM_CONV = {
     "weight_decay": 1e-3,
     "schedule": "linear",
     "val_size": 9040,
+    "decay_norm_and_bias": True,
+    "enorm_norm_layers": "ignore",
 }
 _ENORM_NOTE = (
     "The seed gives the commands but not the numbers; the paper's CIFAR-10 table holds them. "
