@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,8 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
+docs: $(STAMP)
+	$(PY) -m pdoc normkit --docformat google -o docs/api
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) docs/api build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
