@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOC_MODULES := normkit normkit.nn normkit.init normkit.enorm normkit.optim normkit.graph normkit.geometry \
+	normkit.train normkit.integrations
 
 .PHONY: demo test lint bench docs clean
 
@@ -27,7 +29,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
 docs: $(STAMP)
-	$(PY) -m pdoc normkit --docformat google -o docs/api
+	$(PY) -m pdoc --docformat google -o docs/api $(DOC_MODULES)
 
 clean:
 	rm -rf $(VENV) docs/api build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
