@@ -199,9 +199,12 @@ def fetch_command(name: str, data_dir: str | Path = "data") -> str:
 
 
 def _find(
-    directory: Path, names: list[str], dataset: str, download_hint: bool, name: str | None = None
+    directory: Path, names: list[str], dataset: str, download_hint: bool, key: str | None = None
 ) -> list[Path]:
-    """Locate each of ``names`` (with or without .gz) in ``directory`` or its torchvision sub-folders."""
+    """Locate each of ``names`` (with or without .gz) in ``directory`` or its torchvision sub-folders.
+
+    ``key``: the dataset's name in :data:`DATASETS`, for the message (with the command that fetches them).
+    """
     folders = [directory, directory / dataset / "raw"]  # flat, or torchvision's MNIST/raw, FashionMNIST/raw
     found, missing = [], []
     for name in names:
@@ -213,12 +216,12 @@ def _find(
     if missing:
         fetch = (
             f"; fetch them by adding --download to this command (needs torchvision: pip install "
-            f"'normkit[vision]'), or with: {fetch_command(name, directory)}"
-            if download_hint and name in _TORCHVISION_CLASS
+            f"'normkit[vision]'), or with: {fetch_command(key, directory)}"
+            if download_hint and key in _TORCHVISION_CLASS
             else ""
         )
         raise MissingDataError(
-            f"{name or dataset}: missing {', '.join(missing)} (gzipped or not) in {directory} "
+            f"{key or dataset}: missing {', '.join(missing)} (gzipped or not) in {directory} "
             f"(or {directory / dataset / 'raw'}){fetch}"
         )
     return found
