@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DOC_MODULES := normkit normkit.nn normkit.init normkit.enorm normkit.optim normkit.graph normkit.geometry \
+	normkit.train normkit.integrations
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,5 +28,8 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
 
+docs: $(STAMP)
+	$(PY) -m pdoc --docformat google -o docs/api $(DOC_MODULES)
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) docs/api build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

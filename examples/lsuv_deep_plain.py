@@ -2,7 +2,7 @@
 digits from PyTorch's default init and from LSUV (Mishkin & Matas 2016), everything else equal.
 
     python examples/lsuv_deep_plain.py                      # MNIST t10k: 8 000 train / 2 000 test, 6 epochs
-    python examples/lsuv_deep_plain.py --data digits        # scikit-learn's 1 797 8×8 digits
+    python examples/lsuv_deep_plain.py --data digits        # scikit-learn's 1 797 8×8 digits (offline)
 
 PyTorch's default conv init (kaiming_uniform with a = √5) has weight variance 1/(3·fan_in): each conv +
 ReLU divides the signal's second moment by about 6, so after 20 layers the logits barely depend on the input
@@ -14,15 +14,17 @@ Measured (2026-11-22, 1 thread on a shared 2-core CPU; 20 conv layers × 16 chan
 after every epoch from the 2nd on; after LSUV (one forward pass, 0.9 s) test accuracy per epoch is 10.75,
 11.40, 50.30, 83.45, 91.75, 92.40 % (final loss 0.28).
 
-Data: the real MNIST test set (10 000 images, raw idx files) from ``NORMKIT_MNIST_DIR`` or
-``../shared/data/mnist-t10k`` beside the repository — offline, never downloaded.
+Data: the real MNIST test set (10 000 images: the files t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte,
+gzipped or not) from ``--mnist-dir`` (default: ``$NORMKIT_MNIST_DIR``, else ``data``), directly or in its
+``MNIST/raw`` folder, where torchvision's ``MNIST(DIR, download=True)`` puts them. Without them the script
+says so and runs on the digits instead. Needs ``pip install 'normkit[data]'`` for the digits.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,23 +34,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normkit.init import lsuv_init
+from normkit.train.data import fetch_command, read_idx
 
-MNIST_DIR = Path(
-    os.environ.get(
-        "NORMKIT_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"
-    )
-)
+MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def load_mnist_t10k(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def find_mnist_t10k(folder: Path) -> list[Path] | None:
+    """The two idx files (gzipped or not) in ``folder`` or ``folder/MNIST/raw``, or None."""
+    found = []
+    for name in MNIST_FILES:
+        candidates = [f / n for f in (folder, folder / "MNIST" / "raw") for n in (name, name + ".gz")]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None:
+            return None
+        found.append(hit)
+    return found
+
+
+def load_mnist_t10k(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     """The idx files as (10 000, 1, 28, 28) floats in [0, 1] and int64 labels."""
-    with gzip.open(folder / "t10k-images-idx3-ubyte.gz", "rb") as f:
-        raw = f.read()
-    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-    images = np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, rows, cols)
-    with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "rb") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    return torch.from_numpy(images.astype(np.float32) / 255.0), torch.from_numpy(labels.astype(np.int64))
+    images, labels = (read_idx(f) for f in files)
+    x = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+    return x, torch.from_numpy(labels.astype(np.int64))
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,18 +113,34 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", choices=["mnist", "digits"], default="mnist")
+    parser.add_argument(
+        "--mnist-dir", type=Path, default=Path(os.environ.get("NORMKIT_MNIST_DIR", "data")), metavar="DIR"
+    )
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
+    files = find_mnist_t10k(args.mnist_dir) if args.data == "mnist" else None
+    if args.data == "mnist" and files is None:
+        print(
+            f"MNIST test-set files {' and '.join(MNIST_FILES)} (gzipped or not) are not in {args.mnist_dir} "
+            f"or {args.mnist_dir / 'MNIST' / 'raw'}. Fetch them with\n"
+            f"    {fetch_command('mnist-t10k', args.mnist_dir)}\n"
+            "(needs torchvision: pip install 'normkit[vision]'), or point --mnist-dir at them. "
+            "Running on scikit-learn's 8x8 digits instead.\n",
+            file=sys.stderr,
+        )
+        args.data = "digits"
     if args.data == "mnist":
-        x, y = load_mnist_t10k(MNIST_DIR)
+        assert files is not None
+        x, y = load_mnist_t10k(files)
         n_train, downsample = 8000, (5, 11)
     else:
         x, y = load_digits()

@@ -32,6 +32,29 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _name_or_import_path(kind: str) -> Callable[[str], str]:
+    """argparse type of --data / --model: a built-in name or your own ``package.module:factory``."""
+    from normkit.train.config import CHOICES
+    from normkit.train.custom import is_import_path
+
+    def parse(text: str) -> str:
+        if text in CHOICES[kind] or is_import_path(text):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"invalid choice {text!r} (choose from {', '.join(CHOICES[kind])}, or give your own as "
+            "package.module:factory)"
+        )
+
+    parse.__name__ = kind
+    return parse
+
+
+def _own_help(kind: str, text: str) -> str:
+    from normkit.train.config import CHOICES
+
+    return f"{text}: {', '.join(CHOICES[kind])}, or your own as package.module:factory"
+
+
 # ------------------------------------------------------------------------------------------------ train
 
 
@@ -48,7 +71,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bars")
 
     d = p.add_argument_group("data")
-    d.add_argument("--data", choices=CHOICES["data"], default=S, help="dataset (default digits)")
+    d.add_argument(
+        "--data", type=_name_or_import_path("data"), default=S, help=_own_help("data", "dataset (digits)")
+    )
     d.add_argument("--data-dir", default=S, metavar="DIR", help="where dataset files are (default ./data)")
     d.add_argument("--download", action="store_true", default=S, help="download the dataset if missing")
     d.add_argument("--val-size", type=int, default=S, metavar="N", help="hold out N training examples")
@@ -64,7 +89,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
 
     m = p.add_argument_group("model")
-    m.add_argument("--model", choices=CHOICES["model"], default=S, help="architecture (default cnn)")
+    m.add_argument(
+        "--model",
+        type=_name_or_import_path("model"),
+        default=S,
+        help=_own_help("model", "architecture (cnn)"),
+    )
     m.add_argument("--depth", type=int, default=S, help="MLP hidden layers / WRN depth")
     m.add_argument("--width", type=int, default=S, help="layer width / base channels")
     m.add_argument("--widen-factor", type=int, default=S, help="WRN widen factor")
@@ -270,7 +300,6 @@ def _run_recipes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     from normkit.train.compare import SUITES
-    from normkit.train.config import CHOICES
 
     what = p.add_mutually_exclusive_group()
     what.add_argument("--suite", choices=list(SUITES), help="a named study (default: default)")
@@ -282,8 +311,15 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--method-file", metavar="FILE", help="JSON or TOML file of your own methods")
     p.add_argument("--list", action="store_true", help="list methods and suites, then exit")
-    p.add_argument("--data", choices=CHOICES["data"], help="dataset for every arm")
-    p.add_argument("--model", choices=CHOICES["model"], help="model for every arm")
+    p.add_argument(
+        "--data", type=_name_or_import_path("data"), help=_own_help("data", "dataset for every arm")
+    )
+    p.add_argument(
+        "--model", type=_name_or_import_path("model"), help=_own_help("model", "model for every arm")
+    )
+    p.add_argument(
+        "--download", action="store_true", help="fetch the datasets the runs need first (torchvision files)"
+    )
     p.add_argument("--data-dir", help="where dataset files are (e.g. the folder of MNIST's idx files)")
     p.add_argument("--seeds", type=int, help="seeds per arm (default: the suite's)")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the suite's)")
@@ -309,6 +345,8 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             if getattr(args, k) is not None
         }
         name = "custom" if args.methods else suite.name
+        if args.download:
+            _fetch_datasets(suite, args, overrides)
         compare(
             suite,
             args.out or f"runs/compare-{name}",
@@ -324,6 +362,21 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def _fetch_datasets(suite: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """Download the built-in datasets the planned runs need, once, before any run starts (the runs themselves
+    keep download off, so their configs match those of runs made without --download)."""
+    from normkit.train.compare import load_method_file, plan
+    from normkit.train.custom import is_import_path
+    from normkit.train.data import load_dataset
+
+    extra = load_method_file(args.method_file) if args.method_file else None
+    _, jobs = plan(suite, methods=args.methods, extra_methods=extra, overrides=overrides, seeds=1)
+    needed = {(j.config["data"], j.config["data_dir"], j.config["svhn_extra"]) for j in jobs}
+    for data, data_dir, svhn_extra in sorted(needed):
+        if not is_import_path(data):
+            load_dataset(data, data_dir, download=True, svhn_extra=svhn_extra)
+
+
 # ------------------------------------------------------------------------------------------------ bench
 
 
@@ -333,19 +386,19 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    # The benchmarks compare against PyTorch and PyPI peers; they live in the source checkout, not the wheel.
+    # The benchmarks compare against PyTorch and PyPI peers; they live in the source checkout, not in the
+    # installed package, which never imports them: they run as their own process (`python -m benchmarks.run`).
+    import subprocess
     from pathlib import Path
 
     root = Path.cwd()
     if not (root / "benchmarks" / "run.py").is_file():
         parser.error(
-            f"no benchmarks/run.py in {root}: run `normkit bench` from the root of a normkit checkout"
+            f"the benchmarks are not part of the installed package and {root} holds no benchmarks/run.py: "
+            "run `normkit bench` (or `python -m benchmarks.run`) from the root of a normkit source checkout"
         )
-    sys.path.insert(0, str(root))
-    from benchmarks.run import main as bench_main
-
-    bench_main([*args.names, *(["--quick"] if args.quick else [])])
-    return 0
+    command = [sys.executable, "-m", "benchmarks.run", *args.names, *(["--quick"] if args.quick else [])]
+    return subprocess.run(command, cwd=root).returncode
 
 
 COMMANDS: list[Command] = [

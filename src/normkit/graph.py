@@ -365,6 +365,62 @@ class ModelGraph:
     def __contains__(self, name: object) -> bool:
         return name in self.layers
 
+    def __repr__(self) -> str:
+        """A readable summary: the layers in execution order, where each one's output goes (through which
+        operations), and the groups the techniques act on."""
+
+        def op_name(op: Op) -> str:
+            if op.module is not None:
+                return type(op.module).__name__
+            return getattr(op.target, "__name__", str(op.target))
+
+        def module_text(module: nn.Module) -> str:
+            weight = getattr(module, "weight", None)
+            shape = f" {list(weight.shape)}" if isinstance(weight, torch.Tensor) else ""
+            return type(module).__name__ + shape
+
+        def destinations(layer: LayerNode) -> str:
+            parts = []
+            for edge in layer.consumers:
+                via = " via " + ", ".join(op_name(op) for op in edge.ops) if edge.ops else ""
+                parts.append(("output" if edge.dst is None else edge.dst) + via)
+            return "; ".join(parts) or "-"
+
+        how = (
+            "torch.fx"
+            if self.traced
+            else f"a hooked forward pass (fx failed: {type(self.trace_error).__name__})"
+        )
+        lines = [f"ModelGraph of {type(self.model).__name__}: {len(self)} layers, from {how}"]
+        rows = [
+            (
+                str(layer.order),
+                layer.name or "(model)",
+                layer.kind.value,
+                module_text(layer.module),
+                destinations(layer),
+            )
+            for layer in self
+        ]
+        header = ("#", "layer", "kind", "module [weight shape]", "feeds")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+        for row in [header, *rows]:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+        scale_invariant = [
+            layer.name
+            for layer in self
+            if layer.kind in (LayerKind.LINEAR, LayerKind.CONV)
+            and self.feeds_normalization(layer.name, per_channel=True)
+        ]
+        lines.append(
+            "feed a per-channel normalization (scale-invariant): " + (", ".join(scale_invariant) or "none")
+        )
+        if self.traced:
+            tied = [g for g in tied_sources(self) if len(g) > 1]
+            text = " | ".join(", ".join("input" if n is None else n for n in g) for g in tied)
+            lines.append("summed by residual additions: " + (text or "none"))
+        return "\n".join(lines)
+
     def execution_order(self, kinds: Iterable[LayerKind] | None = None) -> list[LayerNode]:
         """Layers in the order the forward pass first runs them, optionally only some kinds."""
         wanted = set(kinds) if kinds is not None else None

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from normkit.train.custom import ImportPathError, check_factory, is_import_path
 from normkit.train.data import DATASETS
 from normkit.train.models import MODELS
 
@@ -134,6 +135,9 @@ class TrainConfig:
 
     @property
     def resolved_norm(self) -> str:
+        """bn, brn or none; "model" for a model of your own whose normalization layers are kept as built."""
+        if is_import_path(self.model):
+            return self.norm or "model"
         return self.norm or MODELS[self.model].default_norm
 
     def brn_options(self) -> dict[str, Any]:
@@ -153,7 +157,10 @@ class TrainConfig:
         for key, choices in CHOICES.items():
             value = getattr(self, key)
             if value is not None and value not in choices:
-                raise ConfigError(f"invalid {key} {value!r} (choose from {', '.join(choices)})")
+                if key in ("data", "model") and is_import_path(value):
+                    continue  # your own, checked below
+                own = ", or your own as package.module:factory" if key in ("data", "model") else ""
+                raise ConfigError(f"invalid {key} {value!r} (choose from {', '.join(choices)}{own})")
         positive = (
             "epochs",
             "batch_size",
@@ -184,7 +191,27 @@ class TrainConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
-        if self.batch_classes is not None and not 1 <= self.batch_classes <= DATASETS[self.data].num_classes:
+        user_data, user_model = is_import_path(self.data), is_import_path(self.model)
+        for kind, path in (("dataset", self.data), ("model", self.model)):
+            if is_import_path(path):
+                try:
+                    check_factory(path, kind)
+                except ImportPathError as exc:
+                    raise ConfigError(str(exc)) from exc
+        if user_data and self.download:
+            raise ConfigError(f"--download fetches the built-in datasets; {self.data} is your own")
+        if user_model and self.norm == "none":
+            raise ConfigError(
+                f"model {self.model!r} is built by your factory: norm 'none' cannot remove its normalization "
+                "layers (leave norm unset to keep them, or use bn / brn to convert them)"
+            )
+        if user_data and self.batch_classes is not None and self.batch_classes < 1:
+            raise ConfigError(f"batch_classes must be at least 1, got {self.batch_classes}")
+        elif (
+            not user_data
+            and self.batch_classes is not None
+            and not 1 <= self.batch_classes <= DATASETS[self.data].num_classes
+        ):
             raise ConfigError(
                 f"batch_classes must be between 1 and {DATASETS[self.data].num_classes} (the classes of "
                 f"{self.data}), got {self.batch_classes}"
@@ -192,9 +219,14 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
 
-        spec = MODELS[self.model]
-        shape = DATASETS[self.data].input_shape
-        if spec.input_dims is not None and len(shape) != spec.input_dims:
+        spec = None if user_model else MODELS[self.model]
+        shape = () if user_data else DATASETS[self.data].input_shape
+        if (
+            spec is not None
+            and not user_data
+            and spec.input_dims is not None
+            and len(shape) != spec.input_dims
+        ):
             fits = [m for m, s in MODELS.items() if s.input_dims in (None, len(shape))]
             raise ConfigError(
                 f"model {self.model!r} does not take {self.data} inputs of shape {shape}; "

@@ -189,8 +189,22 @@ def read_idx(path: str | Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _find(directory: Path, names: list[str], dataset: str, download_hint: bool) -> list[Path]:
-    """Locate each of ``names`` (with or without .gz) in ``directory`` or its torchvision sub-folders."""
+_TORCHVISION_CLASS = {"mnist": "MNIST", "mnist-t10k": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def fetch_command(name: str, data_dir: str | Path = "data") -> str:
+    """A shell command that downloads the files of MNIST / Fashion-MNIST (``name``) into ``data_dir``."""
+    cls = _TORCHVISION_CLASS[name]
+    return f"python -c \"import torchvision; torchvision.datasets.{cls}('{data_dir}', download=True)\""
+
+
+def _find(
+    directory: Path, names: list[str], dataset: str, download_hint: bool, key: str | None = None
+) -> list[Path]:
+    """Locate each of ``names`` (with or without .gz) in ``directory`` or its torchvision sub-folders.
+
+    ``key``: the dataset's name in :data:`DATASETS`, for the message (with the command that fetches them).
+    """
     folders = [directory, directory / dataset / "raw"]  # flat, or torchvision's MNIST/raw, FashionMNIST/raw
     found, missing = [], []
     for name in names:
@@ -200,12 +214,24 @@ def _find(directory: Path, names: list[str], dataset: str, download_hint: bool) 
         else:
             found.append(hit)
     if missing:
+        fetch = (
+            f"; fetch them by adding --download to this command (needs torchvision: pip install "
+            f"'normkit[vision]'), or with: {fetch_command(key, directory)}"
+            if download_hint and key in _TORCHVISION_CLASS
+            else ""
+        )
         raise MissingDataError(
-            f"{dataset}: missing {', '.join(missing)} (gzipped or not) in {directory} "
-            f"(or {directory / dataset / 'raw'})"
-            + ("; pass --download to fetch them" if download_hint else "")
+            f"{key or dataset}: missing {', '.join(missing)} (gzipped or not) in {directory} "
+            f"(or {directory / dataset / 'raw'}){fetch}"
         )
     return found
+
+
+def _find_or_none(directory: Path, names: list[str], dataset: str) -> list[Path] | None:
+    try:
+        return _find(directory, names, dataset, False)
+    except MissingDataError:
+        return None
 
 
 def _to_float(
@@ -298,7 +324,7 @@ def _mnist_like(name: str, data_dir: Path, download: bool) -> TensorData:
         _download_torchvision(name, data_dir)
     out = []
     for split in ("train", "test"):
-        img_path, lab_path = _find(data_dir, _MNIST_FILES[split], folder, not download)
+        img_path, lab_path = _find(data_dir, _MNIST_FILES[split], folder, not download, name)
         out += [
             _pixels(read_idx(img_path)[:, None]),
             torch.as_tensor(read_idx(lab_path).astype(np.int64)),
@@ -314,9 +340,11 @@ def _fashion(data_dir: Path, download: bool = False, **_: Any) -> TensorData:
     return _mnist_like("fashion-mnist", data_dir, download)
 
 
-def _mnist_t10k(data_dir: Path, **_: Any) -> TensorData:
+def _mnist_t10k(data_dir: Path, download: bool = False, **_: Any) -> TensorData:
     info = DATASETS["mnist-t10k"]
-    img_path, lab_path = _find(data_dir, _MNIST_FILES["test"], "MNIST", False)
+    if download and _find_or_none(data_dir, _MNIST_FILES["test"], "MNIST") is None:
+        _download_torchvision("mnist", data_dir)
+    img_path, lab_path = _find(data_dir, _MNIST_FILES["test"], "MNIST", not download, "mnist-t10k")
     x = _pixels(read_idx(img_path)[:, None])
     y = torch.as_tensor(read_idx(lab_path).astype(np.int64))
     perm = _permutation(len(y))
@@ -429,13 +457,22 @@ def load_dataset(
 
     ``val_size`` examples are held out of the training set (a fixed split) as a validation set;
     ``subset`` keeps only the first ``subset`` training examples (quick experiments).
+    ``name`` may also be the import path of your own dataset factory, ``package.module:factory``
+    (see :mod:`normkit.train.custom`).
     """
-    if name not in _LOADERS:
+    from normkit.train.custom import is_import_path, load_user_data
+
+    if is_import_path(name):
+        data = load_user_data(name)
+        if val_size and data.x_val is not None:
+            raise ValueError(f"{name} returns its own validation split: val_size must be 0, got {val_size}")
+    elif name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(_LOADERS)}")
-    data = _LOADERS[name](
-        data_dir=Path(data_dir), download=download, num_samples=mnist1d_samples, svhn_extra=svhn_extra
-    )
-    data.augment = DATASETS[name].augment
+    else:
+        data = _LOADERS[name](
+            data_dir=Path(data_dir), download=download, num_samples=mnist1d_samples, svhn_extra=svhn_extra
+        )
+        data.augment = DATASETS[name].augment
     if val_size:
         n = len(data.y_train)
         if not 0 < val_size < n:

@@ -380,7 +380,25 @@ def build_model(
     brn_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> nn.Module:
-    """Build model ``name`` for inputs of ``input_shape`` (no batch dim). ``norm``: "bn", "brn" or "none"."""
+    """Build model ``name`` for inputs of ``input_shape`` (no batch dim). ``norm``: "bn", "brn" or "none".
+
+    ``name`` may also be the import path of your own model factory, ``package.module:factory`` (see
+    :mod:`normkit.train.custom`); its normalization layers are kept unless ``norm`` is "brn" (BatchNorm
+    becomes Batch Renormalization) or "bn" (the reverse).
+    """
+    from normkit.train.custom import build_user_model, is_import_path
+
+    if is_import_path(name):
+        if norm == "none":
+            raise ValueError(f"model {name!r} is built by your factory: norm 'none' cannot remove its layers")
+        user = build_user_model(name, tuple(input_shape), num_classes, options)
+        from normkit.nn import convert_batchnorm
+
+        if norm == "brn":
+            user = convert_batchnorm(user, to="renorm", **(brn_options or {}))
+        elif norm == "bn":
+            user = convert_batchnorm(user, to="batchnorm")
+        return user
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     spec = MODELS[name]

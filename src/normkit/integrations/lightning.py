@@ -1,0 +1,219 @@
+"""PyTorch Lightning glue: LSUV at the start of training, ENorm after every optimizer step, and a layer
+sync that knows Batch Renormalization.
+
+>>> import lightning as L
+>>> from normkit.integrations.lightning import ENormCallback, LSUVInit, SyncBatchRenormPlugin
+>>> trainer = L.Trainer(callbacks=[LSUVInit(), ENormCallback(c=1.0)])
+>>> trainer = L.Trainer(strategy="ddp", devices=4, plugins=[SyncBatchRenormPlugin()])
+
+Lightning's own ``Trainer(sync_batchnorm=True)`` converts ``torch.nn`` batch-norm layers only, so Batch
+Renormalization layers would keep per-process statistics; :class:`SyncBatchRenormPlugin` converts both (use it
+instead of ``sync_batchnorm=True``; Lightning refuses the two together). Needs ``pip install
+'normkit[lightning]'`` (the ``lightning`` package, ≥ 2.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.layer_sync import LayerSync
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "normkit.integrations.lightning needs PyTorch Lightning: pip install 'normkit[lightning]'"
+    ) from exc
+
+from normkit.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchRenorm, convert_batchnorm
+
+__all__ = ["ENormCallback", "LSUVInit", "SyncBatchRenormPlugin"]
+
+ModuleSelector = Callable[["pl.LightningModule"], nn.Module]
+
+
+def _default_input(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class LSUVInit(pl.Callback):
+    """LSUV-initialize the model on the first training batch, before the first optimizer step.
+
+    Runs in ``on_train_start`` (the model is on its device, wrapped for DDP, and ranks hold the same weights;
+    :func:`normkit.init.lsuv_init` all-reduces the variances, so every rank ends with the same weights). A fit
+    resumed from a checkpoint (``global_step > 0``) is left alone.
+
+    Args:
+        select: the part of the LightningModule to initialize (default: the LightningModule itself, whose
+            ``forward`` must take the batch input).
+        batch_to_input: the model input of a training batch (default: ``batch[0]`` for a tuple / list, else
+            the batch itself).
+        **lsuv_options: passed to :func:`normkit.init.lsuv_init` (``tol``, ``max_iters``,
+            ``skip_normalized`` ...).
+
+    Attributes:
+        report: the :class:`~normkit.init.LSUVReport` of the initialization (None before it ran).
+    """
+
+    def __init__(
+        self,
+        select: ModuleSelector | None = None,
+        batch_to_input: Callable[[Any], Any] = _default_input,
+        **lsuv_options: Any,
+    ) -> None:
+        self.select = select
+        self.batch_to_input = batch_to_input
+        self.lsuv_options = lsuv_options
+        self.report: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0:
+            return
+        from normkit.init import lsuv_init
+
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise RuntimeError("LSUVInit needs a training dataloader")
+        batch = next(iter(loader))
+        batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+        module = self.select(pl_module) if self.select is not None else pl_module
+        self.report = lsuv_init(module, self.batch_to_input(batch), **self.lsuv_options)
+
+
+class ENormCallback(pl.Callback):
+    """One Equi-normalization cycle after each optimizer step (Stock et al. 2019).
+
+    Built in ``on_train_start`` from the trainer's optimizer (SGD, Adam or AdamW: its momentum / moment
+    buffers are rescaled with the weights, see :class:`normkit.enorm.ENorm`); steps are counted by
+    ``trainer.global_step``, so gradient accumulation is respected.
+
+    Args:
+        c: the asymmetry coefficient (‖outgoing‖ = c·‖incoming‖ at the fixed point; 1 = symmetric).
+        every: a cycle every ``every`` optimizer steps.
+        select: the part of the LightningModule to balance (default: the LightningModule itself).
+        optimizer_index: which of ``trainer.optimizers`` steps the selected module.
+        example_input: an input of the selected module, needed when a flatten / reshape or a concatenation
+            sits between two layers.
+        **enorm_options: passed to :class:`~normkit.enorm.ENorm` (``p``, ``cycles``, ``include_bias`` ...).
+
+    Attributes:
+        enorm: the :class:`~normkit.enorm.ENorm` object once training started (``groups``, ``skipped``).
+    """
+
+    def __init__(
+        self,
+        c: float = 1.0,
+        every: int = 1,
+        *,
+        select: ModuleSelector | None = None,
+        optimizer_index: int = 0,
+        example_input: Any = None,
+        **enorm_options: Any,
+    ) -> None:
+        self.c, self.every = c, every
+        self.select = select
+        self.optimizer_index = optimizer_index
+        self.example_input = example_input
+        self.enorm_options = enorm_options
+        self.enorm: Any = None
+        self._seen_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from normkit.enorm import ENorm
+
+        module = self.select(pl_module) if self.select is not None else pl_module
+        optimizer = trainer.optimizers[self.optimizer_index]
+        self.enorm = ENorm(
+            module,
+            optimizer,
+            c=self.c,
+            every=self.every,
+            example_input=self.example_input,
+            **self.enorm_options,
+        )
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # global_step counts optimizer steps: unchanged while gradients accumulate or when a step is skipped.
+        if self.enorm is not None and trainer.global_step != self._seen_step:
+            self._seen_step = trainer.global_step
+            self.enorm.step()
+
+
+_RENORM_TYPES = (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d)
+_BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class SyncBatchRenormPlugin(LayerSync):
+    """Synchronize Batch Renormalization *and* BatchNorm statistics across processes.
+
+    ``apply`` converts ``BatchRenorm1d/2d/3d`` to :class:`~normkit.nn.SyncBatchRenorm` and ``nn.BatchNorm*d``
+    to ``nn.SyncBatchNorm`` (with :func:`normkit.nn.convert_batchnorm`); ``revert`` restores the original
+    layer classes, with the trained parameters and statistics. Pass it as ``Trainer(plugins=[...])`` with a
+    DDP or FSDP strategy; like Lightning's ``sync_batchnorm``, it does nothing in a single process.
+    """
+
+    def __init__(self, process_group: Any = None) -> None:
+        self.process_group = process_group
+        self._original: dict[str, type[nn.Module]] = {}
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        self._original = {
+            name: type(m) for name, m in model.named_modules() if type(m) in _RENORM_TYPES + _BATCHNORM_TYPES
+        }
+        return convert_batchnorm(model, to="sync", process_group=self.process_group)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        for name, cls in self._original.items():
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                continue  # the model changed since apply; leave it alone
+            if not isinstance(layer, (SyncBatchRenorm, nn.SyncBatchNorm)):
+                continue
+            new = _unsynced(layer, cls)
+            if not name:
+                model = new
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+        self._original = {}
+        return model
+
+
+@torch.no_grad()
+def _unsynced(layer: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A layer of class ``cls`` holding ``layer``'s settings, parameters (the same objects) and buffers."""
+    factory = {"device": layer.running_mean.device, "dtype": layer.running_mean.dtype}
+    if isinstance(layer, SyncBatchRenorm):
+        settings = {
+            k: getattr(layer, k)
+            for k in (
+                "eps",
+                "momentum",
+                "affine",
+                "r_max",
+                "d_max",
+                "warmup_steps",
+                "r_max_steps",
+                "d_max_steps",
+            )
+        }
+        out: Any = cls(layer.num_features, schedule=layer.schedule, **settings, **factory)
+    else:
+        assert isinstance(layer, nn.SyncBatchNorm)
+        out = cls(
+            layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats, **factory
+        )
+    for key, buffer in layer.named_buffers(recurse=False):
+        if buffer is not None:
+            getattr(out, key).copy_(buffer)
+    if getattr(layer, "affine", False):
+        out.weight, out.bias = layer.weight, layer.bias
+    out.train(layer.training)
+    return out

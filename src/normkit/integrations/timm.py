@@ -1,0 +1,227 @@
+"""normkit's optimizers in timm's optimizer factory.
+
+>>> import timm.optim
+>>> from normkit.integrations.timm import register
+>>> register()
+>>> optimizer = timm.optim.create_optimizer_v2(model, "sgdg", lr=0.01, lr_g=0.2, weight_decay=5e-4)
+
+After :func:`register`, ``create_optimizer_v2`` (and timm's ``train.py --opt``) knows:
+
+- ``sgdg`` / ``adamg``: SGD-G / Adam-G. Given a model, the weights that feed a per-channel normalization layer
+  are found from the graph (:func:`normkit.optim.grassmann_param_groups`) and kept on the Grassmann manifold
+  with learning rate ``lr_g`` (default: the paper's 0.2 for SGD-G, 0.05 for Adam-G); the other parameters get
+  ``lr``, with weight decay on the weight matrices only. Extra options: ``lr_g``, ``grad_clip``, ``omega``,
+  ``select`` ("bn_input" | "undercomplete"), ``example_input`` (for models torch.fx cannot trace).
+- ``normalized_sgd`` / ``normalized_adam`` / ``normalized_adamw`` and ``clipped_sgd`` / ``clipped_adam`` /
+  ``clipped_adamw``: the inner torch optimizer on timm's usual parameter groups, wrapped in
+  :class:`~normkit.optim.NormalizedOptimizer` / :class:`~normkit.optim.ClippedOptimizer`. Extra options:
+  ``normalization`` (default "l2"), ``granularity`` (the model is passed for "layer"; clipping with
+  ``relative=True`` defaults to "unit"), ``norm_eps``; for clipping ``clipnorm`` or ``relative=True,
+  clip_factor=...``.
+
+timm reads an optimizer name ``a_b`` as "optimizer ``b``" (``lookahead_b`` as Lookahead around ``b``), so a
+name with an underscore would silently build plain ``b``. The optimizers are therefore registered with hyphens
+(``normalized-sgd``), and :func:`register` makes ``create_optimizer`` accept the underscore spellings too; the
+``lookahead_`` prefix works with every name. Needs ``pip install 'normkit[timm]'`` (timm ≥ 1.0).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = ["NAMES", "register", "unregister"]
+
+# Paper defaults (Cho & Lee 2017, CIFAR): lr_e 0.01, lr_g 0.2 (SGD-G) / 0.05 (Adam-G).
+_DEFAULT_LR = 0.01
+_DEFAULT_LR_G = {"sgdg": 0.2, "adamg": 0.05}
+_INNER: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+NAMES: tuple[str, ...] = (
+    "sgdg",
+    "adamg",
+    *(f"{kind}-{inner}" for kind in ("normalized", "clipped") for inner in _INNER),
+)
+
+
+def _timm_optim() -> Any:
+    try:
+        import timm.optim._optim_factory as factory
+    except ImportError as exc:
+        raise ImportError("normkit.integrations.timm needs timm: pip install 'normkit[timm]'") from exc
+    return factory
+
+
+def _grassmann(kind: str) -> Callable[..., torch.optim.Optimizer]:
+    def build(params: Any, **options: Any) -> torch.optim.Optimizer:
+        from normkit.optim import SGDG, AdamG
+
+        groups = list(params)
+        if not any(isinstance(g, dict) and g.get("grassmann") for g in groups):
+            raise ValueError(
+                f"{kind}: no parameter group is marked grassmann=True. Pass the model itself to "
+                "create_optimizer_v2 (the weights that feed normalization layers are then found from its "
+                "graph), or groups from normkit.optim.grassmann_param_groups(model, ...)"
+            )
+        cls = SGDG if kind == "sgdg" else AdamG
+        return cls(groups, **options)
+
+    build.__name__ = kind.upper()
+    return build
+
+
+def _wrapped(kind: str, inner: str) -> Callable[..., torch.optim.Optimizer]:
+    def build(
+        params: Any,
+        *,
+        normalization: str = "l2",
+        granularity: Any = None,
+        norm_eps: float = 1e-7,
+        model: nn.Module | None = None,
+        clipnorm: float | None = None,
+        relative: bool = False,
+        clip_factor: float = 0.01,
+        **inner_options: Any,
+    ) -> torch.optim.Optimizer:
+        from normkit.optim import ClippedOptimizer, NormalizedOptimizer
+
+        base = _INNER[inner](params, **inner_options)
+        if kind == "normalized":
+            if clipnorm is not None or relative:
+                raise ValueError("clipnorm / relative apply to the clipped_* optimizers, not normalized_*")
+            return NormalizedOptimizer(
+                base,
+                normalization=normalization,
+                granularity=granularity or "tensor",
+                eps=norm_eps,
+                model=model,
+            )
+        if clipnorm is None and not relative:
+            raise ValueError(f"clipped_{inner} needs clipnorm=X (or relative=True, clip_factor=...)")
+        return ClippedOptimizer(
+            base,
+            normalization=normalization,
+            granularity=granularity,
+            eps=norm_eps,
+            model=model,
+            clipnorm=clipnorm,
+            relative=relative,
+            clip_factor=clip_factor,
+        )
+
+    build.__name__ = f"{kind}_{inner}"
+    return build
+
+
+def _infos() -> list[Any]:
+    OptimInfo = _timm_optim().OptimInfo
+    infos = [
+        OptimInfo(
+            "sgdg",
+            _grassmann("sgdg"),
+            "SGD-G on the Grassmann manifold for BN-input weights (normkit), SGD for the rest",
+            has_eps=False,
+            has_momentum=True,
+            defaults={"nesterov": True},
+        ),
+        OptimInfo(
+            "adamg",
+            _grassmann("adamg"),
+            "Adam-G: Adam on the Grassmann manifold for BN-input weights (normkit), SGD for the rest",
+            has_momentum=True,
+            has_betas=True,
+            defaults={"nesterov": True},
+        ),
+    ]
+    for kind in ("normalized", "clipped"):
+        for inner in _INNER:
+            infos.append(
+                OptimInfo(
+                    f"{kind}-{inner}",
+                    _wrapped(kind, inner),
+                    f"{inner} on {kind} gradients per block (normkit)",
+                    has_eps=inner != "sgd",
+                    has_momentum=inner == "sgd",
+                    has_betas=inner != "sgd",
+                )
+            )
+    return infos
+
+
+def _canonical(opt: str) -> tuple[str, str]:
+    """(``lookahead_`` prefix or "", normkit name) of a name as typed, or ("", "") when not ours."""
+    name = opt.lower()
+    prefix = "lookahead_" if name.startswith("lookahead_") else ""
+    base = name[len(prefix) :].replace("_", "-")
+    return (prefix, base) if base in NAMES else ("", "")
+
+
+def _create_optimizer(
+    original: Callable[..., Any], model_or_params: Any, opt: str, *args: Any, **kwargs: Any
+) -> Any:
+    prefix, name = _canonical(opt)
+    if not name:
+        return original(model_or_params, opt, *args, **kwargs)
+    if args:  # timm passes everything by keyword; keep positional calls of the registry method working
+        names = ("lr", "weight_decay", "momentum", "foreach", "weight_decay_exclude_1d")
+        kwargs.update(zip(names, args))
+    model = model_or_params if isinstance(model_or_params, nn.Module) else None
+    if name in _DEFAULT_LR_G:
+        lr: float = kwargs["lr"] if kwargs.get("lr") is not None else _DEFAULT_LR
+        kwargs["lr"] = lr
+        lr_g = kwargs.pop("lr_g", _DEFAULT_LR_G[name])
+        select = kwargs.pop("select", "bn_input")
+        example_input = kwargs.pop("example_input", None)
+        if model is not None and kwargs.get("param_group_fn") is None:
+            weight_decay = kwargs.get("weight_decay", 0.0)
+            from normkit.optim import grassmann_param_groups
+
+            kwargs["param_group_fn"] = functools.partial(
+                grassmann_param_groups,
+                lr=lr,
+                lr_g=lr_g,
+                weight_decay=weight_decay,
+                select=select,
+                example_input=example_input,
+            )
+            kwargs["weight_decay"] = weight_decay  # the groups carry their own; this is the default
+    elif model is not None:
+        kwargs.setdefault("model", model)
+    return original(model_or_params, prefix + name, **kwargs)
+
+
+_ORIGINAL_ATTR = "_normkit_original_create_optimizer"
+
+
+def register() -> None:
+    """Add normkit's optimizers to timm's default optimizer registry (idempotent).
+
+    Afterwards ``timm.optim.create_optimizer_v2(model, "sgdg" | "adamg" | "normalized_sgd" | ..., lr=...)``
+    builds them, ``timm.optim.list_optimizers("*normalized*")`` lists them.
+    """
+    factory = _timm_optim()
+    registry = factory.default_registry
+    for info in _infos():
+        if info.name not in registry._optimizers:  # quiet on a second call (timm warns on overwrites)
+            registry.register(info)
+    if not hasattr(registry, _ORIGINAL_ATTR):
+        original = registry.create_optimizer
+        setattr(registry, _ORIGINAL_ATTR, original)
+        registry.create_optimizer = functools.partial(_create_optimizer, original)
+
+
+def unregister() -> None:
+    """Undo :func:`register`: timm's registry as it was."""
+    registry = _timm_optim().default_registry
+    for name in NAMES:
+        registry._optimizers.pop(name, None)
+    if hasattr(registry, _ORIGINAL_ATTR):
+        delattr(registry, "create_optimizer")  # the instance attribute; the class method shows again
+        delattr(registry, _ORIGINAL_ATTR)
