@@ -39,9 +39,9 @@ class _BatchRenormBase(nn.Module):
     call the weight of the *old* value momentum (CrossQ's Flax code: 0.99), the same average as 0.01 here.
     ``momentum=None`` gives a cumulative average as in ``nn.BatchNorm``.
 
-    ``forward(input, mask=None)``: ``mask`` (N, *spatial) bool, True at valid positions ((N, L) for an (N, C, L)
-    input, (N,) for (N, C)); the batch statistics, r, d and the running statistics use valid positions only,
-    every position is normalized with them.
+    ``forward(input, mask=None)``: ``mask`` (N, *spatial) bool, True at valid positions ((N, L) for an
+    (N, C, L) input, (N,) for (N, C)); the batch statistics, r, d and the running statistics use valid
+    positions only, every position is normalized with them.
     """
 
     running_mean: Tensor
@@ -76,7 +76,7 @@ class _BatchRenormBase(nn.Module):
                 f"virtual_batch_size must be a positive number of examples, got {virtual_batch_size}"
             )
         resolved = resolve_schedule(schedule)
-        overrides = {
+        overrides: dict[str, Any] = {
             name: value
             for name, value in zip(_SCHEDULE_FIELDS, (r_max, d_max, warmup_steps, r_max_steps, d_max_steps))
             if value is not None

@@ -61,8 +61,8 @@ class BRNSchedule:
       d_max 5 at once.
 
     Step counts are absolute. To fit a preset to a run of a different length, scale every step count:
-    ``BRNSchedule.preset("paper").scaled(my_steps / their_steps)`` (e.g. ``scaled(0.1)`` warms up for 500 steps
-    and reaches r_max 3 at 4 000), or replace fields with ``dataclasses.replace``.
+    ``BRNSchedule.preset("paper").scaled(my_steps / their_steps)`` (e.g. ``scaled(0.1)`` warms up for 500
+    steps and reaches r_max 3 at 4 000), or replace fields with ``dataclasses.replace``.
     """
 
     r_max: float = 3.0
@@ -96,11 +96,11 @@ class BRNSchedule:
             raise ValueError(f"factor must be a positive finite number, got {factor}")
 
         def scale(steps: int | None) -> int | None:
-            return None if steps is None else int(round(steps * factor))
+            return None if steps is None else round(steps * factor)
 
         return dataclasses.replace(
             self,
-            warmup_steps=int(round(self.warmup_steps * factor)),
+            warmup_steps=round(self.warmup_steps * factor),
             r_max_steps=scale(self.r_max_steps),
             d_max_steps=scale(self.d_max_steps),
         )
@@ -190,13 +190,14 @@ def _gathered_moments(mean: Tensor, var: Tensor, count: Tensor, group: Any) -> t
 
 
 def _masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel (mean, biased var) over the positions where ``mask`` (N, *spatial) is True, and the count."""
+    """Per-channel (mean, biased var) over the positions where ``mask`` (N, *spatial) is True; the count."""
     dims = _reduce_dims(x)
-    m = mask.unsqueeze(1).to(x.dtype)
-    count = m.sum()
+    m = mask.unsqueeze(1)
+    count = m.sum().to(x.dtype)
     safe = count.clamp_min(1.0)
-    mean = (x * m).sum(dims) / safe
-    var = ((x - mean.view(_channel_shape(x))).square() * m).sum(dims) / safe
+    # where, not a product with the mask: whatever padded positions hold (inf, NaN) stays out of the sums.
+    mean = torch.where(m, x, 0.0).sum(dims) / safe
+    var = torch.where(m, (x - mean.view(_channel_shape(x))).square(), 0.0).sum(dims) / safe
     return mean, var, count
 
 
@@ -274,7 +275,7 @@ def _general_backward(
     sums = sums / total.clamp_min(1.0)
     share = sums[0].view(shape) + x_hat * sums[1].view(shape)
     if mask is not None:
-        share = share * mask.unsqueeze(1).to(share.dtype)
+        share = torch.where(mask.unsqueeze(1), share, 0.0)
     grad_x = (w_eff * invstd).view(shape) * (grad_out - share)
     # Parameter gradients stay local: DistributedDataParallel reduces them like any other.
     return grad_x, sum_g_xhat, sum_g
@@ -314,11 +315,11 @@ def _plain_batch_renorm(
             count_g = torch.full((xg.shape[0],), xg.numel() // (xg.shape[0] * xg.shape[2]), dtype=x.dtype)
             count_g = count_g.to(x.device)
         else:
-            m = mg.unsqueeze(2).to(xg.dtype)
-            count_g = m.sum(dims, keepdim=True)
+            m = mg.unsqueeze(2)
+            count_g = m.sum(dims, keepdim=True).to(xg.dtype)
             safe = count_g.clamp_min(1.0)
-            mean_g = (xg * m).sum(dims, keepdim=True) / safe
-            var_g = ((xg - mean_g).square() * m).sum(dims, keepdim=True) / safe
+            mean_g = torch.where(m, xg, 0.0).sum(dims, keepdim=True) / safe
+            var_g = torch.where(m, (xg - mean_g).square(), 0.0).sum(dims, keepdim=True) / safe
             count_g = count_g.reshape(-1)
         std_g = (var_g + eps).sqrt()
         r, d = renorm_correction(
@@ -441,6 +442,10 @@ def _updated(old: Tensor, new: Tensor, momentum: Number, count: Tensor | None, i
         momentum = (count > 0).to(old.dtype) * momentum
     elif isinstance(momentum, Tensor):
         momentum = momentum.to(old.dtype)
+    if torch._C._are_functorch_transforms_active():
+        # vmap has no batching rule for lerp_: the same update, old + momentum·(new − old), in two ops.
+        delta = (new - old) * momentum
+        return old.add_(delta) if inplace else old + delta
     return old.lerp_(new, momentum) if inplace else old.lerp(new, momentum)
 
 
@@ -519,12 +524,12 @@ def functional_batch_renorm(
     virtual_batch_size: int | None = None,
     mask: Tensor | None = None,
 ) -> tuple[Tensor, BatchRenormState]:
-    """Batch Renormalization with explicit state: returns ``(output, new_state)`` and changes no tensor in place.
+    """Batch Renormalization with explicit state: returns ``(output, new_state)``, changes no tensor in place.
 
-    The same computation as ``BatchRenorm*d`` (r_max, d_max from ``schedule`` at ``state.num_batches_tracked``;
-    ``momentum=None`` is a cumulative average), for code that keeps state outside modules — e.g. under
-    ``torch.func.vmap`` over an ensemble with a stacked state, or in a ``jax``-style training step. In eval mode
-    the state is returned unchanged.
+    The same computation as ``BatchRenorm*d`` (r_max, d_max from ``schedule`` at
+    ``state.num_batches_tracked``; ``momentum=None`` is a cumulative average), for code that keeps state
+    outside modules — e.g. under ``torch.func.vmap`` over an ensemble with a stacked state, or in a
+    ``jax``-style training step. In eval mode the state is returned unchanged.
     """
     _check_arguments(input, eps, training)
     _check_mask(input, mask)
@@ -563,7 +568,8 @@ def resolve_schedule(schedule: BRNSchedule | str | Schedule | None) -> BRNSchedu
     if isinstance(schedule, BRNSchedule) or callable(schedule):
         return schedule
     raise TypeError(
-        f"schedule must be a preset name ({sorted(PRESETS)}), a BRNSchedule or a callable step -> (r_max, d_max), "
+        f"schedule must be a preset name ({sorted(PRESETS)}), a BRNSchedule or a callable "
+        "step -> (r_max, d_max), "
         f"got {type(schedule).__name__}"
     )
 
@@ -573,8 +579,8 @@ def schedule_limits(
 ) -> tuple[Tensor, Tensor]:
     """(r_max, d_max) of ``schedule`` at ``step``, as tensors on ``step``'s device.
 
-    The limits are computed in ``dtype`` promoted to at least float32 (exact for float64 layers; half-precision
-    layers still count steps beyond 65 504). A callable's results are converted likewise.
+    The limits are computed in ``dtype`` promoted to at least float32 (exact for float64 layers;
+    half-precision layers still count steps beyond 65 504). A callable's results are converted likewise.
     """
     limit_dtype = torch.promote_types(dtype, torch.float32)
     if step.device.type == "mps" and limit_dtype == torch.float64:
