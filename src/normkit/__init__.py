@@ -14,7 +14,15 @@ The training harness (:mod:`normkit.train`, the ``normkit`` command) is not impo
 from normkit.enorm import ENorm
 from normkit.graph import trace
 from normkit.init import lsuv_init, orthogonal_init
-from normkit.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchRenorm, convert_batchnorm
+from normkit.nn import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    BRNSchedule,
+    SyncBatchRenorm,
+    convert_batchnorm,
+    functional_batch_renorm,
+)
 from normkit.optim import (
     SGDG,
     AdamG,
@@ -29,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SGDG",
     "AdamG",
+    "BRNSchedule",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -38,6 +47,7 @@ __all__ = [
     "SyncBatchRenorm",
     "__version__",
     "convert_batchnorm",
+    "functional_batch_renorm",
     "grassmann_param_groups",
     "lsuv_init",
     "orthogonal_init",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,18 +11,37 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from normkit.nn.functional import batch_renorm, renorm_limits
+from normkit.nn.functional import (
+    BRNSchedule,
+    Schedule,
+    _check_arguments,
+    _check_mask,
+    batch_renorm,
+    resolve_schedule,
+    schedule_limits,
+)
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "SyncBatchRenorm"]
 
-Schedule = Callable[[Tensor], tuple[Any, Any]]
+_SCHEDULE_FIELDS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")
 
 
 class _BatchRenormBase(nn.Module):
     """Shared by the 1d/2d/3d and synchronized layers.
 
-    Differences from the paper: ``momentum`` follows PyTorch's convention (the weight of the new value, the
-    paper's α = 0.01), and ``momentum=None`` gives a cumulative average as in ``nn.BatchNorm``.
+    Schedule: ``schedule`` is a preset name (``"paper"``, the default; ``"crossq"``), a ``BRNSchedule``, or a
+    callable ``step_tensor -> (r_max, d_max)``. ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_steps`` and
+    ``d_max_steps`` override the named schedule's fields, e.g. ``BatchRenorm1d(256, schedule="crossq",
+    warmup_steps=10_000)``: batch norm for 10 000 steps, then r_max 3, d_max 5 at once.
+
+    Momentum: the weight of the *new* value, PyTorch's convention and the paper's α —
+    ``μ ← (1 − momentum)·μ + momentum·μ_B``. The paper and CrossQ's PyTorch ports use 0.01; Keras and Flax
+    call the weight of the *old* value momentum (CrossQ's Flax code: 0.99), the same average as 0.01 here.
+    ``momentum=None`` gives a cumulative average as in ``nn.BatchNorm``.
+
+    ``forward(input, mask=None)``: ``mask`` (N, *spatial) bool, True at valid positions ((N, L) for an
+    (N, C, L) input, (N,) for (N, C)); the batch statistics, r, d and the running statistics use valid
+    positions only, every position is normalized with them.
     """
 
     running_mean: Tensor
@@ -35,39 +54,46 @@ class _BatchRenormBase(nn.Module):
         eps: float = 1e-5,
         momentum: float | None = 0.01,
         affine: bool = True,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup_steps: int = 5000,
-        r_max_steps: int = 40000,
-        d_max_steps: int = 25000,
+        r_max: float | None = None,
+        d_max: float | None = None,
+        warmup_steps: int | None = None,
+        r_max_steps: int | None = None,
+        d_max_steps: int | None = None,
         virtual_batch_size: int | None = None,
-        schedule: Schedule | None = None,
+        schedule: BRNSchedule | str | Schedule | None = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__()
         if num_features < 1:
             raise ValueError(f"num_features must be positive, got {num_features}")
-        if r_max < 1.0 or d_max < 0.0:
-            raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0 (it keeps σ_B away from zero), got {eps}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] (weight of the new value), got {momentum}")
         if virtual_batch_size is not None and virtual_batch_size < 1:
             raise ValueError(
                 f"virtual_batch_size must be a positive number of examples, got {virtual_batch_size}"
             )
+        resolved = resolve_schedule(schedule)
+        overrides: dict[str, Any] = {
+            name: value
+            for name, value in zip(_SCHEDULE_FIELDS, (r_max, d_max, warmup_steps, r_max_steps, d_max_steps))
+            if value is not None
+        }
+        if isinstance(resolved, BRNSchedule):
+            resolved = dataclasses.replace(resolved, **overrides)
+        elif overrides:
+            raise ValueError(
+                f"{sorted(overrides)} do not apply to a callable schedule: it returns (r_max, d_max) itself"
+            )
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
-        self.r_max = r_max
-        self.d_max = d_max
-        self.warmup_steps = warmup_steps
-        self.r_max_steps = r_max_steps
-        self.d_max_steps = d_max_steps
         self.virtual_batch_size = virtual_batch_size
-        self.schedule = schedule
+        self.schedule: BRNSchedule | Schedule = resolved
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -78,6 +104,32 @@ class _BatchRenormBase(nn.Module):
         self.register_buffer("running_std", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.reset_parameters()
+
+    # The schedule's fields, readable and settable on the layer as before schedules became data.
+    def _field(self, name: str) -> Any:
+        if isinstance(self.schedule, BRNSchedule):
+            value = getattr(self.schedule, name)
+            if value is None and name.endswith("_steps"):
+                return self.schedule.warmup_steps  # a hard switch: the ramp ends where the warm-up does
+            return value
+        return None
+
+    def _set_field(self, name: str, value: Any) -> None:
+        if not isinstance(self.schedule, BRNSchedule):
+            raise AttributeError(f"{name} does not apply to a callable schedule")
+        self.schedule = dataclasses.replace(self.schedule, **{name: value})
+
+    r_max = property(lambda self: self._field("r_max"), lambda self, v: self._set_field("r_max", v))
+    d_max = property(lambda self: self._field("d_max"), lambda self, v: self._set_field("d_max", v))
+    warmup_steps = property(
+        lambda self: self._field("warmup_steps"), lambda self, v: self._set_field("warmup_steps", v)
+    )
+    r_max_steps = property(
+        lambda self: self._field("r_max_steps"), lambda self, v: self._set_field("r_max_steps", v)
+    )
+    d_max_steps = property(
+        lambda self: self._field("d_max_steps"), lambda self, v: self._set_field("d_max_steps", v)
+    )
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
@@ -91,18 +143,9 @@ class _BatchRenormBase(nn.Module):
             nn.init.zeros_(self.bias)
 
     def current_limits(self) -> tuple[Tensor, Tensor]:
-        """(r_max, d_max) for the next training step, as tensors on the layer's device."""
-        if self.schedule is not None:
-            r_max, d_max = self.schedule(self.num_batches_tracked)
-            return torch.as_tensor(r_max), torch.as_tensor(d_max)
-        return renorm_limits(
-            self.num_batches_tracked,
-            self.r_max,
-            self.d_max,
-            self.warmup_steps,
-            self.r_max_steps,
-            self.d_max_steps,
-        )
+        """(r_max, d_max) for the next training step, as tensors on the layer's device (float64 for a float64
+        layer, float32 otherwise)."""
+        return schedule_limits(self.schedule, self.num_batches_tracked, self.running_std.dtype)
 
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
@@ -110,13 +153,16 @@ class _BatchRenormBase(nn.Module):
     def _process_group(self) -> Any:
         return None
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        # Everything is checked before the first buffer changes: a rejected call leaves the layer as it was.
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) got input of shape {tuple(input.shape)}: "
                 f"expected {self.num_features} channels in dimension 1"
             )
+        _check_arguments(input, self.eps, self.training)
+        _check_mask(input, mask)
         if not self.training:
             return batch_renorm(
                 input, self.running_mean, self.running_std, self.weight, self.bias, training=False
@@ -126,17 +172,18 @@ class _BatchRenormBase(nn.Module):
         if k is not None and k < n:
             group = min(k, n % k or k)  # the smallest group: a remainder group may be short
         per_channel = math.prod(input.shape[2:]) * group
-        if per_channel == 1 and self._process_group() is None:
+        if per_channel == 1 and mask is None and self._process_group() is None:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
                 + (f" with virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
             )
         r_max, d_max = self.current_limits()
-        self.num_batches_tracked.add_(1)
         momentum: float | Tensor = (
-            self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.to(torch.float32)
+            self.momentum
+            if self.momentum is not None
+            else 1.0 / (self.num_batches_tracked + 1).to(self.running_std.dtype)
         )
-        return batch_renorm(
+        out = batch_renorm(
             input,
             self.running_mean,
             self.running_std,
@@ -149,18 +196,19 @@ class _BatchRenormBase(nn.Module):
             d_max=d_max,
             virtual_batch_size=self.virtual_batch_size,
             process_group=self._process_group(),
+            mask=mask,
         )
+        self.num_batches_tracked.add_(1)
+        return out
 
     def extra_repr(self) -> str:
-        text = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
-            f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
-        )
+        text = f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+        if isinstance(self.schedule, BRNSchedule):
+            text += ", ".join(f"{name}={self._field(name)}" for name in _SCHEDULE_FIELDS)
+        else:
+            text += f"schedule={self.schedule!r}"
         if self.virtual_batch_size is not None:
             text += f", virtual_batch_size={self.virtual_batch_size}"
-        if self.schedule is not None:
-            text += f", schedule={self.schedule!r}"
         return text
 
     def _load_from_state_dict(

@@ -84,11 +84,6 @@ def _renorm_to_sync(layer: _BatchRenormBase, group: Any, options: dict[str, Any]
         "eps": layer.eps,
         "momentum": layer.momentum,
         "affine": layer.affine,
-        "r_max": layer.r_max,
-        "d_max": layer.d_max,
-        "warmup_steps": layer.warmup_steps,
-        "r_max_steps": layer.r_max_steps,
-        "d_max_steps": layer.d_max_steps,
         "schedule": layer.schedule,
         **options,
     }

@@ -7,12 +7,22 @@ gradient;  y = γ(x̂·r + d) + β;  then μ += α(μ_B − μ), σ += α(σ_B �
 Because r and d carry no gradient, y is exactly batch norm with weight γr and bias γd + β. The fast path
 computes the statistics once, normalizes with PyTorch's fused kernel and back-propagates through
 ``native_batch_norm_backward`` — the same kernels as ``nn.BatchNorm``, no per-element eager arithmetic.
+Under ``torch.func`` transforms (``vmap``, ``grad``) and for ghost batches a plain-tensor path with the same
+math runs instead.
+
+Masks: ``mask`` (N, *spatial), True at valid positions, restricts μ_B, σ_B (hence r, d and the running
+statistics) to the valid positions; every position, padded ones included, is then normalized with them, so
+padded outputs are finite and well defined. A batch without any valid position leaves the running statistics
+unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -21,9 +31,99 @@ from torch import Tensor
 
 from normkit._moments import merge_moments
 
-__all__ = ["batch_renorm", "renorm_correction", "renorm_limits"]
+__all__ = [
+    "BRNSchedule",
+    "BatchRenormState",
+    "batch_renorm",
+    "functional_batch_renorm",
+    "renorm_correction",
+    "renorm_limits",
+]
 
 Number = float | Tensor
+Schedule = Callable[[Tensor], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class BRNSchedule:
+    """When r_max and d_max open up: 1 and 0 for the first ``warmup_steps`` steps (plain batch norm), then
+    linearly to ``r_max`` at step ``r_max_steps`` and to ``d_max`` at step ``d_max_steps``.
+
+    A ramp that ends at or before ``warmup_steps`` (``None``: the default) is a hard switch: steps
+    0 … warmup_steps − 1 are batch norm, from step ``warmup_steps`` on the limits are ``r_max`` and ``d_max``.
+    The step is the layer's ``num_batches_tracked`` before the call, so the limits are computed on its device
+    from integers — exact, and without a host synchronisation.
+
+    Presets (``BRNSchedule.preset(name)``, or ``schedule=name`` on the layers):
+
+    - ``"paper"``: Ioffe (2017) — 5 000 warm-up steps, r_max → 3 at 40 000, d_max → 5 at 25 000 (the default);
+    - ``"crossq"``: CrossQ (Bhatt et al., 2024) and its ports — batch norm for 100 000 steps, then r_max 3 and
+      d_max 5 at once.
+
+    Step counts are absolute. To fit a preset to a run of a different length, scale every step count:
+    ``BRNSchedule.preset("paper").scaled(my_steps / their_steps)`` (e.g. ``scaled(0.1)`` warms up for 500
+    steps and reaches r_max 3 at 4 000), or replace fields with ``dataclasses.replace``.
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 0
+    r_max_steps: int | None = None
+    d_max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.r_max >= 1.0 and self.d_max >= 0.0) or math.isinf(self.r_max) or math.isinf(self.d_max):
+            raise ValueError(
+                f"need finite r_max >= 1 and d_max >= 0, got r_max={self.r_max}, d_max={self.d_max}"
+            )
+        for name in ("warmup_steps", "r_max_steps", "d_max_steps"):
+            value = getattr(self, name)
+            if value is None and name != "warmup_steps":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer step count, got {value!r}")
+
+    @staticmethod
+    def preset(name: str) -> BRNSchedule:
+        """The named schedule: ``"paper"`` or ``"crossq"``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown schedule preset {name!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    def scaled(self, factor: float) -> BRNSchedule:
+        """The same schedule with every step count multiplied by ``factor`` (rounded to whole steps)."""
+        if not factor > 0 or math.isinf(factor):
+            raise ValueError(f"factor must be a positive finite number, got {factor}")
+
+        def scale(steps: int | None) -> int | None:
+            return None if steps is None else round(steps * factor)
+
+        return dataclasses.replace(
+            self,
+            warmup_steps=round(self.warmup_steps * factor),
+            r_max_steps=scale(self.r_max_steps),
+            d_max_steps=scale(self.d_max_steps),
+        )
+
+    def limits(self, step: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) at ``step`` (an integer tensor; any shape, e.g. one step per ensemble member)."""
+        t = step.to(dtype)
+        return (
+            1.0 + (self.r_max - 1.0) * self._ramp(t, self.r_max_steps),
+            self.d_max * self._ramp(t, self.d_max_steps),
+        )
+
+    def _ramp(self, t: Tensor, end: int | None) -> Tensor:
+        start = self.warmup_steps
+        if end is None or end <= start:
+            return (t >= start).to(t.dtype)
+        return ((t - start) / (end - start)).clamp(0.0, 1.0)
+
+
+PRESETS: dict[str, BRNSchedule] = {
+    "paper": BRNSchedule(r_max=3.0, d_max=5.0, warmup_steps=5000, r_max_steps=40000, d_max_steps=25000),
+    "crossq": BRNSchedule(r_max=3.0, d_max=5.0, warmup_steps=100_000),
+}
 
 
 def renorm_limits(
@@ -34,15 +134,10 @@ def renorm_limits(
     r_max_steps: int,
     d_max_steps: int,
 ) -> tuple[Tensor, Tensor]:
-    """The paper's schedule: r_max = 1 and d_max = 0 up to ``warmup_steps``, then linear to the final values.
-
-    ``step`` is a tensor (the layer's ``num_batches_tracked``): the result stays on its device, no host sync.
-    """
-    # float64 so that the limits are exact for float64 layers (MPS has no float64).
-    t = step.to(torch.float32 if step.device.type == "mps" else torch.float64)
-    ramp_r = ((t - warmup_steps) / max(r_max_steps - warmup_steps, 1)).clamp(0.0, 1.0)
-    ramp_d = ((t - warmup_steps) / max(d_max_steps - warmup_steps, 1)).clamp(0.0, 1.0)
-    return 1.0 + (r_max - 1.0) * ramp_r, d_max * ramp_d
+    """The schedule's (r_max, d_max) at ``step`` (see ``BRNSchedule``), in float64 on ``step``'s device."""
+    # MPS has no float64.
+    dtype = torch.float32 if step.device.type == "mps" else torch.float64
+    return BRNSchedule(r_max, d_max, warmup_steps, r_max_steps, d_max_steps).limits(step, dtype)
 
 
 def renorm_correction(
@@ -59,6 +154,14 @@ def renorm_correction(
     d_max_t = torch.as_tensor(d_max, dtype=batch_std.dtype, device=batch_std.device)
     r = torch.clamp(batch_std / running_std, 1.0 / r_max_t, r_max_t)
     d = torch.clamp((batch_mean - running_mean) / running_std, -d_max_t, d_max_t)
+    return _snapshot(r, d)
+
+
+def _snapshot(r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    # torch.compile's partitioner may recompute cheap values in the backward from the graph's inputs — here
+    # from running statistics and a step counter this very step has already updated in place. Stacking r and
+    # d ends that chain with an op it never recomputes, so the backward sees this step's r and d.
+    r, d = torch.stack([r, d]).unbind(0)
     return r, d
 
 
@@ -66,9 +169,13 @@ def _reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
-def _gathered_moments(mean: Tensor, var: Tensor, count: int, group: Any) -> tuple[Tensor, Tensor, Tensor]:
+def _channel_shape(x: Tensor) -> list[int]:
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+def _gathered_moments(mean: Tensor, var: Tensor, count: Tensor, group: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, biased var, total count) over every rank of ``group``; ranks may hold different batch sizes."""
-    packed = torch.cat([mean.new_full((1,), float(count)), mean, var])
+    packed = torch.cat([count.reshape(1).to(mean.dtype), mean, var])
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(packed) for _ in range(world)]
     dist.all_gather(gathered, packed, group=group)
@@ -76,11 +183,29 @@ def _gathered_moments(mean: Tensor, var: Tensor, count: int, group: Any) -> tupl
     c = mean.shape[0]
     counts = table[:, 0]
     total, g_mean, m2 = merge_moments(counts, table[:, 1 : 1 + c], table[:, 1 + c :] * counts[:, None])
-    return g_mean, m2 / total, total
+    # No valid position anywhere: zero statistics instead of 0/0 (the caller then leaves the running
+    # statistics alone).
+    valid = total > 0
+    return torch.where(valid, g_mean, 0.0), torch.where(valid, m2 / total.clamp_min(1.0), 0.0), total
+
+
+def _masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (mean, biased var) over the positions where ``mask`` (N, *spatial) is True; the count."""
+    dims = _reduce_dims(x)
+    m = mask.unsqueeze(1)
+    count = m.sum().to(x.dtype)
+    safe = count.clamp_min(1.0)
+    # where, not a product with the mask: whatever padded positions hold (inf, NaN) stays out of the sums.
+    mean = torch.where(m, x, 0.0).sum(dims) / safe
+    var = torch.where(m, (x - mean.view(_channel_shape(x))).square(), 0.0).sum(dims) / safe
+    return mean, var, count
 
 
 class _BatchRenormFunction(torch.autograd.Function):
-    """y = BN_train(x) with weight γr, bias γd + β, given this batch's statistics (no gradient to r, d)."""
+    """y = BN_train(x) with weight γr, bias γd + β, given this batch's statistics (no gradient to r, d).
+
+    ``mask``: the statistics came from the valid positions only; ``group``: from every rank of the group.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -95,75 +220,107 @@ class _BatchRenormFunction(torch.autograd.Function):
         eps: float,
         group: Any,
         total_count: Tensor | None,
+        mask: Tensor | None,
     ) -> Tensor:
         w_eff = r if weight is None else weight * r
-        b_eff = d if weight is None else weight * d + (bias if bias is not None else 0.0)
+        b_eff = d if weight is None else torch.addcmul(bias, weight, d) if bias is not None else weight * d
         # Eval-mode batch norm with the batch statistics as "running" ones: one fused pass.
         y = F.batch_norm(x, mean, var, w_eff, b_eff, False, 0.0, eps)
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, mean, invstd, w_eff, r, d)
+        ctx.save_for_backward(x, mean, var, w_eff, r, d, mask)
         ctx.eps, ctx.group, ctx.total_count = eps, group, total_count
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, mean, invstd, w_eff, r, d = ctx.saved_tensors
+        x, mean, var, w_eff, r, d, mask = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
-        if ctx.group is None:
+        invstd = torch.rsqrt(var + ctx.eps)
+        if ctx.group is None and mask is None:
             grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, w_eff, None, None, mean, invstd, True, ctx.eps, [need_x, True, True]
             )
         else:
-            grad_x, grad_w, grad_b = _sync_backward(
-                grad_out, x, mean, invstd, w_eff, ctx.group, ctx.total_count
+            grad_x, grad_w, grad_b = _general_backward(
+                grad_out, x, mean, invstd, w_eff, mask, ctx.group, ctx.total_count
             )
         grad_weight = grad_w * r + grad_b * d if ctx.has_weight else None
         grad_bias = grad_b if ctx.has_bias else None
-        return grad_x if need_x else None, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return (grad_x if need_x else None, grad_weight, grad_bias) + (None,) * 8
 
 
-def _sync_backward(
-    grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, w_eff: Tensor, group: Any, total: Tensor
+def _general_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    w_eff: Tensor,
+    mask: Tensor | None,
+    group: Any,
+    total: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Batch-norm backward whose batch spans every rank: the two per-channel sums are all-reduced."""
+    """Batch-norm backward when the statistics cover only the masked positions and/or every rank.
+
+    Every output (padded ones too) depends on μ_B, σ_B, so the two per-channel sums run over all positions;
+    only valid positions receive the statistics' share of the gradient. Across ranks the sums are all-reduced.
+    """
     dims = _reduce_dims(x)
-    shape = [1, -1] + [1] * (x.dim() - 2)
+    shape = _channel_shape(x)
     x_hat = (x - mean.view(shape)) * invstd.view(shape)
     sum_g = grad_out.sum(dims)
     sum_g_xhat = (grad_out * x_hat).sum(dims)
     sums = torch.stack([sum_g, sum_g_xhat])
-    dist.all_reduce(sums, group=group)
-    scale = (w_eff * invstd).view(shape)
-    grad_x = scale * (grad_out - (sums[0] / total).view(shape) - x_hat * (sums[1] / total).view(shape))
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    sums = sums / total.clamp_min(1.0)
+    share = sums[0].view(shape) + x_hat * sums[1].view(shape)
+    if mask is not None:
+        share = torch.where(mask.unsqueeze(1), share, 0.0)
+    grad_x = (w_eff * invstd).view(shape) * (grad_out - share)
     # Parameter gradients stay local: DistributedDataParallel reduces them like any other.
     return grad_x, sum_g_xhat, sum_g
 
 
-def _ghost_batch_renorm(
+def _plain_batch_renorm(
     x: Tensor,
     running_mean: Tensor,
     running_std: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    momentum: Number,
     eps: float,
     r_max: Number,
     d_max: Number,
-    k: int,
-) -> Tensor:
-    """Each group of ``k`` examples normalized with its own statistics and its own r, d (the paper's
-    microbatches); running statistics move once, toward the whole batch's statistics."""
+    k: int | None,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Algorithm 1 with plain tensor ops and autograd (``torch.func`` transforms, ghost batches).
+
+    With ``k``, each group of ``k`` examples is normalized with its own statistics and its own r, d (the
+    paper's microbatches); the returned statistics are the whole batch's. Returns (y, μ_B, σ_B, valid count).
+    """
     n = x.shape[0]
+    k = n if k is None or k >= n else k
     full = (n // k) * k
-    pieces = [x[:full].unflatten(0, (n // k, k))]
+    pieces = [
+        (x[:full].unflatten(0, (n // k, k)), None if mask is None else mask[:full].unflatten(0, (n // k, k)))
+    ]
     if full < n:
-        pieces.append(x[full:].unsqueeze(0))
+        pieces.append((x[full:].unsqueeze(0), None if mask is None else mask[full:].unsqueeze(0)))
     stat_shape = [1, 1, -1] + [1] * (x.dim() - 2)
     outputs, counts, means, variances = [], [], [], []
-    for xg in pieces:
+    for xg, mg in pieces:
         dims = [1, *range(3, xg.dim())]
-        var_g, mean_g = torch.var_mean(xg, dims, correction=0, keepdim=True)
+        if mg is None:
+            var_g, mean_g = torch.var_mean(xg, dims, correction=0, keepdim=True)
+            count_g = torch.full((xg.shape[0],), xg.numel() // (xg.shape[0] * xg.shape[2]), dtype=x.dtype)
+            count_g = count_g.to(x.device)
+        else:
+            m = mg.unsqueeze(2)
+            count_g = m.sum(dims, keepdim=True).to(xg.dtype)
+            safe = count_g.clamp_min(1.0)
+            mean_g = torch.where(m, xg, 0.0).sum(dims, keepdim=True) / safe
+            var_g = torch.where(m, (xg - mean_g).square(), 0.0).sum(dims, keepdim=True) / safe
+            count_g = count_g.reshape(-1)
         std_g = (var_g + eps).sqrt()
         r, d = renorm_correction(
             mean_g, std_g, running_mean.view(stat_shape), running_std.view(stat_shape), r_max, d_max
@@ -174,19 +331,122 @@ def _ghost_batch_renorm(
         if bias is not None:
             y = y + bias.view(stat_shape)
         outputs.append(y.flatten(0, 1))
-        group_size = xg.numel() // (xg.shape[0] * xg.shape[2])
-        counts.append(torch.full((xg.shape[0],), float(group_size), device=x.device))
+        counts.append(count_g)
         means.append(mean_g.detach().reshape(xg.shape[0], -1))
         variances.append(var_g.detach().reshape(xg.shape[0], -1))
     with torch.no_grad():
-        group_counts = torch.cat(counts)
-        total, mean, m2 = merge_moments(
-            group_counts, torch.cat(means), torch.cat(variances) * group_counts[:, None]
+        if len(pieces) == 1 and pieces[0][0].shape[0] == 1:
+            total, mean, var = counts[0][0], means[0][0], variances[0][0]
+        else:
+            group_counts = torch.cat(counts)
+            total, mean, m2 = merge_moments(
+                group_counts, torch.cat(means), torch.cat(variances) * group_counts[:, None]
+            )
+            valid = total > 0
+            mean, var = torch.where(valid, mean, 0.0), torch.where(valid, m2 / total.clamp_min(1.0), 0.0)
+        std = (var.to(running_std.dtype) + eps).sqrt()
+    y_out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return y_out, mean.to(running_mean.dtype), std, (None if mask is None else total)
+
+
+def _renorm_train(
+    x: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    r_max: Number,
+    d_max: Number,
+    virtual_batch_size: int | None,
+    process_group: Any,
+    mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The training forward without the running-statistics update: (y, μ_B, σ_B, count or None).
+
+    The count is returned when it may be zero (masks): the caller then keeps the running statistics.
+    """
+    ghost = virtual_batch_size is not None and virtual_batch_size < x.shape[0]
+    if ghost and process_group is not None:
+        raise ValueError("virtual_batch_size cannot be combined with a process group")
+    if ghost or torch._C._are_functorch_transforms_active():
+        if process_group is not None:
+            raise ValueError("SyncBatchRenorm cannot run under torch.func transforms (vmap, grad)")
+        return _plain_batch_renorm(
+            x, running_mean, running_std, weight, bias, eps, r_max, d_max, virtual_batch_size, mask
         )
-        var = m2 / total
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_std.lerp_((var + eps).sqrt().to(running_std.dtype), momentum)
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    with torch.no_grad():
+        count: Tensor | None = None
+        if mask is None:
+            # PyTorch's own batch-norm statistics kernel (mean, biased variance): several times faster than
+            # torch.var_mean over the non-channel dimensions on CPU.
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        else:
+            mean, var, count = _masked_moments(x, mask)
+        mean, var = mean.to(running_mean.dtype), var.to(running_mean.dtype)
+        total = count
+        if process_group is not None:
+            local = count if count is not None else x.new_tensor(float(x.numel() // x.shape[1]))
+            mean, var, total = _gathered_moments(mean, var, local, process_group)
+            count = total if mask is not None else None
+        std = (var + eps).sqrt()
+        r, d = renorm_correction(mean, std, running_mean, running_std, r_max, d_max)
+    y: Tensor = _BatchRenormFunction.apply(x, weight, bias, mean, var, r, d, eps, process_group, total, mask)
+    return y, mean, std, count
+
+
+def _check_mask(input: Tensor, mask: Tensor | None) -> None:
+    if mask is None:
+        return
+    expected = (input.shape[0], *input.shape[2:])
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"mask must be a bool tensor (True at valid positions), got {mask.dtype}; use mask.bool()"
+        )
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not fit input {tuple(input.shape)}: expected {expected} "
+            "(the input's shape without the channel dimension)"
+        )
+    if mask.device != input.device:
+        raise ValueError(f"mask is on {mask.device} but the input is on {input.device}")
+
+
+def _check_arguments(input: Tensor, eps: float, training: bool) -> None:
+    if not input.is_floating_point():
+        raise TypeError(
+            f"Batch Renormalization needs a floating-point input, got {input.dtype}; use input.float()"
+        )
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it keeps σ_B away from zero), got {eps}")
+    if training and input.numel() == 0:
+        raise ValueError(f"cannot compute batch statistics of an empty input of shape {tuple(input.shape)}")
+
+
+def _eval_forward(
+    input: Tensor, running_mean: Tensor, running_std: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    if torch._C._are_functorch_transforms_active():
+        shape = _channel_shape(input)
+        y = (input - running_mean.view(shape)) / running_std.view(shape)
+        if weight is not None:
+            y = y * weight.view(shape)
+        return y if bias is None else y + bias.view(shape)
+    # (x − μ)/σ: the fused kernel with var = σ² and no ε (σ already contains it).
+    return F.batch_norm(input, running_mean, running_std.square(), weight, bias, False, 0.0, 0.0)
+
+
+def _updated(old: Tensor, new: Tensor, momentum: Number, count: Tensor | None, inplace: bool) -> Tensor:
+    if count is not None:
+        # A batch without any valid position does not move the running statistics.
+        momentum = (count > 0).to(old.dtype) * momentum
+    elif isinstance(momentum, Tensor):
+        momentum = momentum.to(old.dtype)
+    if torch._C._are_functorch_transforms_active():
+        # vmap has no batching rule for lerp_: the same update, old + momentum·(new − old), in two ops.
+        delta = (new - old) * momentum
+        return old.add_(delta) if inplace else old + delta
+    return old.lerp_(new, momentum) if inplace else old.lerp(new, momentum)
 
 
 def batch_renorm(
@@ -202,36 +462,134 @@ def batch_renorm(
     d_max: Number = 0.0,
     virtual_batch_size: int | None = None,
     process_group: Any = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Batch Renormalization of ``input`` (N, C, *); updates ``running_mean`` / ``running_std`` in place when
     training.
 
     ``momentum`` is the weight of the new value (the paper's α). ``process_group``: merge the statistics over
     the ranks of this group (SyncBatchRenorm). ``virtual_batch_size``: normalize each group of that many
-    examples on its own (ghost batches).
+    examples on its own (ghost batches). ``mask`` (N, *spatial) bool: statistics from the True positions only.
     """
+    _check_arguments(input, eps, training)
+    _check_mask(input, mask)
     if not training:
-        # (x − μ)/σ: the fused kernel with var = σ² and no ε (σ already contains it).
-        return F.batch_norm(input, running_mean, running_std.square(), weight, bias, False, 0.0, 0.0)
-    if virtual_batch_size is not None and virtual_batch_size < input.shape[0]:
-        if process_group is not None:
-            raise ValueError("virtual_batch_size cannot be combined with a process group")
-        return _ghost_batch_renorm(
-            input, running_mean, running_std, weight, bias, momentum, eps, r_max, d_max, virtual_batch_size
-        )
+        return _eval_forward(input, running_mean, running_std, weight, bias)
+    y, mean, std, count = _renorm_train(
+        input,
+        running_mean,
+        running_std,
+        weight,
+        bias,
+        eps,
+        r_max,
+        d_max,
+        virtual_batch_size,
+        process_group,
+        mask,
+    )
     with torch.no_grad():
-        # PyTorch's own batch-norm statistics kernel (mean, biased variance): several times faster than
-        # torch.var_mean over the non-channel dimensions on CPU.
-        mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
-        mean, var = mean.to(running_mean.dtype), var.to(running_mean.dtype)
-        total: Tensor | None = None
-        if process_group is not None:
-            mean, var, total = _gathered_moments(
-                mean, var, math.prod(input.shape) // input.shape[1], process_group
-            )
-        std = (var + eps).sqrt()
-        r, d = renorm_correction(mean, std, running_mean, running_std, r_max, d_max)
-        running_mean.lerp_(mean, momentum)
-        running_std.lerp_(std, momentum)
-    out: Tensor = _BatchRenormFunction.apply(input, weight, bias, mean, var, r, d, eps, process_group, total)
-    return out
+        _updated(running_mean, mean, momentum, count, inplace=True)
+        _updated(running_std, std, momentum, count, inplace=True)
+    return y
+
+
+class BatchRenormState(NamedTuple):
+    """The state of a Batch Renormalization layer, kept outside a module (``functional_batch_renorm``)."""
+
+    running_mean: Tensor
+    running_std: Tensor
+    num_batches_tracked: Tensor
+
+    @staticmethod
+    def initial(num_features: int, device: Any = None, dtype: Any = None) -> BatchRenormState:
+        """μ = 0, σ = 1, step 0 — a fresh layer's state."""
+        return BatchRenormState(
+            torch.zeros(num_features, device=device, dtype=dtype),
+            torch.ones(num_features, device=device, dtype=dtype),
+            torch.zeros((), dtype=torch.long, device=device),
+        )
+
+
+def functional_batch_renorm(
+    input: Tensor,
+    state: BatchRenormState,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool = True,
+    schedule: BRNSchedule | str | Schedule = "paper",
+    momentum: float | None = 0.01,
+    eps: float = 1e-5,
+    virtual_batch_size: int | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, BatchRenormState]:
+    """Batch Renormalization with explicit state: returns ``(output, new_state)``, changes no tensor in place.
+
+    The same computation as ``BatchRenorm*d`` (r_max, d_max from ``schedule`` at
+    ``state.num_batches_tracked``; ``momentum=None`` is a cumulative average), for code that keeps state
+    outside modules — e.g. under ``torch.func.vmap`` over an ensemble with a stacked state, or in a
+    ``jax``-style training step. In eval mode the state is returned unchanged.
+    """
+    _check_arguments(input, eps, training)
+    _check_mask(input, mask)
+    if not training:
+        return _eval_forward(input, state.running_mean, state.running_std, weight, bias), state
+    step = state.num_batches_tracked
+    r_max, d_max = schedule_limits(schedule, step, state.running_std.dtype)
+    y, mean, std, count = _renorm_train(
+        input,
+        state.running_mean,
+        state.running_std,
+        weight,
+        bias,
+        eps,
+        r_max,
+        d_max,
+        virtual_batch_size,
+        None,
+        mask,
+    )
+    alpha: Number = momentum if momentum is not None else 1.0 / (step + 1).to(state.running_std.dtype)
+    new_state = BatchRenormState(
+        _updated(state.running_mean, mean, alpha, count, inplace=False),
+        _updated(state.running_std, std, alpha, count, inplace=False),
+        step + 1,
+    )
+    return y, new_state
+
+
+def resolve_schedule(schedule: BRNSchedule | str | Schedule | None) -> BRNSchedule | Schedule:
+    """A ``BRNSchedule`` for a preset name (``None``: ``"paper"``); schedules and callables unchanged."""
+    if schedule is None:
+        return PRESETS["paper"]
+    if isinstance(schedule, str):
+        return BRNSchedule.preset(schedule)
+    if isinstance(schedule, BRNSchedule) or callable(schedule):
+        return schedule
+    raise TypeError(
+        f"schedule must be a preset name ({sorted(PRESETS)}), a BRNSchedule or a callable "
+        "step -> (r_max, d_max), "
+        f"got {type(schedule).__name__}"
+    )
+
+
+def schedule_limits(
+    schedule: BRNSchedule | str | Schedule | None, step: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(r_max, d_max) of ``schedule`` at ``step``, as tensors on ``step``'s device.
+
+    The limits are computed in ``dtype`` promoted to at least float32 (exact for float64 layers;
+    half-precision layers still count steps beyond 65 504). A callable's results are converted likewise.
+    """
+    limit_dtype = torch.promote_types(dtype, torch.float32)
+    if step.device.type == "mps" and limit_dtype == torch.float64:
+        limit_dtype = torch.float32
+    resolved = resolve_schedule(schedule)
+    if isinstance(resolved, BRNSchedule):
+        return resolved.limits(step, limit_dtype)
+    r_max, d_max = resolved(step)
+    return (
+        torch.as_tensor(r_max, dtype=limit_dtype, device=step.device),
+        torch.as_tensor(d_max, dtype=limit_dtype, device=step.device),
+    )
