@@ -133,6 +133,7 @@ class Suite:
     arms: tuple[Arm, ...]
     seeds: int = 3
     claim: str = ""
+    kind: str = "train"  # "rl": base and arm overrides are CrossQConfig options, run by train/crossq.py
 
 
 def _arm(method: str, baseline: str | None = None, label: str | None = None, **overrides: Any) -> Arm:
@@ -331,6 +332,31 @@ SUITES: dict[str, Suite] = {
         ),
         claim="Yu et al. 2017: block-normalized gradients speed up training of deep networks.",
     ),
+    "crossq": Suite(
+        "crossq",
+        "SAC with target critics vs CrossQ (no target network, one critic pass over (s, a) and (s', a')) "
+        "with BRN, BN or no normalization in the critics, on gymnasium's Pendulum-v1 (needs normkit[rl]).",
+        {
+            "env": "Pendulum-v1",
+            "total_steps": 5000,
+            "learning_starts": 500,
+            "eval_every": 500,
+            "eval_episodes": 5,
+            "critic_width": 256,
+            "lr": 1e-3,
+            "brn_warmup_steps": 500,
+        },
+        (
+            _arm("sac", label="sac", algorithm="sac", critic_norm="none", adam_beta1=0.9, policy_delay=1),
+            _arm("crossq", "sac", label="crossq-brn", critic_norm="brn"),
+            _arm("crossq", "sac", label="crossq-bn", critic_norm="bn"),
+            _arm("crossq", "sac", label="crossq-none", critic_norm="none"),
+        ),
+        seeds=5,
+        claim="Bhatt et al. 2024: CrossQ (BatchNorm critics, no target network, UTD 1) matches or beats the "
+        "sample efficiency of SAC and of REDQ / DroQ (UTD 20).",
+        kind="rl",
+    ),
 }
 
 
@@ -409,6 +435,11 @@ def plan(
     known = {**METHODS, **(extra_methods or {})}
     if suite is None:
         suite = SUITES["default"]
+    if suite.kind == "rl":
+        from normkit.train.crossq import plan_suite
+
+        chosen = [*(methods or []), *(extra_methods or {})]
+        return suite, plan_suite(suite, seeds=seeds, out=out, methods=chosen, overrides=overrides)
     if methods:
         missing = [m for m in methods if m not in known]
         if missing:
@@ -494,6 +525,10 @@ def compare(
     )
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if suite.kind == "rl":
+        from normkit.train.crossq import run_suite
+
+        return run_suite(suite, job_list, out, workers=jobs, log=log)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reused = sum(finished_run(j.out_dir, TrainConfig.from_dict(j.config)) is not None for j in job_list)
