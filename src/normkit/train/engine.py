@@ -665,8 +665,8 @@ def run(
         request = cfg.to_dict()
         if save:
             if out_dir is not None:
-                _check_writable(Path(out_dir))
-                existing = _existing_run(Path(out_dir))
+                check_writable(Path(out_dir))
+                existing = existing_run(Path(out_dir))
             else:
                 existing = None
             if existing is not None and reuse:
@@ -697,7 +697,7 @@ def _config_dict(config: TrainConfig | dict[str, Any] | None) -> dict[str, Any]:
     return config.to_dict() if isinstance(config, TrainConfig) else dict(config)
 
 
-def _check_writable(out: Path) -> None:
+def check_writable(out: Path) -> None:
     """Refuse an ``--out`` that is a file or lies in a place we cannot write — before any work."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a directory; choose another --out")
@@ -809,7 +809,7 @@ def _read_record(out: Path) -> dict[str, Any] | None:
     return record
 
 
-def _existing_run(out: Path) -> _Existing | None:
+def existing_run(out: Path) -> _Existing | None:
     if not out.is_dir():
         return None
     record = _read_record(out)
