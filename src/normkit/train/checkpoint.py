@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import secrets
 import signal
 from pathlib import Path
@@ -115,15 +116,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
             raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain data; refusing to run its code "
-                f"(Weights only load failed: {first[:160]})"
-            ) from exc
+                f"{path} holds Python objects ({found.group(1)}), not only tensors and plain data; refused: "
+                "checkpoints are loaded weights only, so no code in them runs"
+            ) from None
         raise CheckpointError(
-            f"{path} ({size:,} bytes) is not a readable checkpoint (truncated or corrupt?): {first[:160]}"
-        ) from exc
+            f"{path} ({size:,} bytes) is not a readable checkpoint (truncated or corrupt)"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a normkit checkpoint (format {FORMAT_VERSION})")
     return state

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -539,7 +540,7 @@ def finalize_config(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     scaled = scaled_brn_steps(total)
-    fill = {k: v for k, v in scaled.items() if getattr(cfg, k) is None}
+    fill: dict[str, Any] = {k: v for k, v in scaled.items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **fill) if fill else cfg
 
 
@@ -708,8 +709,11 @@ def check_writable(out: Path) -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise RunDirError(f"cannot create --out {out}: {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunDirError(f"cannot write to --out {out}: no write permission on {probe}")
+    try:  # a real probe: permission bits say nothing for root, read-only mounts or pseudo file systems
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise RunDirError(f"cannot write to --out {out}: {probe} is not writable ({exc.strerror})") from None
 
 
 def code_version() -> dict[str, str]:
@@ -813,7 +817,7 @@ def existing_run(out: Path) -> _Existing | None:
     if not out.is_dir():
         return None
     record = _read_record(out)
-    header = None
+    header: dict[str, Any] | None = None
     if (out / "checkpoint.pt").is_file():
         try:
             state = load_checkpoint(out / "checkpoint.pt")
