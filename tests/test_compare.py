@@ -260,3 +260,11 @@ def test_comparison_groups_and_loss_range() -> None:
     assert groups == [["a", "b", "c"], ["d", "e"], ["f", "g"], ["h"], ["i"]]
     curves = {"ok": [[1.0, 2.0], [0.5]], "bad": [[1e30], [float("nan")]]}
     assert loss_axis_range(curves, diverged={"bad"}) == (0.5, 2.0)
+
+
+def test_compare_shows_one_bar_over_all_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines: list[str] = []
+    compare(tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=2, progress=True, log=lines.append)
+    err = capsys.readouterr().err
+    assert "compare: 100%" in err and "2/2" in err and "run" in err  # one tqdm bar (with its ETA) over runs
+    assert not any(line.startswith("[1/2]") for line in lines)  # the bar replaces the per-run lines
