@@ -1,8 +1,10 @@
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from normkit.train.compare import SUITES, Suite, compare, load_method_file, plan
+from normkit.train.compare import SUITES, Arm, Suite, compare, load_method_file, plan
 from normkit.train.config import ConfigError
 
 TINY = {
@@ -26,9 +28,9 @@ def test_compare_end_to_end_writes_report_csv_and_pngs(tmp_path):
     result = compare(tiny_suite(), tmp_path, methods=["bn-sgd", "brn-sgd"], html=True, log=lambda s: None)
     assert len(result.runs) == 4 and result.reused == 0
     report = (tmp_path / "report.md").read_text()
-    assert "| bn-sgd | bn-sgd |" in report and "vs bn-sgd" in report
+    assert "| bn-sgd | 2 |" in report and "vs bn-sgd" in report
     rows = (tmp_path / "results.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("arm,method,seed") and len(rows) == 5
+    assert rows[0].startswith("arm,method,baseline,seed") and len(rows) == 5
     for name in ["accuracy.png", "train_loss.png", "final_accuracy.png"]:
         path = tmp_path / name
         assert path.stat().st_size > 5_000, name
@@ -37,11 +39,12 @@ def test_compare_end_to_end_writes_report_csv_and_pngs(tmp_path):
             assert img.width > 300 and img.height > 100
     page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<table>" in page
+    assert_valid_html(page)
     # Each run's accuracy in the CSV is the one its own metrics recorded.
     seed0 = json.loads(
         (tmp_path / "runs" / "bn-sgd" / "seed0" / "metrics.jsonl").read_text().splitlines()[-1]
     )
-    assert rows[1].split(",")[4] == str(seed0["test_acc"])
+    assert rows[1].split(",")[5] == str(seed0["test_acc"])
 
 
 def test_resume_reruns_nothing_finished(tmp_path):
@@ -109,7 +112,7 @@ def test_cli_compare_list_and_run(tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["compare", "--methods", "bn-sgd,nsgd-l2", "--model", "mlp", "--seeds", "1", "--epochs", "1"]
     assert main([*args, "--out", str(out)]) == 0
-    assert "| nsgd-l2 | nsgd-l2 |" in (out / "report.md").read_text()
+    assert "| nsgd-l2 | 1 |" in (out / "report.md").read_text()
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--suite", "nope"])
     assert exc.value.code == 2
@@ -128,3 +131,140 @@ def test_cli_bench_runs_from_a_checkout_and_explains_elsewhere(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--quick"])
     assert exc.value.code == 2 and "root of a normkit checkout" in capsys.readouterr().err
+
+
+# --- trust: stale runs, changed settings, the lock, statistics in the report, valid HTML -----------------
+
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+PARENTS = {"li": {"ul", "ol"}, "tr": {"thead", "tbody", "table"}, "td": {"tr"}, "th": {"tr"}}
+
+
+def assert_valid_html(page: str) -> None:
+    """Well-formed HTML: a doctype, every element closed in order, list items in lists, cells in rows."""
+    from html.parser import HTMLParser
+
+    class Checker(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack: list[str] = []
+            self.doctype = False
+
+        def handle_decl(self, decl: str) -> None:
+            self.doctype = decl.lower() == "doctype html"
+
+        def handle_starttag(self, tag: str, attrs: Any) -> None:
+            if tag in PARENTS:
+                assert self.stack and self.stack[-1] in PARENTS[tag], f"<{tag}> inside {self.stack[-1:]}"
+            if tag not in VOID:
+                self.stack.append(tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+            self.stack.pop()
+
+    checker = Checker()
+    checker.feed(page)
+    checker.close()
+    assert checker.doctype and checker.stack == [], checker.stack
+
+
+def test_html_checker_catches_what_the_old_report_did() -> None:
+    with pytest.raises(AssertionError):
+        assert_valid_html("<!doctype html><html><body><li>x</li></body></html>")  # a list item outside a list
+    with pytest.raises(AssertionError):
+        assert_valid_html("<!doctype html><html><body><p>x</body></html>")
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_changed_settings_on_an_existing_out_are_refused_in_one_line(tmp_path: Path) -> None:
+    from normkit.train.engine import RunDirError
+
+    compare(tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=1, log=lambda s: None)
+    before = _mtimes(tmp_path)
+    with pytest.raises(RunDirError) as err:
+        compare(
+            tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=1, overrides={"epochs": 2}, log=lambda s: None
+        )
+    message = str(err.value)
+    assert "\n" not in message and "epochs 1 -> 2" in message and "--overwrite" in message
+    assert _mtimes(tmp_path) == before  # nothing touched
+    result = compare(
+        tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=1, overrides={"epochs": 2}, overwrite=True,
+        log=lambda s: None,
+    )  # fmt: skip
+    assert result.reused == 0 and len(result.runs[0]["metrics"]) == 2
+
+
+def test_compare_lock(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from normkit.train.engine import RunDirError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from normkit.train.compare import _Lock\n"
+         "with _Lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
+         str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=f"another normkit compare \\(pid {holder.pid} "):
+            compare(tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=1, log=lambda s: None)
+        assert not (tmp_path / "runs").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: its lock file stays behind but holds nothing
+    assert "pid" in (tmp_path / ".lock").read_text()
+    result = compare(tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=1, log=lambda s: None)
+    assert len(result.runs) == 1
+
+
+def test_report_shows_what_ran_statistics_and_flags(tmp_path: Path) -> None:
+    methods = tmp_path / "m.json"
+    methods.write_text(json.dumps({"wild-sgd": {"description": "SGD at lr 1e4", "lr": 1e4, "norm": "none"}}))
+    result = compare(
+        tiny_suite(), tmp_path / "out", methods=["bn-sgd", "wild-sgd", "brn-sgd"], method_file=methods,
+        overrides={"data": "mnist1d", "mnist1d_samples": 600, "epochs": 4}, seeds=1, html=True,
+        log=lambda s: None,
+    )  # fmt: skip
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "- data: mnist1d (480 train / 120 test)" in report  # what ran, not the suite's base (digits)
+    assert "epochs: 4" in report and "from " + str(methods) in report and "lr=10000.0" in report
+    assert "Test set: 120 examples" in report and "sign-test" in report
+    assert "1 seeds cannot reach 90 %" in report
+    wild = next(r for r in result.runs if r["arm"] == "wild-sgd")
+    assert wild["summary"]["diverged"] and wild["metrics"][-1]["diverged"]
+    assert len(wild["metrics"]) < 4  # stopped at the first non-finite epoch
+    assert "**diverged** (1/1 seeds)" in report
+    assert_valid_html((tmp_path / "out" / "report.html").read_text())
+
+
+def test_comparison_groups_and_loss_range() -> None:
+    from normkit.train.report import arm_statistics, comparisons, loss_axis_range
+
+    rows = [
+        {"arm": a, "seed": 0, "final_test_acc": 0.5, "final_test_loss": 1.0, "final_train_loss": 1.0}
+        for a in "abcdefghi"
+    ]
+    arms = tuple(
+        Arm(label, label, {}, base)
+        for label, base in zip("abcdefghi", [None, "a", "a", None, "d", None, "f", None, None])
+    )
+    groups = comparisons(arm_statistics(rows, arms))
+    assert groups == [["a", "b", "c"], ["d", "e"], ["f", "g"], ["h"], ["i"]]
+    curves = {"ok": [[1.0, 2.0], [0.5]], "bad": [[1e30], [float("nan")]]}
+    assert loss_axis_range(curves, diverged={"bad"}) == (0.5, 2.0)
+
+
+def test_compare_shows_one_bar_over_all_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines: list[str] = []
+    compare(tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=2, progress=True, log=lines.append)
+    err = capsys.readouterr().err
+    assert "compare: 100%" in err and "2/2" in err and "run" in err  # one tqdm bar (with its ETA) over runs
+    assert not any(line.startswith("[1/2]") for line in lines)  # the bar replaces the per-run lines

@@ -7,6 +7,7 @@ import pickle
 import random
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -202,3 +203,25 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
         main(["train", "--epochs", "1", "--no-progress"])
     assert exc.value.code == 2
     assert "pip install 'normkit[data]'" in capsys.readouterr().err
+
+
+def test_cifar_loader_refuses_a_planted_payload(tmp_path: Path) -> None:
+    """A pickle naming any callable besides numpy's array reconstruction is refused before it runs."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> Any:
+            return (Path.touch, (marker,))
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        with open(folder / name, "wb") as f:
+            batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [1, 2]}
+            if name == "data_batch_3":
+                batch[b"batch_label"] = Payload()
+            pickle.dump(batch, f, protocol=2)
+    with pytest.raises(ValueError, match=r"data_batch_3 is not a CIFAR batch.*refused to load .*getattr"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()  # the payload never ran

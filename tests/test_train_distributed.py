@@ -88,3 +88,52 @@ def test_torchrun_resume_is_bit_exact_with_per_rank_dropout(tmp_path: Path) -> N
         return [{k: v for k, v in r.items() if "time" not in k} for r in rows]
 
     assert strip(tmp_path / "part") == strip(tmp_path / "full")
+
+
+# --- reported metrics are the saved model's; uneven global batches weigh every example equally ------------
+
+
+def _train_in_group(rank: int, world: int, cfg: dict, out: str) -> list[dict]:
+    res = run(cfg, out, log=lambda s: None, progress=False)
+    return [{k: v for k, v in m.items() if "time" not in k} for m in res.metrics]
+
+
+def test_uneven_global_batch_two_processes_equal_one(tmp_path: Path) -> None:
+    from normkit.train.checkpoint import load_checkpoint
+    from tests.distributed import run_gloo
+
+    # 63 = 32 + 31 per rank; BN-free, so the only difference two processes could make is the weighting
+    cfg = {
+        "data": "digits", "model": "mlp", "depth": 2, "width": 32, "norm": "none", "epochs": 2,
+        "batch_size": 63, "subset": 252, "lr": 0.1, "seed": 5,
+    }  # fmt: skip
+    ddp, _ = run_gloo(_train_in_group, 2, cfg, str(tmp_path / "ddp"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run(cfg, tmp_path / "single", log=lambda s: None).metrics
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(ddp, single):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+    p = load_checkpoint(tmp_path / "ddp")["model"]
+    q = load_checkpoint(tmp_path / "single")["model"]
+    for k in p:
+        torch.testing.assert_close(p[k], q[k], rtol=1e-5, atol=1e-6)  # float32 round-off only
+
+
+def test_ddp_reports_the_saved_checkpoints_metrics_without_sync_bn(tmp_path: Path) -> None:
+    from normkit.train.checkpoint import load_checkpoint
+    from normkit.train.engine import evaluate_checkpoint
+    from tests.distributed import run_gloo
+
+    cfg = {
+        "data": "digits", "model": "mlp", "depth": 2, "width": 32, "norm": "bn", "epochs": 1,
+        "batch_size": 64, "subset": 256, "lr": 0.1, "seed": 1,
+    }  # fmt: skip
+    ddp, _ = run_gloo(_train_in_group, 2, cfg, str(tmp_path / "ddp"))
+    saved = evaluate_checkpoint(tmp_path / "ddp", device="cpu")  # one process, the whole test set
+    assert saved["test_acc"] == ddp[-1]["test_acc"]
+    assert saved["test_loss"] == pytest.approx(ddp[-1]["test_loss"], rel=1e-6)
+    assert load_checkpoint(tmp_path / "ddp")["epoch"] == 1

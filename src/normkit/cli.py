@@ -1,7 +1,9 @@
-"""The ``normkit`` command: ``train``, ``test``, ``recipes``, ``compare``, ``bench``.
+"""The ``normkit`` command: ``train``, ``test``, ``recipes``, ``compare``, ``report``, ``bench``.
 
 Each subcommand is a ``(name, add_arguments, handler)`` entry of :data:`COMMANDS`; a handler gets the parsed
-namespace and the subcommand's parser (for argparse-style errors) and returns the exit status.
+namespace and the subcommand's parser (for argparse-style errors) and returns the exit status. Argument
+errors print the one-line usage and the message (exit 2); runtime failures (a corrupt checkpoint, a full disk,
+an occupied --out) print one line (exit 1); Ctrl-C says how to resume (exit 130). Never a traceback.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE", help="start from a config.json")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default runs/NAME-seedS)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR bit-exactly")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a finished or other run already in --out"
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bars")
 
     d = p.add_argument_group("data")
@@ -167,7 +172,18 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
 
 
-_NOT_CONFIG = {"config", "out", "resume", "progress", "stop_after_epoch", "command"}
+_NOT_CONFIG = {"config", "out", "resume", "progress", "stop_after_epoch", "command", "overwrite"}
+
+
+class Failure(Exception):
+    """A runtime failure reported as one line (no usage, no traceback), exit status 1."""
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    from normkit.train.checkpoint import CheckpointError, RunFileError
+    from normkit.train.engine import RunDirError
+
+    return (CheckpointError, RunFileError, RunDirError)
 
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -196,7 +212,15 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             if "recipe" in overrides and "recipe" in base and overrides["recipe"] != base["recipe"]:
                 base = {}
             cfg = resolve_config(base, **overrides)
-            result = run(cfg, args.out, progress=args.progress, stop_after_epoch=args.stop_after_epoch)
+            result = run(
+                cfg,
+                args.out,
+                overwrite=args.overwrite,
+                progress=args.progress,
+                stop_after_epoch=args.stop_after_epoch,
+            )
+    except _runtime_errors() as e:
+        raise Failure(str(e)) from None
     except (ConfigError, MissingDataError, MissingDependencyError, FileNotFoundError) as e:
         parser.error(str(e))
     except ValueError as e:
@@ -229,6 +253,8 @@ def _run_test(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     try:
         res = evaluate_checkpoint(args.load, data_dir=args.data_dir, device=args.device, split=args.split)
+    except _runtime_errors() as e:
+        raise Failure(str(e)) from None
     except (MissingDataError, MissingDependencyError, FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     if args.json:
@@ -326,6 +352,12 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
     p.add_argument("--out", help="output directory (default runs/compare-SUITE)")
     p.add_argument("--html", action="store_true", help="also write report.html with embedded plots")
+    p.add_argument(
+        "--overwrite", action="store_true", help="rerun runs in --out that were made with other settings"
+    )
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="one bar over all runs"
+    )
 
 
 def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -356,7 +388,16 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             seeds=args.seeds,
             jobs=args.jobs,
             html=args.html,
+            overwrite=args.overwrite,
+            progress=args.progress,
         )
+    except _runtime_errors() as e:
+        raise Failure(str(e)) from None
+    except KeyboardInterrupt:
+        raise Failure(
+            "interrupted: finished runs are kept and an interrupted one resumes from its last epoch; "
+            "run the same command again to continue"
+        ) from None
     except (ConfigError, MissingDataError, MissingDependencyError) as exc:
         parser.error(str(exc))
     return 0
@@ -375,6 +416,36 @@ def _fetch_datasets(suite: Any, args: argparse.Namespace, overrides: dict[str, A
     for data, data_dir, svhn_extra in sorted(needed):
         if not is_import_path(data):
             load_dataset(data, data_dir, download=True, svhn_extra=svhn_extra)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", metavar="DIR", help="a folder of study folders, each with a results.csv")
+    p.add_argument(
+        "--markdown",
+        metavar="FILE",
+        default=None,
+        help="the Markdown file whose marked tables to rewrite (default: DIR/../results.md)",
+    )
+
+
+def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pathlib import Path
+
+    from normkit.train.results import update_results_markdown
+
+    root = Path(args.results)
+    if not root.is_dir():
+        parser.error(f"{root} is not a directory of studies (e.g. docs/results)")
+    target = Path(args.markdown) if args.markdown else root.parent / "results.md"
+    try:
+        names = update_results_markdown(root, target)
+    except (ValueError, OSError) as e:
+        raise Failure(str(e)) from None
+    print(f"rewrote {len(names)} table(s) in {target}: {', '.join(names)}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ bench
@@ -416,6 +487,12 @@ COMMANDS: list[Command] = [
         _run_compare,
     ),
     Command(
+        "report",
+        "rewrite the generated verdict tables of a results.md from each study's results.csv",
+        _add_report_arguments,
+        _run_report,
+    ),
+    Command(
         "bench",
         "measure each technique against its PyTorch reference and record BENCHMARKS.md (from a checkout)",
         _add_bench_arguments,
@@ -434,7 +511,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parsers: dict[str, argparse.ArgumentParser] = {}
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        # a one-line usage: an argument error must not dump every option (`-h` lists them)
+        p = sub.add_parser(
+            cmd.name, help=cmd.help, description=cmd.help, usage=f"normkit {cmd.name} [options] (-h for help)"
+        )
         cmd.add_arguments(p)
         parsers[cmd.name] = p
     return parser, parsers
@@ -453,6 +533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `normkit recipes | head`: the reader left, that is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Failure as e:
+        print(f"normkit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # TrainingInterrupted carries where the checkpoint is and how to resume
+        print(f"normkit {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

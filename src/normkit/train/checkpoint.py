@@ -1,34 +1,91 @@
-"""Checkpoints: plain data (tensors, numbers, strings) written atomically and read with ``weights_only``."""
+"""Checkpoints and run files: plain data written atomically, read with ``weights_only``, clear errors.
+
+Every file of a run directory is written through a temporary file beside it and ``os.replace``: a crash (even
+SIGKILL) leaves either the old or the new file, never a torn one. Temporary files left by a killed process are
+removed by :func:`remove_stale_temps` when the run directory is next used. Files get the permissions the umask
+gives ordinary files (0644 under the usual 022), like any file the user writes.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
-import tempfile
+import re
+import secrets
+import signal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_write_text", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "RunFileError",
+    "atomic_write_text",
+    "capture_rng",
+    "load_checkpoint",
+    "remove_stale_temps",
+    "restore_rng",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
+_TMP_SUFFIX = ".tmp"
 
 
-def _atomic(path: Path, write: Any) -> None:
+class CheckpointError(ValueError):
+    """A file that is not a readable normkit checkpoint (empty, truncated, corrupt, another format)."""
+
+
+class RunFileError(OSError):
+    """A run file could not be written (disk full, permissions, ...); the previous file is intact."""
+
+
+def crash_point(tag: str) -> None:
+    """Kill this process at the point ``tag`` (e.g. ``"after-checkpoint:2"``) when the environment variable
+    ``NORMKIT_CRASH_AT`` equals it — for crash tests only. A real SIGKILL, so the tests see exactly what a
+    power cut or the OOM killer leaves behind."""
+    if os.environ.get("NORMKIT_CRASH_AT") == tag:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _atomic(path: Path, write: Any, crash: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    # os.open with mode 0o666 lets the umask decide the permissions (mkstemp would force 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if crash:
+            crash_point(crash)
         os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, RunFileError):
+            reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or exc
+            raise RunFileError(
+                exc.errno or 0, f"cannot write {path}: {reason} (the previous file is intact)"
+            ) from exc
         raise
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``directory``; returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.glob(f".*{_TMP_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -38,19 +95,38 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves a torn file."""
-    _atomic(Path(path), lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
+    tag = f"before-replace-{Path(path).stem}:{state.get('epoch')}"
+    _atomic(Path(path), lambda f: torch.save({"format": FORMAT_VERSION, **state}, f), crash=tag)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint as data only (``torch.load(weights_only=True)``): no code runs on load."""
+    """Load a checkpoint as data only (``torch.load(weights_only=True)``): no code runs on load.
+
+    Raises :class:`FileNotFoundError` when there is none and :class:`CheckpointError` (one line, naming the
+    file) when the file is empty, truncated, corrupt or not a normkit checkpoint.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{path} holds Python objects ({found.group(1)}), not only tensors and plain data; refused: "
+                "checkpoints are loaded weights only, so no code in them runs"
+            ) from None
+        raise CheckpointError(
+            f"{path} ({size:,} bytes) is not a readable checkpoint (truncated or corrupt)"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a normkit checkpoint (format {FORMAT_VERSION})")
+        raise CheckpointError(f"{path} is not a normkit checkpoint (format {FORMAT_VERSION})")
     return state
 
 

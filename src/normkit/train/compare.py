@@ -9,22 +9,23 @@ interrupted ones resumed from their checkpoint, so an interrupted compare contin
 from __future__ import annotations
 
 import concurrent.futures as futures
-import csv
 import dataclasses
 import io
 import json
 import multiprocessing
 import os
-import statistics
+import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normkit.train.checkpoint import atomic_write_text
-from normkit.train.config import ConfigError, TrainConfig, resolve_config
-from normkit.train.engine import finished_run, run
+from normkit.train.config import ConfigError, TrainConfig, config_diff, config_hash, resolve_config
+from normkit.train.engine import RunDirError, check_writable, existing_run, finished_run, run
+from normkit.train.report import write_report
+from normkit.train.suite import Arm, CompareResult, Method, Suite
 
 __all__ = [
     "METHODS",
@@ -37,13 +38,6 @@ __all__ = [
     "load_method_file",
     "plan",
 ]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    description: str
-    overrides: dict[str, Any]
 
 
 def _m(name: str, description: str, **overrides: Any) -> tuple[str, Method]:
@@ -113,27 +107,6 @@ METHODS: dict[str, Method] = dict(
         _m("nadam-max", "Adam on max-normalized gradients (per tensor)", optimizer="adam", normalize="max"),
     ]
 )
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One line of a comparison: a method under a regime, compared with ``baseline`` (an arm label)."""
-
-    label: str
-    method: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    baseline: str | None = None
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    description: str
-    base: dict[str, Any]
-    arms: tuple[Arm, ...]
-    seeds: int = 3
-    claim: str = ""
-    kind: str = "train"  # "rl": base and arm overrides are CrossQConfig options, run by train/crossq.py
 
 
 def _arm(method: str, baseline: str | None = None, label: str | None = None, **overrides: Any) -> Arm:
@@ -404,7 +377,7 @@ def load_method_file(path: str | Path) -> dict[str, Method]:
             resolve_config(overrides)
         except ConfigError as exc:
             raise ConfigError(f"{path}: method {name!r}: {exc}") from exc
-        methods[name] = Method(name, str(spec.get("description", "user method")), overrides)
+        methods[name] = Method(name, str(spec.get("description", "user method")), overrides, str(path))
     return methods
 
 
@@ -414,6 +387,7 @@ def load_method_file(path: str | Path) -> dict[str, Method]:
 @dataclass(frozen=True)
 class Job:
     arm: str
+    method: str
     seed: int
     config: dict[str, Any]
     out_dir: Path
@@ -469,7 +443,13 @@ def plan(
             except ConfigError as exc:
                 raise ConfigError(f"arm {arm.label!r} ({arm.method}): {exc}") from exc
             jobs.append(
-                Job(arm.label, seed, resolved.to_dict(), Path(out) / "runs" / arm.label / f"seed{seed}")
+                Job(
+                    arm.label,
+                    arm.method,
+                    seed,
+                    resolved.to_dict(),
+                    Path(out) / "runs" / arm.label / f"seed{seed}",
+                )
             )
     return suite, jobs
 
@@ -477,29 +457,78 @@ def plan(
 # --- running ----------------------------------------------------------------------------------------------
 
 
-def _run_job(job: Job, threads: int) -> dict[str, Any]:
+def _run_job(job: Job, threads: int, overwrite: bool = False) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    log_path = job.out_dir / "log.txt"
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log_file:
+    existing = existing_run(job.out_dir)
+    continuing = existing is not None and config_hash(job.config) in (existing.hash, existing.checkpoint_hash)
+    with open(job.out_dir / "log.txt", "a" if continuing else "w") as log_file:
 
         def log(line: str) -> None:
             log_file.write(line + "\n")
             log_file.flush()
 
-        result = run(job.config, job.out_dir, reuse=True, log=log, progress=False)
-    return {"arm": job.arm, "seed": job.seed, "metrics": result.metrics, "summary": result.summary}
+        result = run(job.config, job.out_dir, reuse=True, overwrite=overwrite, log=log, progress=False)
+    return {
+        "arm": job.arm,
+        "method": job.method,
+        "seed": job.seed,
+        "config": result.config.to_dict(),
+        "metrics": result.metrics,
+        "summary": result.summary,
+    }
 
 
-@dataclass
-class CompareResult:
-    suite: Suite
-    runs: list[dict[str, Any]]  # one per job: arm, seed, metrics, summary
-    out_dir: Path
-    reused: int  # jobs that were already finished
-    report: Path | None = None
+class _Lock:
+    """An exclusive lock on a compare output directory (``OUT/.lock``, ``flock``): the kernel releases it
+    when its process dies, so a lock left by a killed ``compare`` is never an obstacle."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".lock"
+        self.file: Any = None
+
+    def __enter__(self) -> _Lock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return self
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            self.file = None
+            raise RunDirError(
+                f"another normkit compare ({holder}) is running on {self.path.parent}; wait for it to finish "
+                "or choose another --out"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.file is not None:
+            self.file.close()  # closing releases the flock
+
+
+def _conflicts(job_list: list[Job]) -> list[tuple[Job, str]]:
+    """Jobs whose directory holds results of another configuration (finished or checkpointed)."""
+    found = []
+    for job in job_list:
+        existing = existing_run(job.out_dir)
+        if existing is None or not existing.has_results:
+            continue
+        h = config_hash(job.config)
+        if existing.hash == h or (not existing.finished and existing.checkpoint_hash == h):
+            continue
+        found.append((job, config_diff(existing.old_config(), job.config)))
+    return found
 
 
 def compare(
@@ -512,9 +541,17 @@ def compare(
     seeds: int | None = None,
     jobs: int = 1,
     html: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> CompareResult:
-    """Run (or reuse) every arm × seed, then write ``report.md``, ``results.csv`` and PNG plots in ``out``."""
+    """Run (or reuse) every arm × seed, then write ``report.md``, ``results.csv`` and PNG plots in ``out``.
+
+    Finished runs of the same configuration are reused and interrupted ones resumed. A run directory holding
+    results of *other* settings is refused (one line naming the difference) unless ``overwrite``. One
+    ``compare`` at a time per ``out`` (a lock). ``progress``: one tqdm bar over all runs (default: on a
+    terminal); otherwise one line per finished run.
+    """
     if isinstance(suite, str):
         if suite not in SUITES:
             raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
@@ -530,7 +567,37 @@ def compare(
 
         return run_suite(suite, job_list, out, workers=jobs, log=log)
     out = Path(out)
+    check_writable(out)
+    conflicts = _conflicts(job_list)  # checked before and again under the lock: nothing is touched if refused
+    if conflicts and not overwrite:
+        raise RunDirError(_conflict_message(out, conflicts, len(job_list)))
     out.mkdir(parents=True, exist_ok=True)
+    with _Lock(out):
+        conflicts = _conflicts(job_list)
+        if conflicts and not overwrite:
+            raise RunDirError(_conflict_message(out, conflicts, len(job_list)))
+        return _compare_locked(suite, job_list, out, extra, jobs, html, overwrite, progress, log)
+
+
+def _conflict_message(out: Path, conflicts: list[tuple[Job, str]], total: int) -> str:
+    job, diff = conflicts[0]
+    return (
+        f"{out} holds {len(conflicts)} of these {total} runs with other settings (e.g. {job.arm} seed "
+        f"{job.seed}: {diff}); pass --overwrite to rerun them, or choose another --out"
+    )
+
+
+def _compare_locked(
+    suite: Suite,
+    job_list: list[Job],
+    out: Path,
+    extra: dict[str, Method] | None,
+    jobs: int,
+    html: bool,
+    overwrite: bool,
+    progress: bool | None,
+    log: Callable[[str], None],
+) -> CompareResult:
     reused = sum(finished_run(j.out_dir, TrainConfig.from_dict(j.config)) is not None for j in job_list)
     log(
         f"normkit compare: suite {suite.name}, {len(suite.arms)} arms x {len(job_list) // len(suite.arms)} "
@@ -539,32 +606,61 @@ def compare(
     threads = max(1, (os.cpu_count() or 1) // jobs)
     start = time.perf_counter()
     results: list[dict[str, Any]] = []
-    if jobs == 1:
-        for i, job in enumerate(job_list):
-            results.append(_run_job(job, threads))
-            log(_progress_line(i + 1, len(job_list), results[-1], start))
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            pending = {pool.submit(_run_job, job, threads): job for job in job_list}
-            for i, fut in enumerate(futures.as_completed(pending)):
-                results.append(fut.result())
-                log(_progress_line(i + 1, len(job_list), results[-1], start))
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _bar(len(job_list), reused, show)
+
+    def done(res: dict[str, Any]) -> None:
+        results.append(res)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(_result_text(res), refresh=False)
+        else:
+            log(_progress_line(len(results), len(job_list), res, start))
+
+    try:
+        if jobs == 1:
+            for job in job_list:
+                done(_run_job(job, threads, overwrite))
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                pending = [pool.submit(_run_job, job, threads, overwrite) for job in job_list]
+                for fut in futures.as_completed(pending):
+                    done(fut.result())
+    finally:
+        if bar is not None:
+            bar.close()
     order = {(j.arm, j.seed): i for i, j in enumerate(job_list)}
     results.sort(key=lambda r: order[(r["arm"], r["seed"])])
-    result = CompareResult(suite, results, out, reused)
-    from normkit.train.report import write_report
-
+    known = {**METHODS, **(extra or {})}
+    used = {arm.method: known[arm.method] for arm in suite.arms}
+    result = CompareResult(suite, results, out, reused, methods=used)
     result.report = write_report(result, html=html)
     log(f"wrote {result.report}")
     return result
 
 
-def _progress_line(done: int, total: int, run: dict[str, Any], start: float) -> str:
+def _bar(total: int, reused: int, show: bool) -> Any:
+    if not show:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of the harness extras
+        return None
+    # one bar over all runs; the ETA counts only runs trained in this call (reused ones finish at once)
+    return tqdm(total=total, desc="compare", unit="run", dynamic_ncols=True, smoothing=0.0)
+
+
+def _result_text(run: dict[str, Any]) -> str:
     acc = run["summary"].get("final_test_acc")
     acc_text = f"{100 * acc:.2f}%" if acc is not None else "n/a"
+    flag = " DIVERGED" if run["summary"].get("diverged") else ""
+    return f"{run['arm']} seed {run['seed']}: test acc {acc_text}{flag}"
+
+
+def _progress_line(done: int, total: int, run: dict[str, Any], start: float) -> str:
     elapsed = time.perf_counter() - start
-    return f"[{done}/{total}] {run['arm']} seed {run['seed']}: test acc {acc_text} ({elapsed:.0f}s)"
+    return f"[{done}/{total}] {_result_text(run)} ({elapsed:.0f}s)"
 
 
 def describe_methods(extra: dict[str, Method] | None = None) -> str:
@@ -579,68 +675,3 @@ def describe_methods(extra: dict[str, Method] | None = None) -> str:
         arms = ", ".join(a.label for a in s.arms)
         buf.write(f"  {s.name:<12} {s.description}\n  {'':<12} arms: {arms}\n")
     return buf.getvalue()
-
-
-def summarize(result: CompareResult) -> list[dict[str, Any]]:
-    """One row per arm: median and range over seeds of the final test accuracy and loss, time per epoch,
-    difference to the baseline arm."""
-    by_arm: dict[str, list[dict[str, Any]]] = {}
-    for r in result.runs:
-        by_arm.setdefault(r["arm"], []).append(r)
-    rows: list[dict[str, Any]] = []
-    for arm in result.suite.arms:
-        runs = by_arm.get(arm.label, [])
-        accs = [100 * r["metrics"][-1]["test_acc"] for r in runs if r["metrics"]]
-        losses = [r["metrics"][-1]["test_loss"] for r in runs if r["metrics"]]
-        times = [m["time"] for r in runs for m in r["metrics"]]
-        rows.append(
-            {
-                "arm": arm.label,
-                "method": arm.method,
-                "baseline": arm.baseline or "",
-                "seeds": len(accs),
-                "acc_median": statistics.median(accs) if accs else float("nan"),
-                "acc_min": min(accs) if accs else float("nan"),
-                "acc_max": max(accs) if accs else float("nan"),
-                "loss_median": statistics.median(losses) if losses else float("nan"),
-                "epoch_time": statistics.median(times) if times else float("nan"),
-            }
-        )
-    medians = {row["arm"]: row["acc_median"] for row in rows}
-    for row in rows:
-        row["delta"] = row["acc_median"] - medians[row["baseline"]] if row["baseline"] else None
-    return rows
-
-
-def write_csv(result: CompareResult, path: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(
-        [
-            "arm",
-            "method",
-            "seed",
-            "epochs",
-            "final_test_acc",
-            "final_test_loss",
-            "final_train_loss",
-            "mean_epoch_time_s",
-        ]
-    )
-    arms = {a.label: a for a in result.suite.arms}
-    for r in result.runs:
-        last = r["metrics"][-1] if r["metrics"] else {}
-        times = [m["time"] for m in r["metrics"]]
-        writer.writerow(
-            [
-                r["arm"],
-                arms[r["arm"]].method,
-                r["seed"],
-                len(r["metrics"]),
-                last.get("test_acc"),
-                last.get("test_loss"),
-                last.get("train_loss"),
-                statistics.fmean(times) if times else "",
-            ]
-        )
-    atomic_write_text(path, buf.getvalue())

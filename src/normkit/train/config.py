@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +13,15 @@ from normkit.train.custom import ImportPathError, check_factory, is_import_path
 from normkit.train.data import DATASETS
 from normkit.train.models import MODELS
 
-__all__ = ["CHOICES", "ConfigError", "TrainConfig", "resolve_config"]
+__all__ = [
+    "CHOICES",
+    "ConfigError",
+    "TrainConfig",
+    "config_diff",
+    "config_hash",
+    "resolve_config",
+    "scaled_brn_steps",
+]
 
 
 class ConfigError(ValueError):
@@ -34,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "clip": NORMS,
     "enorm_norm_layers": ("stop", "ignore", "affine"),
     "enorm_bias": ("scale", "keep"),
+    "brn_schedule": ("scaled", "paper"),
 }
 
 GRASSMANN = ("sgdg", "adamg")
@@ -68,6 +79,9 @@ class TrainConfig:
     brn_d_max_steps: int | None = None
     brn_momentum: float | None = None
     brn_virtual_batch_size: int | None = None
+    # "scaled": the paper's step counts (warm-up 5 000, d_max at 25 000, r_max at 40 000) compressed to the
+    # run's length (see ``scaled_brn_steps``); "paper": used as they are. Explicit brn_*_steps always win.
+    brn_schedule: str = "scaled"
     # initialization
     init: str = "default"
     lsuv_tol: float = 0.1
@@ -154,6 +168,10 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` for an invalid value or an incompatible combination."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be a finite number, got {v}")
         for key, choices in CHOICES.items():
             value = getattr(self, key)
             if value is not None and value not in choices:
@@ -218,6 +236,30 @@ class TrainConfig:
             )
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.subset is not None and self.subset < 1:
+            raise ConfigError(f"subset must be at least 1 training example, got {self.subset}")
+        if self.val_size < 0:
+            raise ConfigError(f"val_size must be non-negative, got {self.val_size}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not self.gamma > 0:
+            raise ConfigError(f"gamma must be positive, got {self.gamma}")
+        if self.brn_momentum is not None and not 0 < self.brn_momentum <= 1:
+            raise ConfigError(
+                f"brn_momentum must be in (0, 1] (weight of the new value), got {self.brn_momentum}"
+            )
+        if self.brn_r_max is not None and self.brn_r_max < 1:
+            raise ConfigError(f"brn_r_max must be at least 1, got {self.brn_r_max}")
+        if self.brn_d_max is not None and self.brn_d_max < 0:
+            raise ConfigError(f"brn_d_max must be non-negative, got {self.brn_d_max}")
+        for key in ("brn_warmup_steps", "brn_r_max_steps", "brn_d_max_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be non-negative, got {getattr(self, key)}")
+        if self.brn_virtual_batch_size is not None and self.brn_virtual_batch_size < 1:
+            raise ConfigError(f"brn_virtual_batch_size must be at least 1, got {self.brn_virtual_batch_size}")
+        for key in ("depth", "width", "widen_factor"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
 
         spec = None if user_model else MODELS[self.model]
         shape = () if user_data else DATASETS[self.data].input_shape
@@ -261,6 +303,17 @@ class TrainConfig:
                 f"--enorm cannot be combined with {self.optimizer}: ENorm rescales weights and optimizer "
                 "state of SGD / Adam / AdamW only, and Grassmann weights are kept at unit norm"
             )
+        if self.channels_last and self.enorm > 0:
+            raise ConfigError(
+                "--channels-last cannot be combined with --enorm: ENorm rescales weights through views that "
+                "need the default (contiguous) memory format; drop one of the two"
+            )
+        if self.resolved_norm in ("bn", "brn") and (self.subset == 1 or self.batch_size == 1):
+            what = "--subset 1" if self.subset == 1 else "--batch-size 1"
+            raise ConfigError(
+                f"{what} gives batches of one example, and batch normalization needs at least 2 per batch "
+                "(use a larger value or --norm none)"
+            )
         if self.normalize and self.clip:
             raise ConfigError("choose one of --normalize NORM and --clip NORM, not both")
         if self.clip and self.clipnorm is None:
@@ -287,6 +340,37 @@ class TrainConfig:
         if self.svhn_extra and self.data != "svhn":
             raise ConfigError("--svhn-extra applies only to --data svhn")
         return self
+
+
+def config_hash(config: TrainConfig | dict[str, Any]) -> str:
+    """A short hash of the exact configuration (canonical JSON): a run's identity."""
+    d = config.to_dict() if isinstance(config, TrainConfig) else config
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """The differing settings, e.g. ``"epochs 1 -> 2, lr None -> 0.1"`` (at most ``limit`` named)."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    parts = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"and {len(keys) - limit} more")
+    return ", ".join(parts) if parts else "no setting"
+
+
+def scaled_brn_steps(total_steps: int) -> dict[str, int]:
+    """The paper's BRN schedule compressed to a run of ``total_steps`` optimizer steps.
+
+    Ioffe (2017) keeps r_max = 1, d_max = 0 for 5 000 steps, then reaches d_max = 5 at 25 000 and r_max = 3 at
+    40 000. We keep those proportions and put the end of the r_max ramp at half the run: warm-up 1/16, d_max
+    at 5/16, r_max at 1/2 of the steps — so a short run really trains with renormalization.
+    """
+    t = max(1, total_steps)
+    return {
+        "brn_warmup_steps": max(1, round(t / 16)),
+        "brn_d_max_steps": max(2, round(5 * t / 16)),
+        "brn_r_max_steps": max(2, round(t / 2)),
+    }
 
 
 def resolve_config(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:

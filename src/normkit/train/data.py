@@ -352,10 +352,42 @@ def _mnist_t10k(data_dir: Path, download: bool = False, **_: Any) -> TensorData:
     return TensorData("mnist-t10k", x[train], y[train], x[test], y[test], 10, mean=info.mean, std=info.std)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch is made of: dicts, lists, bytes, numbers and numpy arrays.
+
+    The distribution format is a Python pickle; a plain ``pickle.load`` would run any callable a planted file
+    names. Here every global outside numpy's array reconstruction is refused.
+    """
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # how protocol 2 stores Python 3 bytes
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[Any, Any]:
-    # The CIFAR distribution format is a python pickle; read only files the user put there.
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise ValueError(
+                f"{path} is not a CIFAR batch (the python version of the dataset): refused to load {e}"
+            ) from None
+    if not isinstance(d, dict) or not isinstance(d.get(b"data"), np.ndarray):
+        raise ValueError(f"{path} is not a CIFAR batch: expected a dict with an array under b'data'")
+    return d
 
 
 def _cifar(name: str, data_dir: Path, download: bool) -> TensorData:

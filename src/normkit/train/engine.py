@@ -8,11 +8,13 @@ global batch and trains on its contiguous share, metrics are all-reduced, rank 0
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,15 +31,37 @@ from torch import Tensor
 from normkit.train.checkpoint import (
     atomic_write_text,
     capture_rng,
+    crash_point,
     load_checkpoint,
+    remove_stale_temps,
     restore_rng,
     save_checkpoint,
 )
-from normkit.train.config import TrainConfig, resolve_config
+from normkit.train.config import TrainConfig, config_diff, config_hash, resolve_config, scaled_brn_steps
 from normkit.train.data import TensorData, batches, load_dataset
 from normkit.train.models import build_model
 
-__all__ = ["RunResult", "Trainer", "evaluate", "evaluate_checkpoint", "finished_run", "run"]
+__all__ = [
+    "RunDirError",
+    "RunResult",
+    "Trainer",
+    "TrainingInterrupted",
+    "evaluate",
+    "evaluate_checkpoint",
+    "finished_run",
+    "run",
+]
+
+RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "best.pt", "config.json")
+
+
+class RunDirError(ValueError):
+    """The output directory cannot take this run: a file, unwritable, or it holds other finished work."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which checkpoint is kept and how to resume."""
+
 
 Log = Callable[[str], None]
 
@@ -292,6 +316,10 @@ class Trainer:
             if wait and self.info.is_main:
                 dist.barrier()
         self.data = data.to(self.device)
+        n_train = len(self.data.y_train)
+        self.drop_last = n_train >= cfg.batch_size
+        self.steps_per_epoch = n_train // cfg.batch_size if self.drop_last else 1
+        cfg = self.cfg = finalize_config(cfg, self.steps_per_epoch)
         model = build_model(
             cfg.model,
             self.data.input_shape,
@@ -321,10 +349,6 @@ class Trainer:
         self.optimizer, self.inner_optimizer = build_optimizer(
             model, cfg, self.data.prepare(self.data.x_train[:2])
         )
-        drop_last = len(self.data.y_train) >= cfg.batch_size
-        n = len(self.data.y_train)
-        self.steps_per_epoch = n // cfg.batch_size if drop_last else 1
-        self.drop_last = drop_last
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(cfg, self.steps_per_epoch)
         )
@@ -348,6 +372,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + 2 + 1000 * self.info.rank)
         self.epoch = 0
         self.step = 0
+        self.request: dict[str, Any] | None = None  # the configuration as asked (before finalize_config)
         self.metrics: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.train_model: nn.Module = model
@@ -372,6 +397,7 @@ class Trainer:
         return {
             "rank_rng": rank_rng,
             "config": self.cfg.to_dict(),
+            "request": self.request if self.request is not None else self.cfg.to_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "model": self.model.state_dict(),
@@ -407,6 +433,9 @@ class Trainer:
         model.train()
         stats = torch.zeros(3, dtype=torch.float64, device=self.device)
         start = time.perf_counter()
+        n = len(self.data.y_train)
+        stop = n - n % cfg.batch_size if self.drop_last else n
+        sizes = iter([min(cfg.batch_size, n - b) for b in range(0, stop, cfg.batch_size)])
         for xb, yb in batches(
             self.data.x_train,
             self.data.y_train,
@@ -425,7 +454,14 @@ class Trainer:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(self.device, cfg.amp):
                 out = model(xb)
-                loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+                loss_sum = F.cross_entropy(
+                    out.float(), yb, label_smoothing=cfg.label_smoothing, reduction="sum"
+                )
+            # The mean over the *global* batch: DDP averages the ranks' gradients, so each rank scales its
+            # sum by world_size / global size — every example weighs 1/global size even when the ranks'
+            # shares differ (63 on 2 ranks: 32 + 31), and N processes give the one-process gradient.
+            global_size = next(sizes)
+            loss = loss_sum * (self.info.world_size / global_size)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -435,7 +471,7 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             with torch.no_grad():
-                stats[0] += loss.detach().double() * len(yb)
+                stats[0] += loss_sum.detach().double()
                 stats[1] += (out.detach().argmax(1) == yb).sum()
                 stats[2] += len(yb)
             if progress is not None:
@@ -448,9 +484,20 @@ class Trainer:
             "train_time": time.perf_counter() - start,
         }
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (running statistics): the model rank 0 saves is the one evaluated.
+
+        Without ``--sync-bn`` each rank's running statistics follow its own shard of the batches; evaluating
+        each rank's copy on its shard of the test set would report a model that nobody saved.
+        """
+        if self.info.enabled:
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)
+
     def evaluate(self, split: str = "test") -> tuple[float, float]:
         x, y = (self.data.x_test, self.data.y_test) if split == "test" else (self.data.x_val, self.data.y_val)
         assert x is not None and y is not None
+        self.sync_buffers()
         return evaluate(
             self.model,
             x,
@@ -476,13 +523,40 @@ class Trainer:
         if grass:
             record["lr_g"] = grass[0]
         record["step"] = self.step
+        if not math.isfinite(record["train_loss"]):
+            record["diverged"] = True
         record["time"] = time.perf_counter() - t0
         self.epoch += 1
         self.metrics.append(record)
         key = "val_acc" if "val_acc" in record else "test_acc"
-        if not self.best or record[key] > self.best["acc"]:
+        if not record.get("diverged") and (not self.best or record[key] > self.best["acc"]):
             self.best = {"epoch": record["epoch"], "acc": record[key], "key": key}
         return record
+
+
+def finalize_config(cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
+    """The config with its data-dependent defaults filled in (what ``config.json`` records).
+
+    BRN: unless ``brn_schedule="paper"``, the schedule's step counts not given explicitly are the paper's
+    scaled to this run's length (:func:`~normkit.train.config.scaled_brn_steps`).
+    """
+    if cfg.resolved_norm != "brn" or cfg.brn_schedule != "scaled":
+        return cfg
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    scaled = scaled_brn_steps(total)
+    fill: dict[str, Any] = {k: v for k, v in scaled.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **fill) if fill else cfg
+
+
+def brn_steps(cfg: TrainConfig) -> dict[str, int]:
+    """The BRN schedule a (finalized) config trains with: explicit values, else the layer's paper defaults."""
+    return {
+        "warmup": cfg.brn_warmup_steps if cfg.brn_warmup_steps is not None else 5000,
+        "d_max": cfg.brn_d_max_steps if cfg.brn_d_max_steps is not None else 25000,
+        "r_max": cfg.brn_r_max_steps if cfg.brn_r_max_steps is not None else 40000,
+    }
 
 
 SMALL_MODEL = 5_000_000
@@ -550,6 +624,7 @@ def run(
     *,
     resume: bool | str | Path = False,
     reuse: bool = False,
+    overwrite: bool = False,
     data: TensorData | None = None,
     log: Log | None = None,
     progress: bool | None = None,
@@ -558,23 +633,27 @@ def run(
 ) -> RunResult:
     """Train one run from ``config`` (a :class:`TrainConfig` or a dict, e.g. a ``config.json``).
 
-    Writes ``out_dir``/config.json, metrics.jsonl (one JSON object per epoch), summary.json, checkpoint.pt
-    (latest) and best.pt unless ``save=False``; returns the same data as a :class:`RunResult`.
+    Writes ``out_dir``/config.json (the configuration as run, data-dependent defaults filled in),
+    metrics.jsonl (one JSON object per epoch), checkpoint.pt (latest), best.pt and, last, summary.json — the
+    completion record, bound to a hash of the requested configuration and naming the code version. A run is
+    finished only when that record matches. Nothing is written with ``save=False``.
 
     - ``resume``: True continues from ``out_dir``/checkpoint.pt, a path continues from that run directory or
       checkpoint file (bit-exactly: same metrics as an uninterrupted run). The checkpoint's config is used;
       ``config`` may only change ``epochs`` / ``device`` / ``data_dir`` then.
-    - ``reuse``: for sweeps — if ``out_dir`` already holds a finished run with the same config, return it
-      without training; if it holds a checkpoint of the same config, resume from it.
+    - ``reuse``: for sweeps — if ``out_dir`` holds the finished run of this exact config, return it without
+      training; if it holds a checkpoint of it, resume from that.
+    - ``overwrite``: replace what ``out_dir`` holds. Without it, a directory holding a finished run, or any
+      checkpoint of another configuration, is refused before anything is touched (:class:`RunDirError`).
     - ``data``: train on these tensors instead of loading ``config.data`` (tests, dry runs).
     - ``stop_after_epoch``: stop (after checkpointing) once this many epochs are done — simulates a crash.
     """
     log = log or (lambda s: print(s, flush=True))
     state: dict[str, Any] | None = None
     if resume:
-        ckpt_path = Path(out_dir) / "checkpoint.pt" if resume is True and out_dir else Path(str(resume))
         if resume is True and out_dir is None:
             raise ValueError("resume=True needs out_dir")
+        ckpt_path = Path(out_dir) / "checkpoint.pt" if resume is True and out_dir else Path(str(resume))
         state = load_checkpoint(ckpt_path)
         if out_dir is None:
             out_dir = ckpt_path if ckpt_path.is_dir() else ckpt_path.parent
@@ -585,17 +664,25 @@ def run(
             raise ValueError(
                 f"cannot change {sorted(changed)} when resuming; only {sorted(allowed)} may change"
             )
-        cfg = resolve_config({**state["config"], **{k: v for k, v in extra.items() if k in allowed}})
+        keep = {k: v for k, v in extra.items() if k in allowed}
+        cfg = resolve_config({**state["config"], **keep})
+        request = {**state.get("request", state["config"]), **keep}
     else:
         cfg = resolve_config(config)
-        if reuse and out_dir is not None:
-            done = finished_run(out_dir, cfg)
-            if done is not None:
-                return done
-            if (Path(out_dir) / "checkpoint.pt").is_file():
-                prev = load_checkpoint(Path(out_dir) / "checkpoint.pt")
-                if prev["config"] == cfg.to_dict():
-                    state = prev
+        request = cfg.to_dict()
+        if save:
+            if out_dir is not None:
+                check_writable(Path(out_dir))
+                existing = existing_run(Path(out_dir))
+            else:
+                existing = None
+            if existing is not None and reuse:
+                if existing.finished and existing.hash == config_hash(request):
+                    return existing.result(cfg)
+                if existing.checkpoint is not None and existing.checkpoint_hash == config_hash(request):
+                    state = load_checkpoint(Path(str(out_dir)) / "checkpoint.pt")
+            if existing is not None and state is None and existing.has_results and not overwrite:
+                raise RunDirError(existing.refusal(request, Path(str(out_dir))))
 
     info = _setup_distributed(
         "cuda"
@@ -604,7 +691,7 @@ def run(
     )
     threads = torch.get_num_threads()
     try:
-        return _run(cfg, out_dir, state, data, log, progress, save, stop_after_epoch, info)
+        return _run(cfg, request, out_dir, state, data, log, progress, save, stop_after_epoch, info)
     finally:
         torch.set_num_threads(threads)  # the run's thread setting does not leak into the caller
         if info.initialized_here:
@@ -617,23 +704,157 @@ def _config_dict(config: TrainConfig | dict[str, Any] | None) -> dict[str, Any]:
     return config.to_dict() if isinstance(config, TrainConfig) else dict(config)
 
 
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or lies in a place we cannot write — before any work."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a directory; choose another --out")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RunDirError(f"cannot create --out {out}: {probe} is a file")
+    try:  # a real probe: permission bits say nothing for root, read-only mounts or pseudo file systems
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise RunDirError(f"cannot write to --out {out}: {probe} is not writable ({exc.strerror})") from None
+
+
+def code_version() -> dict[str, str]:
+    """normkit's version, the git commit of the source tree when run from a checkout, and torch's version."""
+    from normkit import __version__
+
+    version = {"normkit": __version__, "torch": torch.__version__}
+    for parent in Path(__file__).resolve().parents:
+        head = parent / ".git"
+        if head.is_file():  # a worktree: .git is a file pointing at the real git dir
+            text = head.read_text().strip()
+            head = Path(text.split(":", 1)[1].strip()) if text.startswith("gitdir:") else head
+        if (head / "HEAD").is_file():
+            ref = (head / "HEAD").read_text().strip()
+            if ref.startswith("ref:"):
+                name = ref.split(" ", 1)[1]
+                for base in (head, head.parent.parent if head.parent.name == "worktrees" else head):
+                    if (base / name).is_file():
+                        version["git"] = (base / name).read_text().strip()[:12]
+                        break
+            else:
+                version["git"] = ref[:12]
+            break
+    return version
+
+
+@dataclass
+class _Existing:
+    """What a run directory already holds."""
+
+    out: Path
+    record: dict[str, Any] | None  # a valid completion record (summary.json)
+    checkpoint: dict[str, Any] | None  # the checkpoint's header fields (config, request, epoch)
+
+    @property
+    def finished(self) -> bool:
+        return self.record is not None
+
+    @property
+    def hash(self) -> str | None:
+        return self.record.get("config_hash") if self.record else None
+
+    @property
+    def checkpoint_hash(self) -> str | None:
+        if self.checkpoint is None:
+            return None
+        return config_hash(self.checkpoint.get("request", self.checkpoint["config"]))
+
+    @property
+    def has_results(self) -> bool:
+        return self.record is not None or self.checkpoint is not None
+
+    def old_config(self) -> dict[str, Any]:
+        if self.record is not None and isinstance(self.record.get("config"), dict):
+            return dict(self.record["config"])
+        if self.checkpoint is not None:
+            return dict(self.checkpoint.get("request", self.checkpoint["config"]))
+        return {}
+
+    def refusal(self, request: dict[str, Any], out: Path) -> str:
+        old = self.old_config()
+        if self.finished:
+            what = f"a finished run ({self.record.get('epochs_done')} epochs)"  # type: ignore[union-attr]
+        else:
+            what = f"an unfinished run (checkpoint at epoch {self.checkpoint.get('epoch')})"  # type: ignore[union-attr]
+        if old == request:
+            diff = "of this same configuration"
+            hint = f"continue it with --resume {out}"
+            if self.finished:
+                hint = "pass --overwrite to train it again"
+        else:
+            diff = f"with other settings ({config_diff(old, request)})"
+            hint = "pass --overwrite to replace it"
+        return f"{out} already holds {what} {diff}; {hint}, or choose another --out"
+
+    def result(self, cfg: TrainConfig) -> RunResult:
+        metrics = list(iter_metrics(self.out))
+        ran = self.out / "config.json"
+        if ran.is_file():
+            cfg = TrainConfig.from_dict(json.loads(ran.read_text()))
+        return RunResult(cfg, metrics, dict(self.record or {}), self.out)
+
+
+def _read_record(out: Path) -> dict[str, Any] | None:
+    """The completion record in ``out`` if it is one (complete, with a config hash), else None."""
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not record.get("complete") or "config_hash" not in record:
+        return None
+    if not (out / "metrics.jsonl").is_file():
+        return None
+    return record
+
+
+def existing_run(out: Path) -> _Existing | None:
+    if not out.is_dir():
+        return None
+    record = _read_record(out)
+    header: dict[str, Any] | None = None
+    if (out / "checkpoint.pt").is_file():
+        try:
+            state = load_checkpoint(out / "checkpoint.pt")
+            header = {k: state[k] for k in ("config", "request", "epoch") if k in state}
+        except (ValueError, OSError):
+            header = None  # unreadable: nothing to resume from, nothing of value to protect
+    if record is None and header is None and not any((out / f).exists() for f in RUN_FILES):
+        return None
+    return _Existing(out, record, header)
+
+
 def finished_run(out_dir: str | Path, cfg: TrainConfig) -> RunResult | None:
-    """The finished run of exactly this config in ``out_dir``, or None (absent, other config, unfinished)."""
+    """The finished run of exactly this config in ``out_dir``, or None (absent, other config, unfinished).
+
+    Finished means: a completion record (``summary.json``, written last) whose config hash is this config's.
+    """
     out_dir = Path(out_dir)
-    summary_path, config_path = out_dir / "summary.json", out_dir / "config.json"
-    if not (summary_path.is_file() and config_path.is_file()):
+    record = _read_record(out_dir)
+    if record is None or record["config_hash"] != config_hash(cfg):
         return None
-    if json.loads(config_path.read_text()) != cfg.to_dict():
-        return None
-    summary = json.loads(summary_path.read_text())
-    if summary.get("epochs_done") != cfg.epochs:
-        return None
-    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return RunResult(cfg, metrics, summary, out_dir)
+    return _Existing(out_dir, record, None).result(cfg)
+
+
+def _clear_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _run(
     cfg: TrainConfig,
+    request: dict[str, Any],
     out_dir: str | Path | None,
     state: dict[str, Any] | None,
     data: TensorData | None,
@@ -645,18 +866,26 @@ def _run(
 ) -> RunResult:
     main = info.is_main
     quiet: Log = log if main else (lambda s: None)
-    trainer = Trainer(
-        cfg, data=data, log=quiet, info=info
-    )  # loads the data first: a missing file writes nothing
+    # the data are loaded first: a missing file writes nothing
+    trainer = Trainer(cfg, data=data, log=quiet, info=info)
+    cfg = trainer.cfg  # data-dependent defaults filled in (the BRN schedule's steps)
+    trainer.request = request
     out: Path | None = None
     if save:
         out = Path(out_dir) if out_dir is not None else _default_out_dir(cfg)
         if main:
             out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(out)
+            if state is None:
+                _clear_run_files(out)  # a fresh start: nothing of an earlier run may survive beside it
+            else:
+                (out / "summary.json").unlink(missing_ok=True)  # no longer complete until written again
             atomic_write_text(out / "config.json", cfg.to_json() + "\n")
     if state is not None:
         trainer.load_state_dict(state)
         quiet(f"resumed from epoch {trainer.epoch} (step {trainer.step})")
+        if out is not None and main:
+            _write_metrics(out, trainer.metrics)  # the checkpoint is the truth: drop a line written after it
     n_params = sum(p.numel() for p in trainer.model.parameters())
     if trainer.epoch == 0:
         quiet(
@@ -667,31 +896,62 @@ def _run(
             + (f", {info.world_size} processes" if info.enabled else "")
             + (f" -> {out}" if out else "")
         )
+        if cfg.resolved_norm == "brn":
+            b = brn_steps(cfg)
+            how = "scaled to the run" if cfg.brn_schedule == "scaled" else "as in the paper"
+            quiet(
+                f"brn schedule ({how}): r_max = 1, d_max = 0 for {b['warmup']} steps, d_max reached at "
+                f"{b['d_max']}, r_max at {b['r_max']} (run: {cfg.epochs * trainer.steps_per_epoch} steps)"
+            )
     show = (sys.stderr.isatty() if progress is None else progress) and main
     start = time.perf_counter()
-    while trainer.epoch < cfg.epochs:
-        bar = _progress(trainer.steps_per_epoch, f"epoch {trainer.epoch + 1}/{cfg.epochs}", show)
-        rec = trainer.run_epoch(bar)
-        if bar is not None:
-            bar.close()
-        quiet(_line(rec, cfg.epochs))
-        rank_rng = trainer.rank_rng_states() if out is not None else None
-        if out is not None and main:
-            _write_metrics(out, trainer.metrics)
-            ckpt = trainer.state_dict(rank_rng)
-            save_checkpoint(ckpt, out / "checkpoint.pt")
-            if trainer.best.get("epoch") == rec["epoch"]:
-                save_checkpoint(ckpt, out / "best.pt")
-        if info.enabled:
-            dist.barrier()
-        if cfg.max_steps is not None and trainer.step >= cfg.max_steps:
-            break
-        if stop_after_epoch is not None and trainer.epoch >= stop_after_epoch:
-            return RunResult(cfg, list(trainer.metrics), {}, out)
+    try:
+        while trainer.epoch < cfg.epochs:
+            bar = _progress(trainer.steps_per_epoch, f"epoch {trainer.epoch + 1}/{cfg.epochs}", show)
+            rec = trainer.run_epoch(bar)
+            if bar is not None:
+                bar.close()
+            quiet(_line(rec, cfg.epochs))
+            rank_rng = trainer.rank_rng_states() if out is not None else None
+            if out is not None and main:
+                # Checkpoint first, then the metrics it contains: after a kill, metrics.jsonl is never ahead
+                # of the checkpoint, and a resume rewrites it from the checkpoint.
+                ckpt = trainer.state_dict(rank_rng)
+                save_checkpoint(ckpt, out / "checkpoint.pt")
+                crash_point(f"after-checkpoint:{trainer.epoch}")
+                if trainer.best.get("epoch") == rec["epoch"]:
+                    save_checkpoint(ckpt, out / "best.pt")
+                _write_metrics(out, trainer.metrics)
+                crash_point(f"after-metrics:{trainer.epoch}")
+            if info.enabled:
+                dist.barrier()
+            if rec.get("diverged"):
+                quiet(
+                    f"diverged: the training loss is not finite at epoch {rec['epoch']}; stopping this run "
+                    "(its results are kept and flagged)"
+                )
+                break
+            if cfg.max_steps is not None and trainer.step >= cfg.max_steps:
+                break
+            if stop_after_epoch is not None and trainer.epoch >= stop_after_epoch:
+                return RunResult(cfg, list(trainer.metrics), {}, out)
+    except KeyboardInterrupt:
+        done = trainer.epoch
+        where = (
+            f"the checkpoint keeps epoch {done}; continue with: normkit train --resume {out}"
+            if out is not None and done
+            else "no epoch was finished, nothing to resume"
+        )
+        raise TrainingInterrupted(f"interrupted during epoch {done + 1}/{cfg.epochs}: {where}") from None
     last = trainer.metrics[-1] if trainer.metrics else {}
-    summary = {
+    diverged = bool(last.get("diverged"))
+    summary: dict[str, Any] = {
+        "complete": True,
+        "config_hash": config_hash(request),
         "epochs_done": trainer.epoch,
+        "epochs": cfg.epochs,
         "steps": trainer.step,
+        "diverged": diverged,
         "final_test_acc": last.get("test_acc"),
         "final_test_loss": last.get("test_loss"),
         "final_train_loss": last.get("train_loss"),
@@ -700,14 +960,29 @@ def _run(
         "best_on": trainer.best.get("key"),
         "mean_epoch_time": float(np.mean([m["time"] for m in trainer.metrics])) if trainer.metrics else None,
         "wall_time_this_session": time.perf_counter() - start,
+        "data": cfg.data,
+        "model": cfg.model,
+        "train_size": len(trainer.data.y_train),
+        "test_size": len(trainer.data.y_test),
         "parameters": n_params,
         "world_size": info.world_size,
         "device": str(trainer.device),
         "threads": trainer.threads,
         "torch": torch.__version__,
+        "code": code_version(),
+        "config": request,
     }
+    if cfg.resolved_norm == "brn":
+        b = brn_steps(cfg)
+        summary["brn_schedule"] = b
+        summary["brn_warmup_only"] = trainer.step <= b["warmup"]
+        if summary["brn_warmup_only"]:
+            quiet(
+                f"warning: this run ended inside BRN's warm-up ({trainer.step} steps <= {b['warmup']}): "
+                "r_max stayed 1 and d_max 0, so it trained plain batch norm"
+            )
     if out is not None and main:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")  # the completion record
     return RunResult(cfg, list(trainer.metrics), summary, out)
 
 
