@@ -1,10 +1,10 @@
 """SGDP and AdamP: momentum optimizers that do not shrink the effective step of scale-invariant weights.
 
 Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights", ICLR 2021
-(arXiv 2006.08217). A weight ``w`` whose scale does not change the loss (it feeds a normalization layer) has a
-gradient orthogonal to ``w``; momentum nevertheless carries a radial component that grows ``‖w‖`` and so
-shrinks the effective step ``η/‖w‖²``. AdamP / SGDP remove the radial part of the update ``q`` of such weights:
-``q ← q − ŵ⟨ŵ, q⟩`` with ``ŵ = w/(‖w‖ + ε)``, and scale their weight decay by ``wd_ratio``.
+(arXiv 2006.08217). A weight ``w`` whose scale does not change the loss (it feeds a normalization layer) has
+a gradient orthogonal to ``w``; momentum nevertheless carries a radial component that grows ``‖w‖`` and so
+shrinks the effective step ``η/‖w‖²``. AdamP / SGDP remove the radial part of the update ``q`` of such
+weights, ``q ← q − ŵ⟨ŵ, q⟩`` with ``ŵ = w/(‖w‖ + ε)``, and scale their weight decay by ``wd_ratio``.
 
 Which weights are projected, per parameter group (``projection``):
 
@@ -168,7 +168,7 @@ def adamp(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
     step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    denom = list(torch._foreach_sqrt(exp_avg_sqs))
     torch._foreach_div_(denom, bc2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_reciprocal_(denom)
@@ -208,7 +208,7 @@ def sgdp(
     torch._foreach_mul_(momentum_buffers, momentum)
     torch._foreach_add_(momentum_buffers, grads, alpha=1.0 - dampening)
     if nesterov:
-        updates = torch._foreach_mul(momentum_buffers, momentum)
+        updates = list(torch._foreach_mul(momentum_buffers, momentum))
         torch._foreach_add_(updates, grads)
     else:
         updates = momentum_buffers  # projected in place: the authors' code projects the buffer itself
@@ -510,7 +510,7 @@ def scale_invariant_param_groups(
         seen.add(id(p))
         (no_decay if p.dim() <= 1 or id(p) in norm_params else others).append(p)
     wd = {} if weight_decay is None else {"weight_decay": weight_decay}
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": rows, "projection": "row", **wd},
         {"params": tensors, "projection": "tensor", **wd},
         {"params": others, "projection": "auto" if test_others else "none", **wd},

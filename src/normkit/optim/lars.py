@@ -37,8 +37,14 @@ def _norms(tensors: list[Tensor]) -> Tensor:
 
 
 def lars_trust_ratios(
-    params: list[Tensor], grads: list[Tensor], *, lr: float, trust_coefficient: float, weight_decay: float,
-    eps: float, trust_clip: bool,
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    lr: float,
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+    trust_clip: bool,
 ) -> list[Tensor]:
     """``η‖w‖/(‖g‖ + β‖w‖ + ε)`` per tensor (1 where ``‖w‖`` or ``‖g‖`` is 0); LARC: ``min(λ/γ, 1)``."""
     w = _norms(params)
@@ -72,7 +78,12 @@ def lars(
     if ia:
         pa, ga = [params[i] for i in ia], [grads[i] for i in ia]
         ratios = lars_trust_ratios(
-            pa, ga, lr=lr, trust_coefficient=trust_coefficient, weight_decay=weight_decay, eps=eps,
+            pa,
+            ga,
+            lr=lr,
+            trust_coefficient=trust_coefficient,
+            weight_decay=weight_decay,
+            eps=eps,
             trust_clip=trust_clip,
         )
         da = torch._foreach_add(ga, pa, alpha=weight_decay) if weight_decay else torch._foreach_mul(ga, 1.0)
@@ -86,13 +97,13 @@ def lars(
         for i in fresh:
             bufs[i] = torch.clone(directions[i]).detach()
         if old:
-            ob = [momentum_buffers[i] for i in old]
-            torch._foreach_mul_(ob, momentum)  # type: ignore[arg-type]
-            torch._foreach_add_(ob, [directions[i] for i in old])  # type: ignore[arg-type]
+            ob: list[Tensor] = [momentum_buffers[i] for i in old]  # type: ignore[misc]
+            torch._foreach_mul_(ob, momentum)
+            torch._foreach_add_(ob, [directions[i] for i in old])
             for i, b in zip(old, ob):
-                bufs[i] = b  # type: ignore[assignment]
+                bufs[i] = b
         if nesterov:
-            directions = torch._foreach_add(directions, bufs, alpha=momentum)
+            directions = list(torch._foreach_add(directions, bufs, alpha=momentum))
         else:
             directions = bufs
     else:
@@ -121,7 +132,7 @@ def lamb(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    updates = torch._foreach_sqrt(exp_avg_sqs)
+    updates = list(torch._foreach_sqrt(exp_avg_sqs))
     torch._foreach_div_(updates, [math.sqrt(1.0 - beta2**t) for t in steps])
     torch._foreach_add_(updates, eps)
     torch._foreach_reciprocal_(updates)
@@ -141,7 +152,7 @@ def lamb(
     if plain:
         torch._foreach_mul_([updates[i] for i in plain], -lr)
     if ia:
-        torch._foreach_mul_([updates[i] for i in ia], [scales[i] for i in ia])  # type: ignore[misc]
+        torch._foreach_mul_([updates[i] for i in ia], [scales[i] for i in ia])  # type: ignore[misc, arg-type]
     torch._foreach_add_(params, updates)
 
 

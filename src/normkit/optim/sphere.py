@@ -111,10 +111,13 @@ class SphereProjection(torch.optim.Optimizer):
             raise ValueError("give either model= (units from the graph) or rows= / tensors=, not both")
         if model is None and rows is None and tensors is None:
             raise ValueError("give model= (units from the graph) or the weights as rows= and/or tensors=")
+        row_list: list[Tensor]
+        tensor_list: list[Tensor]
         if model is not None:
             from normkit.optim.adamp import scale_invariant_weights
 
-            row_list, tensor_list = scale_invariant_weights(model, example_input)
+            found = scale_invariant_weights(model, example_input)
+            row_list, tensor_list = list(found[0]), list(found[1])
         else:
             row_list, tensor_list = list(rows or ()), list(tensors or ())
         owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -205,7 +208,9 @@ class SphereProjection(torch.optim.Optimizer):
         self.inner.step()
         with torch.no_grad():
             renormalize_(rows, before_rows if before_rows is not None else float(self.radius or 0.0), True)
-            renormalize_(whole, before_whole if before_whole is not None else float(self.radius or 0.0), False)
+            renormalize_(
+                whole, before_whole if before_whole is not None else float(self.radius or 0.0), False
+            )
         return loss
 
     # ---- state_dict ------------------------------------------------------------------------------------
@@ -239,7 +244,7 @@ class SphereProjection(torch.optim.Optimizer):
             wanted = list(settings["rows"]) + list(settings["tensors"])
             if any(not 0 <= i < len(params) for i in wanted):
                 raise ValueError(
-                    "the state_dict names sphere units the optimizer does not have (saved from another model?)"
+                    "the state_dict names sphere units this optimizer does not have (from another model?)"
                 )
             new = ([params[i] for i in settings["rows"]], [params[i] for i in settings["tensors"]])
             if any(p.dim() < 2 for p in new[0]):

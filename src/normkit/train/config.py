@@ -92,7 +92,9 @@ class TrainConfig:
     clip: str | None = None
     clipnorm: float | None = None
     granularity: str = "tensor"
-    projection: str = "auto"  # sgdp/adamp: the paper's cosine test, or "graph" (known scale-invariant weights)
+    projection: str = (
+        "auto"  # sgdp/adamp: the paper's cosine test, or "graph" (known scale-invariant weights)
+    )
     trust_coefficient: float = 0.001  # lars
     trust_clip: bool = False  # lars: LARC's clipping mode
     schedule: str = "cosine"
@@ -229,8 +231,8 @@ class TrainConfig:
             )
         if self.enorm > 0 and self.optimizer in PROJECTED + TRUST_RATIO:
             raise ConfigError(
-                f"--enorm cannot be combined with {self.optimizer}: ENorm transforms the state of SGD / Adam / "
-                "AdamW only"
+                f"--enorm cannot be combined with {self.optimizer}: ENorm transforms the state of SGD / "
+                "Adam / AdamW only"
             )
         if self.enorm > 0 and grassmann:
             raise ConfigError(
