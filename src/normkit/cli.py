@@ -151,6 +151,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--clip", choices=CHOICES["clip"], default=S, metavar="NORM", help="clipped gradients")
     t.add_argument("--clipnorm", type=float, default=S, metavar="X", help="clipping threshold for --clip")
     t.add_argument("--granularity", choices=CHOICES["granularity"], default=S)
+    t.add_argument(
+        "--projection",
+        choices=CHOICES["projection"],
+        default=S,
+        help="sgdp/adamp: cosine test or graph groups",
+    )
+    t.add_argument("--trust-coefficient", type=float, default=S, help="lars: trust coefficient η (0.001)")
+    t.add_argument("--trust-clip", action="store_true", default=S, help="lars: LARC's clipping mode")
     t.add_argument("--schedule", choices=CHOICES["schedule"], default=S, help="LR schedule (default cosine)")
     t.add_argument("--milestones", type=_int_list, default=S, help="multistep epochs, e.g. 60,120,160")
     t.add_argument("--gamma", type=float, default=S, help="multistep factor")

@@ -105,6 +105,25 @@ METHODS: dict[str, Method] = dict(
         _m("nsgd-max", "SGD on max-normalized gradients (per tensor)", optimizer="sgd", normalize="max"),
         _m("nadam-l2", "Adam on l2-normalized gradients (per tensor)", optimizer="adam", normalize="l2"),
         _m("nadam-max", "Adam on max-normalized gradients (per tensor)", optimizer="adam", normalize="max"),
+        _m("adamw", "AdamW (decoupled weight decay)", optimizer="adamw"),
+        _m("sgdp", "SGDP: SGD with the radial step removed (the paper's cosine test)", optimizer="sgdp"),
+        _m("sgdp-graph", "SGDP on the graph's scale-invariant weights", optimizer="sgdp", projection="graph"),
+        _m("adamp", "AdamP: Adam with the radial step removed (the paper's cosine test)", optimizer="adamp"),
+        _m(
+            "adamp-graph",
+            "AdamP on the graph's scale-invariant weights",
+            optimizer="adamp",
+            projection="graph",
+        ),
+        _m("lars", "LARS: SGD with a layer-wise trust ratio", optimizer="lars"),
+        _m(
+            "larc",
+            "LARS in LARC's clipping mode (trust coefficient 0.02)",
+            optimizer="lars",
+            trust_clip=True,
+            trust_coefficient=0.02,
+        ),
+        _m("lamb", "LAMB: Adam with a layer-wise trust ratio", optimizer="lamb"),
     ]
 )
 
@@ -329,6 +348,50 @@ SUITES: dict[str, Suite] = {
         claim="Bhatt et al. 2024: CrossQ (BatchNorm critics, no target network, UTD 1) matches or beats the "
         "sample efficiency of SAC and of REDQ / DroQ (UTD 20).",
         kind="rl",
+    "adamp": Suite(
+        "adamp",
+        "BN CNN on digits, batch 128, 12 epochs, cosine schedule: SGD (lr 0.1, wd 5e-4) vs SGDP, AdamW "
+        "(lr 1e-3, wd 1e-2) vs AdamP, each with the paper's cosine test and with the graph's groups.",
+        {"data": "digits", "model": "cnn", "epochs": 12, "batch_size": 128},
+        (
+            _arm("sgd", lr=0.1),
+            _arm("sgdp", "sgd", lr=0.1),
+            _arm("sgdp-graph", "sgd", lr=0.1),
+            _arm("adamw", weight_decay=1e-2),
+            _arm("adamp", "adamw", weight_decay=1e-2),
+            _arm("adamp-graph", "adamw", weight_decay=1e-2),
+        ),
+        seeds=5,
+        claim="Heo et al. 2021: SGDP / AdamP match or beat SGD / AdamW (ImageNet ResNets and other tasks) "
+        "by avoiding the decay of the effective step of scale-invariant weights.",
+    ),
+    "large-batch": Suite(
+        "large-batch",
+        "MLP (3 x 256, BN) on MNIST-1D (20 000 samples), 20 epochs, cosine schedule: batch 128 vs batch "
+        "2 048 with the learning rate scaled linearly (×16) and 3 warm-up epochs, SGD vs LARS / LARC and "
+        "Adam vs LAMB at batch 2 048.",
+        {
+            "data": "mnist1d",
+            "mnist1d_samples": 20000,
+            "model": "mlp",
+            "depth": 3,
+            "width": 256,
+            "norm": "bn",
+            "epochs": 20,
+        },
+        (
+            _arm("sgd", label="sgd-b128", batch_size=128, lr=0.05),
+            _arm("sgd", "sgd-b128", label="sgd-b2048", batch_size=2048, lr=0.8, warmup_epochs=3),
+            _arm("lars", "sgd-b2048", label="lars-b2048", batch_size=2048, lr=8.0, warmup_epochs=3),
+            _arm("larc", "sgd-b2048", label="larc-b2048", batch_size=2048, lr=0.8, warmup_epochs=3),
+            _arm("adam", label="adam-b128", batch_size=128, lr=1e-3),
+            _arm("adam", "adam-b128", label="adam-b2048", batch_size=2048, lr=1.6e-2, warmup_epochs=3),
+            _arm("lamb", "adam-b2048", label="lamb-b2048", batch_size=2048, lr=1.6e-2, warmup_epochs=3),
+        ),
+        seeds=5,
+        claim="You et al. 2017 / 2020: with the learning rate scaled to the batch, the layer-wise trust ratio "
+        "keeps the accuracy of small batches where plain SGD / Adam lose it (ImageNet AlexNet-BN / ResNet-50 "
+        "with LARS, BERT with LAMB).",
     ),
 }
 

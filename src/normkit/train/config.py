@@ -35,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model": tuple(MODELS),
     "norm": ("bn", "brn", "none"),
     "init": ("default", "orthogonal", "lsuv"),
-    "optimizer": ("sgd", "adam", "adamw", "sgdg", "adamg"),
+    "optimizer": ("sgd", "adam", "adamw", "sgdg", "adamg", "sgdp", "adamp", "lars", "lamb"),
     "schedule": ("constant", "multistep", "cosine", "linear"),
     "granularity": ("tensor", "layer", "unit", "global"),
     "grassmann_select": ("bn_input", "undercomplete"),
@@ -45,10 +45,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "enorm_norm_layers": ("stop", "ignore", "affine"),
     "enorm_bias": ("scale", "keep"),
     "brn_schedule": ("scaled", "paper"),
+    "projection": ("auto", "graph"),
 }
 
 GRASSMANN = ("sgdg", "adamg")
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "sgdg": 0.01, "adamg": 0.01}
+DEFAULT_LR.update({"sgdp": 0.05, "adamp": 1e-3, "lars": 0.05, "lamb": 1e-3})
+PROJECTED = ("sgdp", "adamp")
+TRUST_RATIO = ("lars", "lamb")
 DEFAULT_LR_G = {"sgdg": 0.2, "adamg": 0.05}
 
 
@@ -107,6 +111,11 @@ class TrainConfig:
     clip: str | None = None
     clipnorm: float | None = None
     granularity: str = "tensor"
+    projection: str = (
+        "auto"  # sgdp/adamp: the paper's cosine test, or "graph" (known scale-invariant weights)
+    )
+    trust_coefficient: float = 0.001  # lars
+    trust_clip: bool = False  # lars: LARC's clipping mode
     schedule: str = "cosine"
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
@@ -278,7 +287,7 @@ class TrainConfig:
             raise ConfigError(f"wrn depth must be 6n + 4 (10, 16, 22, 28, 40 ...), got {self.depth}")
 
         grassmann = self.optimizer in GRASSMANN
-        if self.nesterov and self.momentum == 0 and self.optimizer in ("sgd", *GRASSMANN):
+        if self.nesterov and self.momentum == 0 and self.optimizer in ("sgd", "sgdp", "lars", *GRASSMANN):
             raise ConfigError("nesterov needs momentum > 0 (pass --momentum or --no-nesterov)")
         if not grassmann:
             for key in ("lr_g", "grad_clip"):
@@ -298,6 +307,11 @@ class TrainConfig:
                 f"{self.optimizer} keeps weights that feed a normalization layer on the Grassmann manifold; "
                 f"model {self.model!r} with norm 'none' has none: use --norm bn or --norm brn"
             )
+        if self.enorm > 0 and self.optimizer in PROJECTED + TRUST_RATIO:
+            raise ConfigError(
+                f"--enorm cannot be combined with {self.optimizer}: ENorm transforms the state of SGD / "
+                "Adam / AdamW only"
+            )
         if self.enorm > 0 and grassmann:
             raise ConfigError(
                 f"--enorm cannot be combined with {self.optimizer}: ENorm rescales weights and optimizer "
@@ -314,6 +328,12 @@ class TrainConfig:
                 f"{what} gives batches of one example, and batch normalization needs at least 2 per batch "
                 "(use a larger value or --norm none)"
             )
+        if self.projection != "auto" and self.optimizer not in PROJECTED:
+            raise ConfigError(f"--projection applies only to sgdp / adamp, not {self.optimizer}")
+        if (self.trust_clip or self.trust_coefficient != 0.001) and self.optimizer != "lars":
+            raise ConfigError(f"--trust-coefficient / --trust-clip apply only to lars, not {self.optimizer}")
+        if not self.trust_coefficient > 0:
+            raise ConfigError(f"trust_coefficient must be positive, got {self.trust_coefficient}")
         if self.normalize and self.clip:
             raise ConfigError("choose one of --normalize NORM and --clip NORM, not both")
         if self.clip and self.clipnorm is None:

@@ -145,6 +145,33 @@ def _euclidean_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]
     return groups
 
 
+def _family_optimizer(model: nn.Module, cfg: TrainConfig, example_input: Any) -> torch.optim.Optimizer:
+    """SGDP / AdamP (cosine test or graph-known groups), LARS / LAMB (1-D and norm parameters excluded)."""
+    from normkit.optim import LAMB, LARS, SGDP, AdamP, scale_invariant_param_groups, trust_ratio_param_groups
+
+    lr, wd = cfg.resolved_lr, cfg.weight_decay
+    if cfg.optimizer in ("sgdp", "adamp"):
+        if cfg.projection == "graph":
+            groups = scale_invariant_param_groups(model, wd, example_input=example_input)
+        else:
+            groups = _euclidean_groups(model, cfg)
+        if cfg.optimizer == "sgdp":
+            return SGDP(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=wd)
+        return AdamP(groups, lr=lr, weight_decay=wd)
+    groups = trust_ratio_param_groups(model, wd)
+    if cfg.optimizer == "lars":
+        return LARS(
+            groups,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=wd,
+            trust_coefficient=cfg.trust_coefficient,
+            trust_clip=cfg.trust_clip,
+        )
+    return LAMB(groups, lr=lr, weight_decay=wd)
+
+
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, example_input: Any = None
 ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -158,6 +185,8 @@ def build_optimizer(
     elif cfg.optimizer in ("adam", "adamw"):
         cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
         inner = cls(_euclidean_groups(model, cfg), lr=lr)
+    elif cfg.optimizer in ("sgdp", "adamp", "lars", "lamb"):
+        inner = _family_optimizer(model, cfg, example_input)
     else:
         from normkit.optim import SGDG, AdamG, grassmann_param_groups
 

@@ -1,0 +1,519 @@
+"""SGDP and AdamP: momentum optimizers that do not shrink the effective step of scale-invariant weights.
+
+Heo et al., "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights", ICLR 2021
+(arXiv 2006.08217). A weight ``w`` whose scale does not change the loss (it feeds a normalization layer) has
+a gradient orthogonal to ``w``; momentum nevertheless carries a radial component that grows ``‖w‖`` and so
+shrinks the effective step ``η/‖w‖²``. AdamP / SGDP remove the radial part of the update ``q`` of such
+weights, ``q ← q − ŵ⟨ŵ, q⟩`` with ``ŵ = w/(‖w‖ + ε)``, and scale their weight decay by ``wd_ratio``.
+
+Which weights are projected, per parameter group (``projection``):
+
+* ``"auto"`` (default) — the paper's test, every step: with ``cos = |⟨g, w⟩| / (max(‖g‖, ε) max(‖w‖, ε))``
+  per output channel (row ``w.reshape(out, -1)``), project each row when ``max cos < δ/√(row length)``;
+  otherwise test the whole tensor (``cos < δ/√numel``) and project it as one vector. Tensors of one
+  dimension are never projected (as in the authors' code). Unlike the authors' code the decision is taken on
+  the device with ``torch.where``: no host synchronisation.
+* ``"row"`` / ``"tensor"`` — weights known to be scale-invariant per output unit (they feed a per-channel
+  normalization) or as a whole (they feed LayerNorm / GroupNorm without a bias): always projected, no test.
+  :func:`scale_invariant_param_groups` builds these groups from :func:`normkit.graph.trace`.
+* ``"none"`` — never projected: the plain Adam (decoupled weight decay) / SGD step of the authors' code.
+
+Where we follow the authors' code (github.com/clovaai/AdamP, also shipped by timm) rather than the paper's
+pseudo-code: weight decay is decoupled (``w ← w(1 − η λ r)``, ``r = wd_ratio`` on projected tensors, 1
+elsewhere) and for SGDP divided by ``1 − momentum``; SGDP's momentum buffer starts at zero and, without
+Nesterov, the buffer itself is projected (the step is the buffer); with Nesterov the step ``g + μ·buf`` is
+projected and the buffer is not. The cosine test always uses the raw gradient ``g``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["SGDP", "AdamP", "scale_invariant_param_groups", "scale_invariant_weights"]
+
+PROJECTIONS = ("auto", "row", "tensor", "none")
+
+
+# --- functional core ----------------------------------------------------------------------------------
+
+
+def _row_dims(x: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.dim()))
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """A vector or scalar as one row; matrices and kernels as they are (their rows: dim 0)."""
+    return x if x.dim() > 1 else x.view(1, -1)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``⟨a_r, b_r⟩`` per row, shaped to broadcast against ``a`` (works for any memory format)."""
+    return torch.mul(a, b).sum(_row_dims(a), keepdim=True)
+
+
+def _row_sq_norm(a: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(a, dim=_row_dims(a), keepdim=True).square_()
+
+
+def projection_coefficients(
+    params: list[Tensor],
+    grads: list[Tensor],
+    updates: list[Tensor],
+    modes: list[str],
+    *,
+    delta: float,
+    eps: float,
+) -> tuple[list[Tensor | None], list[Tensor | bool]]:
+    """For each tensor, the coefficient ``c`` (``None``: no projection) such that the projected update is
+    ``q − c·w``, and whether it is projected (a bool tensor for ``"auto"``, decided on the device).
+
+    ``"row"``: ``c_r = ⟨w_r, q_r⟩/(‖w_r‖ + ε)²``; ``"tensor"``: ``c = ⟨w, q⟩/(‖w‖ + ε)²``; ``"auto"``: the
+    row coefficients if the channel test passes, else the tensor one if the layer test passes, else 0."""
+    coefs: list[Tensor | None] = []
+    projected: list[Tensor | bool] = []
+    for w, g, q, mode in zip(params, grads, updates, modes):
+        if mode == "none" or (mode != "tensor" and w.dim() <= 1):
+            coefs.append(None)
+            projected.append(False)
+            continue
+        w, g, q = _as_rows(w), _as_rows(g), _as_rows(q)
+        ww = _row_sq_norm(w)
+        wq = _row_dot(w, q)
+        if mode == "row":
+            coefs.append(wq / (ww.sqrt() + eps).square_())
+            projected.append(True)
+            continue
+        w_norm = ww.sum().sqrt()
+        layer_coef = wq.sum() / (w_norm + eps).square()
+        if mode == "tensor":
+            coefs.append(layer_coef.expand_as(wq))
+            projected.append(True)
+            continue
+        gw = _row_dot(g, w)
+        gg = _row_sq_norm(g)
+        row_len, numel = w[0].numel(), w.numel()
+        cos_rows = gw.abs() / (gg.sqrt().clamp_min(eps) * ww.sqrt().clamp_min(eps))
+        cos_layer = gw.sum().abs() / (gg.sum().sqrt().clamp_min(eps) * w_norm.clamp_min(eps))
+        channel_ok = cos_rows.amax() < delta / math.sqrt(row_len)
+        layer_ok = cos_layer < delta / math.sqrt(numel)
+        row_coef = wq / (ww.sqrt() + eps).square_()
+        zero = torch.zeros((), dtype=wq.dtype, device=wq.device)
+        coefs.append(torch.where(channel_ok, row_coef, torch.where(layer_ok, layer_coef, zero)))
+        projected.append(channel_ok | layer_ok)
+    return coefs, projected
+
+
+def _project_(updates: list[Tensor], params: list[Tensor], coefs: list[Tensor | None]) -> None:
+    """``q ← q − c·w`` in place for the tensors with a coefficient (one multi-tensor call)."""
+    idx = [i for i, c in enumerate(coefs) if c is not None]
+    if not idx:
+        return
+    views = [_as_rows(updates[i]) for i in idx]
+    ws = [_as_rows(params[i]) for i in idx]
+    torch._foreach_addcmul_(views, ws, [coefs[i] for i in idx], value=-1.0)  # type: ignore[misc]
+
+
+def _decay_factors(
+    params: list[Tensor], projected: list[Tensor | bool], lr: float, weight_decay: float, wd_ratio: float
+) -> list[Tensor | float]:
+    """``1 − η λ r`` per tensor, ``r = wd_ratio`` where projected."""
+    on, off = 1.0 - lr * weight_decay * wd_ratio, 1.0 - lr * weight_decay
+    out: list[Tensor | float] = []
+    for w, p in zip(params, projected):
+        if isinstance(p, Tensor):
+            out.append(p.to(w.dtype).mul_(on - off).add_(off))
+        else:
+            out.append(on if p else off)
+    return out
+
+
+def _scale_(tensors: list[Tensor], factors: list[Tensor | float]) -> None:
+    scalars = [i for i, f in enumerate(factors) if not isinstance(f, Tensor) and f != 1.0]
+    tensors_idx = [i for i, f in enumerate(factors) if isinstance(f, Tensor)]
+    if scalars:
+        torch._foreach_mul_([tensors[i] for i in scalars], [float(factors[i]) for i in scalars])
+    if tensors_idx:
+        torch._foreach_mul_([tensors[i] for i in tensors_idx], [factors[i] for i in tensors_idx])  # type: ignore[misc]
+
+
+def adamp(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    modes: list[str],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    delta: float,
+    wd_ratio: float,
+    nesterov: bool,
+) -> None:
+    """One AdamP step on lists of tensors (``steps``: the step count of each tensor after this step)."""
+    if not params:
+        return
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
+    step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
+    denom = list(torch._foreach_sqrt(exp_avg_sqs))
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_reciprocal_(denom)
+    if nesterov:
+        numer = torch._foreach_mul(exp_avgs, beta1)
+        torch._foreach_add_(numer, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(denom, numer)
+    else:
+        torch._foreach_mul_(denom, exp_avgs)
+    updates = denom  # q = m̂-free direction m/(√v̂ + ε); the 1/(1 − β1ᵗ) is in the step size
+    coefs, projected = projection_coefficients(params, grads, updates, modes, delta=delta, eps=eps)
+    _project_(updates, params, coefs)
+    if weight_decay:
+        _scale_(params, _decay_factors(params, projected, lr, weight_decay, wd_ratio))
+    torch._foreach_mul_(updates, step_sizes)
+    torch._foreach_add_(params, updates)
+
+
+def sgdp(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    modes: list[str],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    eps: float,
+    delta: float,
+    wd_ratio: float,
+) -> None:
+    """One SGDP step on lists of tensors (the authors' code: see the module docstring)."""
+    if not params:
+        return
+    torch._foreach_mul_(momentum_buffers, momentum)
+    torch._foreach_add_(momentum_buffers, grads, alpha=1.0 - dampening)
+    if nesterov:
+        updates = list(torch._foreach_mul(momentum_buffers, momentum))
+        torch._foreach_add_(updates, grads)
+    else:
+        updates = momentum_buffers  # projected in place: the authors' code projects the buffer itself
+    coefs, projected = projection_coefficients(params, grads, updates, modes, delta=delta, eps=eps)
+    _project_(updates, params, coefs)
+    if weight_decay:
+        _scale_(params, _decay_factors(params, projected, lr, weight_decay / (1.0 - momentum), wd_ratio))
+    torch._foreach_add_(params, updates, alpha=-lr)
+
+
+# --- optimizers ---------------------------------------------------------------------------------------
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _check_grads(opt: Optimizer) -> None:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(opt).__name__} does not support sparse gradients (an nn.Embedding with "
+                    "sparse=True?); use dense gradients"
+                )
+
+
+class _ProjectedBase(Optimizer):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_group(merged)
+        super().add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _check_number("lr", group["lr"], 0.0)
+        _check_number("eps", group["eps"], 0.0)
+        _check_number("weight_decay", group["weight_decay"], 0.0)
+        _check_number("delta", group["delta"], 0.0)
+        _check_number("wd_ratio", group["wd_ratio"], 0.0, 1.0)
+        if group.get("projection", "auto") not in PROJECTIONS:
+            raise ValueError(
+                f"projection must be one of {PROJECTIONS}, got {group.get('projection')!r} "
+                "(use scale_invariant_param_groups(model) for the graph-known groups)"
+            )
+
+    def _collect(self, group: dict[str, Any], keys: Iterable[str]) -> tuple[list[Tensor], ...]:
+        params, grads, modes = [], [], []
+        extra: dict[str, list[Tensor]] = {k: [] for k in keys}
+        steps: list[int] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+            params.append(p)
+            grads.append(p.grad)
+            modes.append(group.get("projection", "auto"))
+            for k in extra:
+                extra[k].append(state[k])
+            if "step" in state:
+                state["step"] += 1
+                steps.append(int(state["step"]))
+        return (params, grads, modes, steps, *extra.values())  # type: ignore[return-value]
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class AdamP(_ProjectedBase):
+    """Adam with the radial part of the update removed on scale-invariant weights (Heo et al., ICLR 2021).
+
+    Args:
+        params: parameters or groups; a group may set ``projection`` to ``"auto"`` (the paper's cosine test,
+            default), ``"row"``, ``"tensor"`` (known scale-invariant: no test) or ``"none"``.
+        lr, betas, eps: as in ``torch.optim.Adam`` (``eps`` also guards the norms of the projection).
+        weight_decay: decoupled weight decay ``λ`` (``w ← w(1 − η λ r)``), ``r = wd_ratio`` on projected
+            tensors.
+        delta: the threshold ``δ`` of the cosine test, ``cos < δ/√(dim)``.
+        wd_ratio: the weight-decay multiplier of projected tensors.
+        nesterov: use ``β1 m + (1 − β1) g`` in place of ``m`` in the update (the authors' option).
+
+    See the module docstring for the test and where we follow the authors' code.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        nesterov: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            nesterov=nesterov,
+            projection="auto",
+        )
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        _check_grads(self)
+        for group in self.param_groups:
+            params, grads, modes, steps, exp_avgs, exp_avg_sqs = self._collect(
+                group, ("exp_avg", "exp_avg_sq")
+            )
+            beta1, beta2 = group["betas"]
+            adamp(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,  # type: ignore[arg-type]
+                modes,  # type: ignore[arg-type]
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                delta=group["delta"],
+                wd_ratio=group["wd_ratio"],
+                nesterov=group["nesterov"],
+            )
+        return loss
+
+
+class SGDP(_ProjectedBase):
+    """SGD with momentum with the radial part of the step removed on scale-invariant weights (Heo et al.).
+
+    Follows the authors' code (see the module docstring): the buffer starts at zero and accumulates
+    ``(1 − dampening) g``; without Nesterov the buffer itself is projected; weight decay is decoupled and
+    divided by ``1 − momentum`` (``wd_ratio`` on projected tensors). ``projection`` per group as in
+    :class:`AdamP`.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        eps: float = 1e-8,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            eps=eps,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            projection="auto",
+        )
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        _check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        _check_number("dampening", group["dampening"], 0.0, 1.0)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
+
+    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        _check_grads(self)
+        for group in self.param_groups:
+            params, grads, modes, _, buffers = self._collect(group, ("momentum_buffer",))
+            sgdp(
+                params,
+                grads,
+                buffers,
+                modes,  # type: ignore[arg-type]
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                eps=group["eps"],
+                delta=group["delta"],
+                wd_ratio=group["wd_ratio"],
+            )
+        return loss
+
+
+# --- parameter groups from the graph ------------------------------------------------------------------
+
+
+def scale_invariant_weights(
+    model: nn.Module, example_input: Any = None
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The conv/linear weights of ``model`` whose scale does not change its function, found by
+    :func:`normkit.graph.trace`: ``(per_row, per_tensor)``.
+
+    * per row: every output path of the layer goes into a per-channel normalization (BatchNorm,
+      BatchRenorm, InstanceNorm) directly, or through ReLU / pooling when the layer has no bias — then each
+      output unit's weight row may be rescaled on its own;
+    * per tensor: every output path goes into any normalization (LayerNorm, GroupNorm, RMSNorm ...), the
+      layer has no bias — then only a common rescaling of the whole weight is invisible.
+
+    Transposed convolutions (their output units are columns) and shared weights used elsewhere are left out.
+    """
+    from normkit import graph as G
+
+    model = G.unwrap_model(model)
+    g = G.trace(model, example_input)
+    commuting = (G.OpKind.IDENTITY, G.OpKind.SCALE_COMMUTING)
+    rows: list[nn.Parameter] = []
+    tensors: list[nn.Parameter] = []
+    for node in g.execution_order((G.LayerKind.LINEAR, G.LayerKind.CONV)):
+        w = getattr(node.module, "weight", None)
+        if not isinstance(w, nn.Parameter) or not w.requires_grad:
+            continue
+        bias_free = getattr(node.module, "bias", None) is None
+        through = commuting if bias_free and g.traced else (G.OpKind.IDENTITY,)
+        if g.feeds_normalization(node.name, per_channel=True, through=through):
+            target = rows
+        elif bias_free and g.feeds_normalization(node.name, through=through):
+            target = tensors
+        else:
+            continue
+        if all(w is not x for x in rows + tensors):
+            target.append(w)
+    return rows, tensors
+
+
+def scale_invariant_param_groups(
+    model: nn.Module,
+    weight_decay: float | None = None,
+    *,
+    test_others: bool = False,
+    example_input: Any = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups for :class:`AdamP` / :class:`SGDP` with the scale-invariant weights known from the
+    graph (:func:`scale_invariant_weights`): they are projected without the cosine test (no host
+    synchronisation, multi-tensor).
+
+    Groups (empty ones left out): the per-row weights (``projection="row"``), the per-tensor weights
+    (``"tensor"``), the other weights with two or more dimensions (``"auto"`` with ``test_others``, else
+    ``"none"``), and the 1-D parameters and normalization parameters (``"none"``, no weight decay).
+    ``weight_decay``: set on the weight groups (default: the optimizer's).
+    """
+    from normkit import graph as G
+
+    rows, tensors = scale_invariant_weights(model, example_input)
+    known = {id(p) for p in rows + tensors}
+    norm_params = {
+        id(p) for m in G.unwrap_model(model).modules() if G.is_normalization(m) for p in m.parameters()
+    }
+    others: list[Tensor] = []
+    no_decay: list[Tensor] = []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in known or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.dim() <= 1 or id(p) in norm_params else others).append(p)
+    wd = {} if weight_decay is None else {"weight_decay": weight_decay}
+    groups: list[dict[str, Any]] = [
+        {"params": rows, "projection": "row", **wd},
+        {"params": tensors, "projection": "tensor", **wd},
+        {"params": others, "projection": "auto" if test_others else "none", **wd},
+        {"params": no_decay, "projection": "none", "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,349 @@
+"""Layer-wise trust ratios for large batches: LARS (You et al. 2017, arXiv 1708.03888, with LARC's clipping
+mode) and LAMB (You et al., ICLR 2020, arXiv 1904.00962).
+
+* LARS (paper Algorithm 1, torch's learning-rate convention): per tensor ``λ = η‖w‖/(‖g‖ + β‖w‖ + ε)``
+  (``η`` = ``trust_coefficient``, ``β`` = ``weight_decay``), ``d = λ(g + βw)``, ``v ← m v + d`` (``v = d``
+  at the first step, as ``torch.optim.SGD``), ``w ← w − γ v`` (Nesterov: ``w ← w − γ(d + m v)``).
+  ``trust_clip=True`` is LARC's clipping mode: ``λ ← min(λ/γ, 1)``, so the effective rate ``γλ`` never
+  exceeds ``γ``.
+* LAMB (paper Algorithm 2, φ the identity): Adam's ``r = m̂/(√v̂ + ε)``, ``u = r + βw``,
+  ``w ← w − γ (‖w‖/‖u‖) u``.
+
+The ratio is 1 when ``‖w‖ = 0`` or the denominator is 0 (chosen on the device with ``torch.where``: no
+host synchronisation). Tensors with one dimension (biases, normalization weights) are excluded from
+adaptation and weight decay by default (``exclude_1d``): they take the plain SGD-with-momentum / Adam step.
+A group may set ``adapt=False`` to exclude its tensors too (:func:`trust_ratio_param_groups` does this for
+every parameter of a normalization layer, found by module type). All arithmetic is multi-tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from normkit.optim.adamp import _check_grads, _check_number
+
+__all__ = ["LAMB", "LARS", "trust_ratio_param_groups"]
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    return torch.stack(torch._foreach_norm(tensors)) if tensors else torch.zeros(0)
+
+
+def lars_trust_ratios(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    lr: float,
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+    trust_clip: bool,
+) -> list[Tensor]:
+    """``η‖w‖/(‖g‖ + β‖w‖ + ε)`` per tensor (1 where ``‖w‖`` or ``‖g‖`` is 0); LARC: ``min(λ/γ, 1)``."""
+    w = _norms(params)
+    g = _norms(grads).to(w.device)
+    ratio = trust_coefficient * w / (g + weight_decay * w + eps)
+    ratio = torch.where((w > 0) & (g > 0), ratio, torch.ones_like(ratio))
+    if trust_clip:
+        ratio = (ratio / lr).clamp_(max=1.0) if lr > 0 else torch.ones_like(ratio)
+    return [r.to(p.dtype) for r, p in zip(ratio.unbind(), params)]
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    adapt: list[bool],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    trust_clip: bool,
+) -> list[Tensor]:
+    """One LARS step on lists of tensors; returns the momentum buffers (new ones where ``None`` was given)."""
+    if not params:
+        return []
+    ia = [i for i, a in enumerate(adapt) if a]
+    directions = list(grads)
+    if ia:
+        pa, ga = [params[i] for i in ia], [grads[i] for i in ia]
+        ratios = lars_trust_ratios(
+            pa,
+            ga,
+            lr=lr,
+            trust_coefficient=trust_coefficient,
+            weight_decay=weight_decay,
+            eps=eps,
+            trust_clip=trust_clip,
+        )
+        da = torch._foreach_add(ga, pa, alpha=weight_decay) if weight_decay else torch._foreach_mul(ga, 1.0)
+        torch._foreach_mul_(da, ratios)
+        for i, d in zip(ia, da):
+            directions[i] = d
+    if momentum:
+        fresh = [i for i, b in enumerate(momentum_buffers) if b is None]
+        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
+        bufs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+        for i in fresh:
+            bufs[i] = torch.clone(directions[i]).detach()
+        if old:
+            ob: list[Tensor] = [momentum_buffers[i] for i in old]  # type: ignore[misc]
+            torch._foreach_mul_(ob, momentum)
+            torch._foreach_add_(ob, [directions[i] for i in old])
+            for i, b in zip(old, ob):
+                bufs[i] = b
+        if nesterov:
+            directions = list(torch._foreach_add(directions, bufs, alpha=momentum))
+        else:
+            directions = bufs
+    else:
+        bufs = [b for b in momentum_buffers]  # type: ignore[misc]
+    torch._foreach_add_(params, directions, alpha=-lr)
+    return bufs
+
+
+def lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    adapt: list[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One LAMB step on lists of tensors (``steps``: each tensor's step count after this step)."""
+    if not params:
+        return
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    updates = list(torch._foreach_sqrt(exp_avg_sqs))
+    torch._foreach_div_(updates, [math.sqrt(1.0 - beta2**t) for t in steps])
+    torch._foreach_add_(updates, eps)
+    torch._foreach_reciprocal_(updates)
+    torch._foreach_mul_(updates, exp_avgs)
+    torch._foreach_div_(updates, [1.0 - beta1**t for t in steps])  # r = m̂/(√v̂ + ε)
+    ia = [i for i, a in enumerate(adapt) if a]
+    scales: list[Tensor | float] = [-lr] * len(params)
+    if ia:
+        pa, ua = [params[i] for i in ia], [updates[i] for i in ia]
+        if weight_decay:
+            torch._foreach_add_(ua, pa, alpha=weight_decay)
+        w, u = _norms(pa), _norms(ua)
+        ratio = torch.where((w > 0) & (u > 0), w / u.clamp_min(torch.finfo(u.dtype).tiny), torch.ones_like(w))
+        for i, r in zip(ia, ratio.mul_(-lr).unbind()):
+            scales[i] = r.to(params[i].dtype)
+    plain = [i for i, s in enumerate(scales) if not isinstance(s, Tensor)]
+    if plain:
+        torch._foreach_mul_([updates[i] for i in plain], -lr)
+    if ia:
+        torch._foreach_mul_([updates[i] for i in ia], [scales[i] for i in ia])  # type: ignore[misc, arg-type]
+    torch._foreach_add_(params, updates)
+
+
+class _TrustBase(Optimizer):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_group(merged)
+        super().add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _adapt(group: dict[str, Any], p: Tensor) -> bool:
+        if group.get("adapt") is not None:
+            return bool(group["adapt"])
+        return not (group["exclude_1d"] and p.dim() <= 1)
+
+
+class LARS(_TrustBase):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017); ``trust_clip=True`` is LARC.
+
+    Args:
+        params: parameters or groups (a group may set ``adapt=False``: no trust ratio, no weight decay).
+        lr: the global rate ``γ``.
+        momentum, nesterov: as in ``torch.optim.SGD``.
+        weight_decay: ``β``, added to the gradient of adapted tensors and to the ratio's denominator.
+        trust_coefficient: ``η`` (0.001 in the paper).
+        eps: added to the ratio's denominator.
+        trust_clip: LARC's clipping mode, ``λ ← min(λ/γ, 1)``.
+        exclude_1d: 1-D tensors take the plain momentum step (no ratio, no decay).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        nesterov: bool = False,
+        trust_clip: bool = False,
+        exclude_1d: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            trust_clip=trust_clip,
+            exclude_1d=exclude_1d,
+            adapt=None,
+        )
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _check_number("lr", group["lr"], 0.0)
+        _check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        _check_number("weight_decay", group["weight_decay"], 0.0)
+        _check_number("trust_coefficient", group["trust_coefficient"], 0.0)
+        _check_number("eps", group["eps"], 0.0)
+        if group["nesterov"] and group["momentum"] <= 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        _check_grads(self)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            bufs = lars(
+                params,
+                [p.grad for p in params],  # type: ignore[misc]
+                [self.state[p].get("momentum_buffer") for p in params],
+                [self._adapt(group, p) for p in params],
+                lr=group["lr"],
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                trust_coefficient=group["trust_coefficient"],
+                eps=group["eps"],
+                nesterov=group["nesterov"],
+                trust_clip=group["trust_clip"],
+            )
+            if group["momentum"]:
+                for p, b in zip(params, bufs):
+                    self.state[p]["momentum_buffer"] = b
+        return loss
+
+
+class LAMB(_TrustBase):
+    """Adam with a layer-wise trust ratio ``‖w‖/‖u‖`` (You et al., ICLR 2020, Algorithm 2, φ = identity).
+
+    Args:
+        params: parameters or groups (a group may set ``adapt=False``: the plain Adam step, no decay).
+        lr, betas, eps: as in ``torch.optim.Adam`` (bias-corrected moments, as in the paper).
+        weight_decay: ``β`` in ``u = r + βw`` (decoupled from the moments).
+        exclude_1d: 1-D tensors take the plain Adam step (no ratio, no decay).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        exclude_1d: bool = True,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, exclude_1d=exclude_1d, adapt=None
+        )
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _check_number("lr", group["lr"], 0.0)
+        _check_number("eps", group["eps"], 0.0)
+        _check_number("weight_decay", group["weight_decay"], 0.0)
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        _check_grads(self)
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(int(state["step"]))
+            beta1, beta2 = group["betas"]
+            lamb(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                [self._adapt(group, p) for p in params],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+        return loss
+
+
+def trust_ratio_param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """Groups for :class:`LARS` / :class:`LAMB`: the parameters of normalization layers (found by module
+    type, :func:`normkit.graph.is_normalization`) and all 1-D parameters get ``adapt=False`` and no weight
+    decay; the others are adapted (with ``weight_decay`` when given)."""
+    from normkit import graph as G
+
+    norm_params = {
+        id(p) for m in G.unwrap_model(model).modules() if G.is_normalization(m) for p in m.parameters()
+    }
+    adapted: list[Tensor] = []
+    excluded: list[Tensor] = []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (excluded if p.dim() <= 1 or id(p) in norm_params else adapted).append(p)
+    wd = {} if weight_decay is None else {"weight_decay": weight_decay}
+    groups = [
+        {"params": adapted, "adapt": True, **wd},
+        {"params": excluded, "adapt": False, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,256 @@
+"""Projection onto the sphere around any optimizer: the light-weight relative of SGD-G.
+
+A scale-invariant weight (it feeds a normalization layer) only matters through its direction. SGD-G
+(:class:`normkit.optim.SGDG`) moves each unit row along great circles with transported momentum;
+:class:`SphereProjection` keeps the inner optimizer's own update (SGD, Adam, AdamW ...) and only puts the
+weights back on their sphere after it:
+
+* optionally, before the inner step, the gradient's radial part is removed (``project_grad=True``):
+  ``g ← g − ŵ⟨ŵ, g⟩`` with ``ŵ = w/‖w‖`` — the Riemannian gradient on the sphere;
+* after the inner step, each unit is rescaled to its norm before the step (``radius=None``, so weight decay
+  and the radial part of momentum cannot change it) or to a fixed ``radius`` (e.g. 1).
+
+A unit is a row ``w.reshape(out, -1)`` (an output channel: weights feeding a per-channel normalization) or
+a whole tensor (weights feeding LayerNorm / GroupNorm). Given a ``model``, the units come from
+:func:`normkit.optim.scale_invariant_weights` (the graph); or pass ``rows=`` / ``tensors=`` explicitly. A
+zero row stays zero. The wrapper *is* an optimizer sharing ``param_groups``, ``state`` and ``defaults`` with
+the inner one (schedulers and ``GradScaler`` work through it); all arithmetic is multi-tensor and sync-free.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SphereProjection"]
+
+_STATE_KEY = "normkit_sphere"
+
+
+def _unit_norms(tensors: list[Tensor], per_row: bool) -> list[Tensor]:
+    """The norm of each unit, shaped to broadcast against its tensor."""
+    if per_row:
+        return [torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), keepdim=True) for t in tensors]
+    return [n.view([1] * t.dim()) for n, t in zip(torch._foreach_norm(tensors), tensors)]
+
+
+def _safe_inverse(x: Tensor) -> Tensor:
+    tiny = torch.finfo(x.dtype).tiny
+    return torch.where(x > tiny, x.clamp_min(tiny).reciprocal(), torch.zeros_like(x))
+
+
+def remove_radial_(grads: list[Tensor], params: list[Tensor], per_row: bool) -> None:
+    """``g ← g − w⟨w, g⟩/‖w‖²`` per unit, in place."""
+    if not grads:
+        return
+    if per_row:
+        dots = [torch.mul(g, w).sum(tuple(range(1, w.dim())), keepdim=True) for g, w in zip(grads, params)]
+    else:
+        dots = [torch.mul(g, w).sum().view([1] * w.dim()) for g, w in zip(grads, params)]
+    sq = [n.square() for n in _unit_norms(params, per_row)]
+    coefs = [d.mul_(_safe_inverse(s)) for d, s in zip(dots, sq)]
+    torch._foreach_addcmul_(grads, params, coefs, value=-1.0)
+
+
+def renormalize_(params: list[Tensor], targets: list[Tensor] | float, per_row: bool) -> None:
+    """Rescale each unit of ``params`` to norm ``targets`` (one per unit, or a number), in place."""
+    if not params:
+        return
+    norms = _unit_norms(params, per_row)
+    if isinstance(targets, float):
+        scales = [_safe_inverse(n).mul_(targets) for n in norms]
+    else:
+        scales = [_safe_inverse(n).mul_(t) for n, t in zip(norms, targets)]
+    torch._foreach_mul_(params, scales)
+
+
+class SphereProjection(torch.optim.Optimizer):
+    """Keep scale-invariant weights on their sphere around any optimizer's step.
+
+    Args:
+        optimizer: the inner ``torch.optim.Optimizer`` (``param_groups``, ``state``, ``defaults`` shared).
+        model: pick the units from the graph (:func:`normkit.optim.scale_invariant_weights`).
+        rows: weights renormalized per output unit (instead of ``model``).
+        tensors: weights renormalized as a whole (instead of ``model``).
+        radius: ``None`` (default) keeps each unit's norm from before the step; a number sets it.
+        project_grad: remove the gradient's radial part before the inner step (in place on ``.grad``).
+        example_input: passed to :func:`normkit.graph.trace` with ``model``.
+
+    Example::
+
+        opt = SphereProjection(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model)
+    """
+
+    # GradScaler must unscale before our step: the radial projection needs the true gradients.
+    _step_supports_amp_scaling = False
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module | None = None,
+        *,
+        rows: Iterable[Tensor] | None = None,
+        tensors: Iterable[Tensor] | None = None,
+        radius: float | None = None,
+        project_grad: bool = False,
+        example_input: Any = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"SphereProjection wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError("SphereProjection cannot wrap LBFGS: its step re-evaluates the closure")
+        if radius is not None and not (isinstance(radius, (int, float)) and radius > 0):
+            raise ValueError(f"radius must be None (keep each unit's norm) or a number > 0, got {radius!r}")
+        if model is not None and (rows is not None or tensors is not None):
+            raise ValueError("give either model= (units from the graph) or rows= / tensors=, not both")
+        if model is None and rows is None and tensors is None:
+            raise ValueError("give model= (units from the graph) or the weights as rows= and/or tensors=")
+        row_list: list[Tensor]
+        tensor_list: list[Tensor]
+        if model is not None:
+            from normkit.optim.adamp import scale_invariant_weights
+
+            found = scale_invariant_weights(model, example_input)
+            row_list, tensor_list = list(found[0]), list(found[1])
+        else:
+            row_list, tensor_list = list(rows or ()), list(tensors or ())
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for p in row_list + tensor_list:
+            if id(p) not in owned:
+                raise ValueError(
+                    f"a weight of shape {tuple(p.shape)} is not among the inner optimizer's parameters"
+                )
+        if len({id(p) for p in row_list + tensor_list}) != len(row_list) + len(tensor_list):
+            raise ValueError("a weight is listed twice (rows and tensors must be disjoint)")
+        for p in row_list:
+            if p.dim() < 2:
+                raise ValueError(f"rows= takes matrices or kernels, got a tensor of shape {tuple(p.shape)}")
+        self.inner = optimizer
+        self.rows: list[Tensor] = row_list
+        self.tensors: list[Tensor] = tensor_list
+        self.radius = None if radius is None else float(radius)
+        self.project_grad = bool(project_grad)
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._patch_step_function()
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.inner.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.inner.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.inner.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.inner).splitlines())
+        return (
+            f"SphereProjection(\n{inner},\n    rows={len(self.rows)}, tensors={len(self.tensors)}, "
+            f"radius={self.radius}, project_grad={self.project_grad}\n)"
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.inner.add_param_group(param_group)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Evaluate ``closure`` (if any), remove the radial gradient (``project_grad``), take the inner step,
+        put the units back on their spheres."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        units = [(p, True) for p in self.rows if p.grad is not None]
+        units += [(p, False) for p in self.tensors if p.grad is not None]
+        rows = [p for p, per_row in units if per_row]
+        whole = [p for p, per_row in units if not per_row]
+        with torch.no_grad():
+            if self.project_grad:
+                remove_radial_([p.grad for p in rows], rows, True)  # type: ignore[misc]
+                remove_radial_([p.grad for p in whole], whole, False)  # type: ignore[misc]
+            before_rows = _unit_norms(rows, True) if self.radius is None and rows else None
+            before_whole = _unit_norms(whole, False) if self.radius is None and whole else None
+        self.inner.step()
+        with torch.no_grad():
+            renormalize_(rows, before_rows if before_rows is not None else float(self.radius or 0.0), True)
+            renormalize_(
+                whole, before_whole if before_whole is not None else float(self.radius or 0.0), False
+            )
+        return loss
+
+    # ---- state_dict ------------------------------------------------------------------------------------
+
+    def _index(self) -> dict[int, int]:
+        index: dict[int, int] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                index.setdefault(id(p), len(index))
+        return index
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's ``state_dict`` plus the wrapper's settings under ``"normkit_sphere"``."""
+        sd = self.inner.state_dict()
+        index = self._index()
+        sd[_STATE_KEY] = {
+            "radius": self.radius,
+            "project_grad": self.project_grad,
+            "rows": [index[id(p)] for p in self.rows],
+            "tensors": [index[id(p)] for p in self.tensors],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the inner state and the wrapper's settings (checked before anything is changed)."""
+        state_dict = dict(state_dict)
+        settings = state_dict.pop(_STATE_KEY, None)
+        new: tuple[list[Tensor], list[Tensor]] | None = None
+        if settings is not None:
+            params = list({id(p): p for g in self.param_groups for p in g["params"]}.values())
+            wanted = list(settings["rows"]) + list(settings["tensors"])
+            if any(not 0 <= i < len(params) for i in wanted):
+                raise ValueError(
+                    "the state_dict names sphere units this optimizer does not have (from another model?)"
+                )
+            new = ([params[i] for i in settings["rows"]], [params[i] for i in settings["tensors"]])
+            if any(p.dim() < 2 for p in new[0]):
+                raise ValueError("the state_dict's row units do not match this optimizer's parameters")
+        self.inner.load_state_dict(state_dict)
+        if settings is not None and new is not None:
+            self.rows, self.tensors = new
+            self.radius = settings["radius"]
+            self.project_grad = bool(settings["project_grad"])
