@@ -348,6 +348,7 @@ SUITES: dict[str, Suite] = {
         claim="Bhatt et al. 2024: CrossQ (BatchNorm critics, no target network, UTD 1) matches or beats the "
         "sample efficiency of SAC and of REDQ / DroQ (UTD 20).",
         kind="rl",
+    ),
     "adamp": Suite(
         "adamp",
         "BN CNN on digits, batch 128, 12 epochs, cosine schedule: SGD (lr 0.1, wd 5e-4) vs SGDP, AdamW "
