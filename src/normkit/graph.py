@@ -1152,9 +1152,7 @@ def _through_permute(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
     if not all(isinstance(d, int) for d in dims):
         raise ChannelPathError(f"{op.name}: {name} with non-constant dimensions")
     if ndim == 0 and any(d >= 0 for d in dims):
-        raise ChannelPathError(
-            f"{op.name}: {name} needs tensor shapes to follow the channels; trace with an example input"
-        )
+        raise ChannelPathError(f"{op.name}: {name} needs tensor shapes to follow the channels; trace with an example input")
     axis = blocks.dim if ndim == 0 else blocks.dim + ndim
     dims = [d if ndim == 0 or d >= 0 else d + ndim for d in dims]
     if name == "permute":
