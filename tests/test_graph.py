@@ -228,7 +228,7 @@ def test_functional_attention_and_opaque_layers_are_found_by_running():
     model = AttentionNet()
     x = torch.randn(2, 6, 5)
     assert [n.name for n in trace(model)] == ["embed", "mha", "head"]  # fx alone sees no more
-    g = trace(model, x)
+    g = trace(model, x, functional=True)
     names = [n.name for n in g]
     enc = "encoder.layers.0."
     assert names == [

@@ -890,6 +890,7 @@ def trace(
     *,
     leaf_modules: tuple[type[nn.Module], ...] = (),
     fallback: bool = True,
+    functional: bool = False,
 ) -> ModelGraph:
     """Analyse ``model``'s structure.
 
@@ -900,6 +901,9 @@ def trace(
             model falls back to a hooked forward pass.
         leaf_modules: extra module types to keep opaque (never traced into).
         fallback: allow the hook-based fallback; when False an untraceable model raises.
+        functional: also find, by running ``example_input``, the linear / conv computations fx does not show
+            (:func:`add_functional_layers`): layers inside modules kept opaque (``nn.TransformerEncoder``),
+            ``F.linear`` / ``F.conv*`` on a module's weight (Swin), ``nn.MultiheadAttention``'s projections.
 
     Raises:
         UntraceableModelError: fx cannot trace the model and no fallback is possible.
@@ -915,7 +919,8 @@ def trace(
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:
         if fallback and example_input is not None:
-            return add_functional_layers(_build_from_hooks(model, example_input, exc), example_input)
+            hooked = _build_from_hooks(model, example_input, exc)
+            return add_functional_layers(hooked, example_input) if functional else hooked
         raise UntraceableModelError(
             f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). "
             + (
@@ -929,7 +934,11 @@ def trace(
         with inspection_mode(model):
             ShapeProp(gm).propagate(*args)
     built = _build_from_fx(model, gm)
-    return built if example_input is None else add_functional_layers(built, example_input)
+    if functional:
+        if example_input is None:
+            raise ValueError("trace(functional=True) runs the model: pass example_input=")
+        return add_functional_layers(built, example_input)
+    return built
 
 
 # --- channel bookkeeping along paths (used by ENorm; general structure) ----------------------------------
