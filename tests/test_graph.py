@@ -258,7 +258,7 @@ def test_functional_attention_and_opaque_layers_are_found_by_running():
 
 class DenseNetLike(nn.Module):
     """DenseNet's pattern: new features concatenated to the old ones (channel axis) before a BatchNorm,
-    a transition conv through average pooling, and a concatenation along a spatial axis that mixes statistics."""
+    a transition conv through average pooling, and a spatial concatenation that mixes statistics."""
 
     def __init__(self) -> None:
         super().__init__()

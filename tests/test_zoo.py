@@ -23,6 +23,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -161,10 +162,10 @@ def training_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Modu
 
 
 class _Capture(TorchFunctionMode):
-    """Outputs of every F.linear / F.conv* call whose weight *is* a linear / conv module's weight (module calls
-    and functional calls alike), under that module's name."""
+    """Outputs of every F.linear / F.conv* call whose weight *is* a linear / conv module's weight (module
+    calls and functional calls alike), under that module's name."""
 
-    FUNCS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+    FUNCS: ClassVar[set[Any]] = {F.linear, F.conv1d, F.conv2d, F.conv3d}
 
     def __init__(self, model: nn.Module, outputs: dict[str, list[torch.Tensor]]) -> None:
         super().__init__()
