@@ -228,7 +228,7 @@ def test_functional_attention_and_opaque_layers_are_found_by_running():
     model = AttentionNet()
     x = torch.randn(2, 6, 5)
     assert [n.name for n in trace(model)] == ["embed", "mha", "head"]  # fx alone sees no more
-    g = trace(model, x)
+    g = trace(model, x, functional=True)
     names = [n.name for n in g]
     enc = "encoder.layers.0."
     assert names == [
@@ -258,7 +258,7 @@ def test_functional_attention_and_opaque_layers_are_found_by_running():
 
 class DenseNetLike(nn.Module):
     """DenseNet's pattern: new features concatenated to the old ones (channel axis) before a BatchNorm,
-    a transition conv through average pooling, and a concatenation along a spatial axis that mixes statistics."""
+    a transition conv through average pooling, and a spatial concatenation that mixes statistics."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -426,7 +426,11 @@ def test_layer_whose_output_ignores_its_weight_keeps_it_and_is_named():
     model = MidwayDead()
     with pytest.warns(RuntimeWarning, match="'b'.*'c'"):
         report = lsuv_init(model, x)
-    assert [r.status for r in report] == [LayerStatus.INITIALIZED, LayerStatus.NO_EFFECT, LayerStatus.NO_EFFECT]
+    assert [r.status for r in report] == [
+        LayerStatus.INITIALIZED,
+        LayerStatus.NO_EFFECT,
+        LayerStatus.NO_EFFECT,
+    ]
     for name in ("b", "c"):
         w = getattr(model, name).weight.detach().double()
         rows = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
@@ -485,7 +489,9 @@ def train_mode_variances(model, x, names):
 def output_variances_in_mode(model, x, names):
     mods = dict(model.named_modules())
     outs: dict[str, torch.Tensor] = {}
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.detach())) for n in names]
+    hooks = [
+        mods[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.detach())) for n in names
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:

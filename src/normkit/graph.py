@@ -504,10 +504,10 @@ def _cat_along_channels(op: Op) -> bool:
 
 
 class _LayerTracer(fx.Tracer):
-    """Keeps every linear / conv / normalization layer and torch.nn module as a leaf. Other modules, also those
-    owning a parameter of their own (ConvNeXt's layer scale, ViT's position embedding), are traced into, so the
-    layers they call stay visible; with ``opaque_owners`` those are leaves too (the fallback when tracing
-    into them fails)."""
+    """Keeps every linear / conv / normalization layer and torch.nn module as a leaf. Other modules, also
+    those owning a parameter of their own (ConvNeXt's layer scale, ViT's position embedding), are traced
+    into, so the layers they call stay visible; with ``opaque_owners`` those are leaves too (the fallback
+    when tracing into them fails)."""
 
     def __init__(self, extra_leaves: tuple[type[nn.Module], ...], opaque_owners: bool = False) -> None:
         super().__init__()
@@ -733,7 +733,7 @@ class ParamIndex:
                 continue
             r0 = offset // row
             if r0 + w.shape[0] <= p.shape[0]:
-                return mname, pname, (r0, r0 + w.shape[0])
+                return mname, pname, (int(r0), int(r0 + w.shape[0]))
         return None
 
 
@@ -761,7 +761,7 @@ def functional_units(
     module: nn.Module, param: str, rows: tuple[int, int], n_rows: int
 ) -> list[tuple[int, int]]:
     """The row ranges of a parameter that count as separate layers within one call's rows:
-    MultiheadAttention's packed ``in_proj_weight`` is three projections (q, k, v); otherwise the call's rows."""
+    MultiheadAttention's packed ``in_proj_weight`` is three projections (q, k, v); else the call's rows."""
     if isinstance(module, nn.MultiheadAttention) and param == "in_proj_weight":
         third = n_rows // 3
         return [(a, a + third) for a in (0, third, 2 * third) if rows[0] <= a and a + third <= rows[1]]
@@ -804,7 +804,7 @@ def has_hidden_weights(graph: ModelGraph) -> bool:
     owned = {id(p) for layer in graph for p in layer.module.parameters()}
     for module in graph.model.modules():
         if isinstance(module, nn.MultiheadAttention) and not any(
-            l.module is module and l.functional for l in graph
+            layer.module is module and layer.functional for layer in graph
         ):
             return True
     return any(p.dim() >= 2 and id(p) not in owned for p in graph.model.parameters())
@@ -812,7 +812,7 @@ def has_hidden_weights(graph: ModelGraph) -> bool:
 
 def add_functional_layers(graph: ModelGraph, example_input: Any) -> ModelGraph:
     """Run ``example_input`` once and add the linear / conv computations the graph does not show: layers
-    called inside modules fx keeps opaque (``nn.TransformerEncoder``), and functional calls on a module's weight
+    called inside modules fx keeps opaque (``nn.TransformerEncoder``), and functional calls on a module weight
     (``F.linear(x, self.qkv.weight)``, MultiheadAttention's projections). Layers are then renumbered in the
     order this forward runs them. The added layers have no edges: what surrounds them is not known."""
     model = graph.model
@@ -946,6 +946,7 @@ def trace(
     *,
     leaf_modules: tuple[type[nn.Module], ...] = (),
     fallback: bool = True,
+    functional: bool = False,
 ) -> ModelGraph:
     """Analyse ``model``'s structure.
 
@@ -956,6 +957,9 @@ def trace(
             model falls back to a hooked forward pass.
         leaf_modules: extra module types to keep opaque (never traced into).
         fallback: allow the hook-based fallback; when False an untraceable model raises.
+        functional: also find, by running ``example_input``, the linear / conv computations fx does not show
+            (:func:`add_functional_layers`): layers inside modules kept opaque (``nn.TransformerEncoder``),
+            ``F.linear`` / ``F.conv*`` on a module's weight (Swin), ``nn.MultiheadAttention``'s projections.
 
     Raises:
         UntraceableModelError: fx cannot trace the model and no fallback is possible.
@@ -971,7 +975,8 @@ def trace(
         gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:
         if fallback and example_input is not None:
-            return add_functional_layers(_build_from_hooks(model, example_input, exc), example_input)
+            hooked = _build_from_hooks(model, example_input, exc)
+            return add_functional_layers(hooked, example_input) if functional else hooked
         raise UntraceableModelError(
             f"torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). "
             + (
@@ -985,7 +990,11 @@ def trace(
         with inspection_mode(model):
             ShapeProp(gm).propagate(*args)
     built = _build_from_fx(model, gm)
-    return built if example_input is None else add_functional_layers(built, example_input)
+    if functional:
+        if example_input is None:
+            raise ValueError("trace(functional=True) runs the model: pass example_input=")
+        return add_functional_layers(built, example_input)
+    return built
 
 
 # --- channel bookkeeping along paths (used by ENorm; general structure) ----------------------------------
@@ -1137,22 +1146,25 @@ def _through_reshape(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
 
 
 def _through_permute(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
-    """Follow the channel axis through permute / transpose (channels keep their blocks, only the axis moves)."""
+    """Follow the channel axis through permute / transpose (channels keep their blocks; the axis moves)."""
     node = op.node
     assert node is not None
-    rest = [*node.args[1:], *node.kwargs.values()]
+    rest: list[Any] = [*node.args[1:], *node.kwargs.values()]
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     shape_in = _input_shape(op)
     if name == "permute":
-        dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
-        ndim = len(dims)
+        given = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+        ndim = len(given)
     else:
-        dims = list(rest[:2])
+        given = list(rest[:2])
         ndim = len(shape_in) if shape_in is not None else 0
-    if not all(isinstance(d, int) for d in dims):
+    if not all(isinstance(d, int) for d in given):
         raise ChannelPathError(f"{op.name}: {name} with non-constant dimensions")
+    dims: list[int] = [int(d) for d in given]
     if ndim == 0 and any(d >= 0 for d in dims):
-        raise ChannelPathError(f"{op.name}: {name} needs tensor shapes to follow the channels; trace with an example input")
+        raise ChannelPathError(
+            f"{op.name}: {name} needs tensor shapes to follow the channels; trace with an example input"
+        )
     axis = blocks.dim if ndim == 0 else blocks.dim + ndim
     dims = [d if ndim == 0 or d >= 0 else d + ndim for d in dims]
     if name == "permute":

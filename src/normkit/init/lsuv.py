@@ -13,8 +13,17 @@ once per forward; the peers (PyPI ``lsuv``, LSUV-pytorch) run about two full pas
 
 Where we differ from the paper, on purpose:
   * layers are taken in *execution* order (from :func:`normkit.graph.trace`), not in definition order;
-  * the network runs in eval mode: normalization layers use (and keep) their running statistics, dropout is
-    off;
+  * each layer is measured in the mode training will run it: BatchNorm / BatchRenorm / InstanceNorm with
+    running stats on batch statistics, dropout and every other train-only randomness off
+    (``batch_statistics=False``: fully in eval mode, running statistics); the running statistics,
+    ``num_batches_tracked`` and every module's train/eval flag are restored afterwards;
+  * a layer is any weight the forward uses in a linear / conv computation: modules called as such, also
+    inside modules fx keeps opaque (``nn.TransformerEncoder``), weights used through ``F.linear`` /
+    ``F.conv*`` (Swin's attention; seen by a torch function mode), and ``nn.MultiheadAttention``'s q, k, v
+    projections (rows of ``in_proj_weight``, each a layer, measured from the module's inputs) and
+    ``out_proj`` (whose output is the module's output);
+  * a layer whose output does not depend on its weight (all-zero input) keeps its weight (``NO_EFFECT``), and
+    so does one whose correction would exceed ``max_scale`` (``OUT_OF_BOUNDS``) — never a 10⁸ scale;
   * a module called several times per forward is scaled on the statistics of all its calls; its loop needs
     one forward pass per try (its later calls read tensors that depend on its first call's scale);
   * by default (``skip_normalized``) a layer whose output goes straight into a normalization layer keeps its
@@ -388,7 +397,7 @@ class _RowsAccess:
             return None
         if self.rows is not None:
             return b[self.rows[0] : self.rows[1]]
-        e = int(self.module.embed_dim)
+        e = b.shape[0] // 3
         i = ("q_proj_weight", "k_proj_weight", "v_proj_weight").index(self.param)
         return b[i * e : (i + 1) * e]
 
@@ -485,7 +494,8 @@ class _Engine:
         if not bool(torch.isfinite(var).all()):
             raise LSUVError(
                 f"LSUV: layer {layer.name!r} gives a non-finite output variance on the init batch. Check the "
-                "input data (inf / NaN?) and the layers before it; the model was left as it was before the call."
+                "input data (inf / NaN?) and the layers before it; the model was left as it was before the "
+                "call."
             )
 
     def _no_effect(self, count: Tensor, mean: Tensor, m2: Tensor, bias: Tensor | None, var: Tensor) -> Tensor:
@@ -939,11 +949,10 @@ def lsuv_init(
     snapshot = Snapshot({id(graph[n].module): graph[n].module for n in pre_init}.values())
     try:
         if orthogonal:
-            ordered = [
-                (n, m) for n, m in chosen if n in pre_access
-            ]  # named_modules order, as orthogonal_init
+            modules_access = {n: a for n, a in pre_access.items() if isinstance(a, WeightAccess)}
+            ordered = [(n, m) for n, m in chosen if n in modules_access]  # named_modules order
             orthogonalize(
-                ordered, [pre_access[n] for n, _ in ordered], zero_bias=zero_bias, group=process_group
+                ordered, [modules_access[n] for n, _ in ordered], zero_bias=zero_bias, group=process_group
             )
             for n in pre_init:  # rows of a parameter (attention projections): one orthogonal block each
                 acc = pre_access[n]
