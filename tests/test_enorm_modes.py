@@ -335,3 +335,33 @@ def test_c_must_be_finite_and_positive(c: float) -> None:
 def test_bad_options_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ENorm(mlp(), None, **kwargs)
+
+
+# --- the harness passes the options through -----------------------------------------------------------------
+
+
+def test_harness_options_reach_enorm(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from normkit.train import ConfigError, resolve_config, run
+    from normkit.train.data import load_dataset
+
+    data = load_dataset("digits", subset=256)
+    cfg = {
+        "data": "digits",
+        "model": "enorm-fc",
+        "depth": 4,
+        "width": 16,
+        "epochs": 1,
+        "batch_size": 64,
+        "enorm": 1.2,
+        "enorm_norm_layers": "ignore",
+        "momentum": 0.0,
+        "nesterov": False,
+    }
+    with pytest.warns(UserWarning, match="balances across"):
+        result = run(cfg, tmp_path / "ignore", data=data, log=lambda _: None)
+    assert math.isfinite(result.metrics[-1]["train_loss"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # affine keeps the function: nothing to warn about
+        run({**cfg, "enorm_norm_layers": "affine"}, tmp_path / "affine", data=data, log=lambda _: None)
+    with pytest.raises(ConfigError, match="enorm_norm_layers"):
+        resolve_config(cfg, enorm_norm_layers="skip")
