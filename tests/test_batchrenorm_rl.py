@@ -544,6 +544,7 @@ def test_both_training_paths_match_float64_algorithm_1(large):
     )
     y = layer(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.running_mean, mu_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.running_std, sigma_ref, rtol=1e-12, atol=1e-12)
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
