@@ -1,4 +1,10 @@
-"""BatchRenorm vs nn.BatchNorm: train-mode forward+backward and eval forward, same shapes, same process."""
+"""BatchRenorm vs nn.BatchNorm: train-mode forward+backward and eval forward, same shapes, same process.
+
+The RL rows (issue 16) time BatchRenorm1d on a CrossQ-sized critic batch — the joint (s, a) / (s', a') pass of
+2×256 rows, 256 features — where per-call overhead rather than memory traffic dominates; against
+nn.BatchNorm1d and against a straightforward BRN written the way the RL ports write it (``PlainBatchRenorm1d``
+below: eager arithmetic, a Python branch on the step counter).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,43 @@ from benchmarks.timing import Ratio, measure_ratio
 from normkit.nn import BatchRenorm1d, BatchRenorm2d
 
 TITLE = "Batch Renormalization vs nn.BatchNorm"
+
+
+class PlainBatchRenorm1d(nn.Module):
+    """Batch Renormalization as the RL ports implement it: batch statistics, r and d and the normalization in
+    eager per-element arithmetic, running variance, and a host-side branch on the step counter (a device
+    synchronisation per call on a GPU)."""
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float = 0.01, warmup_steps: int = 100_000
+    ):
+        super().__init__()
+        self.eps, self.momentum, self.warmup_steps = eps, momentum, warmup_steps
+        self.r_max, self.d_max = 3.0, 5.0
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("steps", torch.tensor(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            x_hat = (x - self.running_mean) / torch.sqrt(self.running_var + self.eps)
+            return self.weight * x_hat + self.bias
+        batch_mean = x.mean(0)
+        batch_var = x.var(0, unbiased=False)
+        batch_std = torch.sqrt(batch_var + self.eps)
+        x_hat = (x - batch_mean) / batch_std
+        if self.steps >= self.warmup_steps:  # bool(tensor): a host sync, as in the ports
+            running_std = torch.sqrt(self.running_var + self.eps)
+            r = (batch_std.detach() / running_std).clamp(1 / self.r_max, self.r_max)
+            d = ((batch_mean.detach() - self.running_mean) / running_std).clamp(-self.d_max, self.d_max)
+            x_hat = x_hat * r + d
+        with torch.no_grad():
+            self.running_mean += self.momentum * (batch_mean - self.running_mean)
+            self.running_var += self.momentum * (batch_var - self.running_var)
+            self.steps += 1
+        return self.weight * x_hat + self.bias
 
 
 def _train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
@@ -65,4 +108,36 @@ def run(quick: bool) -> list[Ratio]:
                 target=1.05,
             )
         )
+    results += _rl_rows(repeats)
     return results
+
+
+def _rl_rows(repeats: int) -> list[Ratio]:
+    shape = (2 * 256, 256)  # CrossQ's joint batch: (s, a) and (s', a') of a 256 batch, 256 features
+    renorm = BatchRenorm1d(shape[1], schedule="crossq").train()
+    plain = PlainBatchRenorm1d(shape[1]).train()
+    renorm.num_batches_tracked.fill_(200_000)  # past the switch: r and d active
+    plain.steps.fill_(200_000)
+    bn = nn.BatchNorm1d(shape[1]).train()
+    x = torch.randn(shape).requires_grad_()
+    grad = torch.randn_like(x)
+    name = f"train fwd+bwd 1d RL {shape}"
+    return [
+        measure_ratio(
+            name,
+            _train_step(renorm, x, grad),
+            "nn.BatchNorm1d",
+            _train_step(bn, x, grad),
+            repeats=repeats,
+            inner=20,
+            target=1.3,
+        ),
+        measure_ratio(
+            name,
+            _train_step(renorm, x, grad),
+            "plain BRN (RL ports' style)",
+            _train_step(plain, x, grad),
+            repeats=repeats,
+            inner=20,
+        ),
+    ]

@@ -524,3 +524,31 @@ def test_functional_form_under_vmap_equals_a_loop(compile_):
         torch.testing.assert_close(gb[i], b.grad, rtol=1e-4, atol=1e-5)
         for field, a, ref in zip(BatchRenormState._fields, new, new_i):
             torch.testing.assert_close(a[i], ref, rtol=1e-6, atol=1e-6, msg=field)
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small-batch path", "fused-backward path"])
+def test_both_training_paths_match_float64_algorithm_1(large):
+    # Small inputs run batch norm's training kernel through autograd, large ones the fused custom backward.
+    from normkit.nn.functional import _SMALL_BATCH_NUMEL
+
+    n = _SMALL_BATCH_NUMEL // (3 * 8) + (1 if large else -1)
+    shape = (n, 3, 8)
+    assert (torch.Size(shape).numel() > _SMALL_BATCH_NUMEL) == large
+    layer = random_layer(BatchRenorm1d, 3, step=50000, shift=0.5)
+    x = (torch.randn(shape, dtype=F64) * 2 + 1).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    gamma = layer.weight.detach().clone().requires_grad_()
+    beta = layer.bias.detach().clone().requires_grad_()
+    y_ref, mu_ref, sigma_ref = reference_step(
+        x_ref, gamma, beta, layer.running_mean.clone(), layer.running_std.clone(), 3.0, 5.0, 1e-5, 0.01
+    )
+    y = layer(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.running_mean, mu_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_std, sigma_ref, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    (y_ref * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.weight.grad, gamma.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer.bias.grad, beta.grad, rtol=1e-9, atol=1e-9)

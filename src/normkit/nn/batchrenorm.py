@@ -16,7 +16,8 @@ from normkit.nn.functional import (
     Schedule,
     _check_arguments,
     _check_mask,
-    batch_renorm,
+    _eval_forward,
+    _train_inplace,
     resolve_schedule,
     schedule_limits,
 )
@@ -164,41 +165,40 @@ class _BatchRenormBase(nn.Module):
         _check_arguments(input, self.eps, self.training)
         _check_mask(input, mask)
         if not self.training:
-            return batch_renorm(
-                input, self.running_mean, self.running_std, self.weight, self.bias, training=False
-            )
+            return _eval_forward(input, self.running_mean, self.running_std, self.weight, self.bias)
+        process_group = self._process_group()
         group = n = input.shape[0]
         k = self.virtual_batch_size
         if k is not None and k < n:
             group = min(k, n % k or k)  # the smallest group: a remainder group may be short
         per_channel = math.prod(input.shape[2:]) * group
-        if per_channel == 1 and mask is None and self._process_group() is None:
+        if per_channel == 1 and mask is None and process_group is None:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}"
                 + (f" with virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
             )
-        r_max, d_max = self.current_limits()
+        step = self.num_batches_tracked
+        r_max, d_max = schedule_limits(self.schedule, step, self.running_std.dtype)
         momentum: float | Tensor = (
             self.momentum
             if self.momentum is not None
-            else 1.0 / (self.num_batches_tracked + 1).to(self.running_std.dtype)
+            else torch.reciprocal(step.add(1).to(self.running_std.dtype))
         )
-        out = batch_renorm(
+        out = _train_inplace(
             input,
             self.running_mean,
             self.running_std,
             self.weight,
             self.bias,
-            training=True,
-            momentum=momentum,
-            eps=self.eps,
-            r_max=r_max,
-            d_max=d_max,
-            virtual_batch_size=self.virtual_batch_size,
-            process_group=self._process_group(),
-            mask=mask,
+            momentum,
+            self.eps,
+            r_max,
+            d_max,
+            self.virtual_batch_size,
+            process_group,
+            mask,
         )
-        self.num_batches_tracked.add_(1)
+        step.add_(1)
         return out
 
     def extra_repr(self) -> str:
