@@ -84,7 +84,7 @@ class CrossQConfig:
     tau: float = 0.005  # SAC's Polyak rate for the target critics
     policy_delay: int = 3  # CrossQ's; SAC updates the actor every step
     actor_width: int = 256
-    critic_width: int = 256
+    critic_width: int = 256  # the paper's CrossQ critics are 2048 wide
     norm_momentum: float = 0.01  # PyTorch convention: weight of the new batch statistic
     norm_eps: float = 1e-3
     brn_warmup_steps: int = 600  # critic updates as plain BN before r_max, d_max switch on
@@ -373,6 +373,7 @@ class RLResult:
     final_return: float
     mean_return: float  # over all evaluations: a sample-efficiency summary (area under the curve)
     wall_time: float
+    cpu_time: float  # seconds of CPU used by this process: what a loaded machine inflates least
     agent: Agent | None = None
 
 
@@ -386,7 +387,7 @@ def run_rl(cfg: CrossQConfig, log: Callable[[str], None] | None = None, keep_age
 
     env, eval_env = _make_env(cfg.env), _make_env(cfg.env)
     device = _device(cfg.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
@@ -424,6 +425,7 @@ def run_rl(cfg: CrossQConfig, log: Callable[[str], None] | None = None, keep_age
         curve[-1]["return"],
         statistics.fmean(c["return"] for c in curve),
         time.perf_counter() - start,
+        time.process_time() - cpu_start,
         agent if keep_agent else None,
     )
 
@@ -473,15 +475,19 @@ def _finished(job: Job) -> dict[str, Any] | None:
 
 
 def _run_job(job: Job, threads: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
     job.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(job.out_dir / "log.txt", "w") as log_file:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with open(job.out_dir / "log.txt", "w") as log_file:
 
-        def log(line: str) -> None:
-            log_file.write(line + "\n")
-            log_file.flush()
+            def log(line: str) -> None:
+                log_file.write(line + "\n")
+                log_file.flush()
 
-        result = run_rl(CrossQConfig.from_dict(job.config), log=log)
+            result = run_rl(CrossQConfig.from_dict(job.config), log=log)
+    finally:
+        torch.set_num_threads(previous)  # a run in the calling process leaves its thread count alone
     record = {
         "arm": job.arm,
         "seed": job.seed,
@@ -491,6 +497,7 @@ def _run_job(job: Job, threads: int) -> dict[str, Any]:
             "final_return": result.final_return,
             "mean_return": result.mean_return,
             "wall_time": result.wall_time,
+            "cpu_time": result.cpu_time,
             "threads": threads,
         },
     }
@@ -518,7 +525,7 @@ def run_suite(
         f"= {len(jobs)} runs ({len(done)} already finished) -> {out}"
     )
     threads = max(1, (os.cpu_count() or 1) // workers)
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), _load()
 
     def progress(record: dict[str, Any]) -> None:
         done[(record["arm"], record["seed"])] = record
@@ -537,7 +544,8 @@ def run_suite(
                 progress(fut.result())
     runs = [done[(j.arm, j.seed)] for j in jobs]
     result = CompareResult(suite, runs, out, len(jobs) - len(todo))
-    result.report = write_rl_report(result, wall_time=time.perf_counter() - start, workers=workers)
+    machine = {"wall_time": time.perf_counter() - start, "load": (load_before, _load()), "workers": workers}
+    result.report = write_rl_report(result, machine)
     log(f"wrote {result.report}")
     return result
 
@@ -560,7 +568,11 @@ def _spread(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.0f} [{min(values):.0f} – {max(values):.0f}]"
 
 
-def write_rl_report(result: CompareResult, *, wall_time: float, workers: int) -> Path:
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def write_rl_report(result: CompareResult, machine: dict[str, Any]) -> Path:
     """results.csv (one row per run), report.md (median [min–max] per arm, sign test vs the baseline arm,
     return at every evaluation) and returns.png when matplotlib is installed."""
     out, suite = result.out_dir, result.suite
@@ -570,12 +582,14 @@ def write_rl_report(result: CompareResult, *, wall_time: float, workers: int) ->
 
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["arm", "seed", "env_steps", "final_return", "mean_return", "wall_time_s", "threads"])
+    writer.writerow(
+        ["arm", "seed", "env_steps", "final_return", "mean_return", "wall_time_s", "cpu_time_s", "threads"]
+    )
     for r in result.runs:
         s = r["summary"]
         writer.writerow(
             [r["arm"], r["seed"], r["metrics"][-1]["step"], f"{s['final_return']:.2f}",
-             f"{s['mean_return']:.2f}", f"{s['wall_time']:.1f}", s["threads"]]
+             f"{s['mean_return']:.2f}", f"{s['wall_time']:.1f}", f"{s['cpu_time']:.1f}", s["threads"]]
         )  # fmt: skip
     atomic_write_text(out / "results.csv", buf.getvalue())
 
@@ -593,8 +607,8 @@ def write_rl_report(result: CompareResult, *, wall_time: float, workers: int) ->
         f"seeds (with {n_seeds} seeds the smallest possible p is {2 ** (1 - n_seeds):.3f}).",
         "",
         "| arm | final return (median [min – max]) | sign test vs baseline (wins–losses, p) "
-        "| mean over evaluations | sign test vs baseline | wall s / run (median) |",
-        "|---|---|---|---|---|---:|",
+        "| mean over evaluations | sign test vs baseline | wall s / run | CPU s / run |",
+        "|---|---|---|---|---|---:|---:|",
     ]
     baseline = {r["seed"]: r["summary"] for r in by_arm[suite.arms[0].label]}
 
@@ -610,9 +624,11 @@ def write_rl_report(result: CompareResult, *, wall_time: float, workers: int) ->
         finals = [r["summary"]["final_return"] for r in runs]
         means = [r["summary"]["mean_return"] for r in runs]
         walls = [r["summary"]["wall_time"] for r in runs]
+        cpus = [r["summary"]["cpu_time"] for r in runs]
         lines.append(
             f"| {arm.label} | {_spread(finals)} | {versus(arm, runs, 'final_return')} | {_spread(means)} "
-            f"| {versus(arm, runs, 'mean_return')} | {statistics.median(walls):.0f} |"
+            f"| {versus(arm, runs, 'mean_return')} | {statistics.median(walls):.0f} "
+            f"| {statistics.median(cpus):.0f} |"
         )
     steps = [int(c["step"]) for c in result.runs[0]["metrics"]]
     lines += [
@@ -631,9 +647,10 @@ def write_rl_report(result: CompareResult, *, wall_time: float, workers: int) ->
     threads = result.runs[0]["summary"]["threads"] if result.runs else 1
     lines += [
         "",
-        f"Wall time of this call: {wall_time:.0f} s with {workers} parallel run(s) of {threads} thread(s) "
-        f"on {os.cpu_count()} CPU(s); {result.reused} of {len(result.runs)} runs reused from an earlier "
-        "call.",
+        f"Wall time of this call: {machine['wall_time']:.0f} s with {machine['workers']} parallel run(s) of "
+        f"{threads} thread(s) on {os.cpu_count()} CPU(s), 1-minute load average {machine['load'][0]:.1f} "
+        f"before and {machine['load'][1]:.1f} after; {result.reused} of {len(result.runs)} runs reused "
+        "from an earlier call.",
         "",
     ]
     if _plot_returns(result, by_arm, out / "returns.png"):
