@@ -1,5 +1,6 @@
 """Optimizers: SGD-G / Adam-G on the Grassmann manifold, normalized and clipped gradient wrappers."""
 
+from normkit.optim._nonfinite import NonFiniteGradientError as NonFiniteGradientError
 from normkit.optim.grassmann import SGDG as SGDG
 from normkit.optim.grassmann import AdamG as AdamG
 from normkit.optim.grassmann import grassmann_param_groups as grassmann_param_groups
