@@ -158,3 +158,40 @@ def test_float32_accuracy():
     assert (geo.row_norm(z) - 1).abs().max() < 1e-6
     t = geo.transport_self(y, h)
     assert (geo.row_dot(t, z).abs() / geo.row_norm(h)).max() < 1e-6
+
+
+# --- large angles: exact for every θ (issue 12, item 2) -------------------------------------------------
+
+ANGLES = np.concatenate(
+    [[0.0, 1e-30, 1e-12, 1e-8, 1e-4, 0.1], np.linspace(0.5, 10 * math.pi, 80), math.pi * np.arange(1, 11)]
+)
+
+
+@pytest.mark.parametrize("n", [3, 64, 2000])
+def test_float32_maps_exact_for_angles_up_to_ten_pi(n):
+    """float32 exp map / transports against float64 cos/sin evaluations of the same float32 inputs, for
+    angles from 0 to 10π (odd multiples of π included, and θ → 0 where sin θ/θ needs care)."""
+    gen = torch.Generator().manual_seed(n)
+    rows = len(ANGLES)
+    y64 = geo.unit(torch.randn(rows, n, generator=gen, dtype=torch.float64))
+    u = geo.unit(geo.project(y64, torch.randn(rows, n, generator=gen, dtype=torch.float64)))
+    y = y64.float()
+    h = (u * torch.from_numpy(ANGLES).unsqueeze(1)).float()
+    h1 = geo.project(y64, torch.randn(rows, n, generator=gen, dtype=torch.float64)).float()
+    yd, hd, h1d = y.double().numpy(), h.double().numpy(), h1.double().numpy()
+    t = np.linalg.norm(hd, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = np.where(t > 0, np.sin(t) / t, 1.0)
+        c2 = np.where(t > 0, (1 - np.cos(t)) / t**2, 0.5)
+    want_exp = yd * np.cos(t) + hd * s
+    want_self = hd * np.cos(t) - yd * t * np.sin(t)
+    want_tr = h1d - (h1d * hd).sum(1, keepdims=True) * (yd * s + hd * c2)
+    z = geo.exp_map(y, h)
+    assert np.abs(geo.row_norm(z).double().numpy() - 1).max() <= 1e-6
+    assert np.linalg.norm(z.double().numpy() - want_exp, axis=1).max() <= 1e-6
+    # transports keep the norm, so their errors are measured relative to it
+    got_self = geo.transport_self(y, h).double().numpy()
+    assert (np.linalg.norm(got_self - want_self, axis=1) / np.maximum(t[:, 0], 1.0)).max() <= 1e-6
+    got_tr = geo.transport(y, h1, h).double().numpy()
+    scale = np.linalg.norm(h1d, axis=1)
+    assert (np.linalg.norm(got_tr - want_tr, axis=1) / scale).max() <= 1e-6

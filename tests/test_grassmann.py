@@ -639,3 +639,209 @@ def test_bn_mlp_trains_on_digits_as_well_as_sgd():
     assert acc["sgd"] > 0.95, acc
     assert acc["sgdg"] >= acc["sgd"] - 0.02, acc
     assert acc["adamg"] >= acc["sgd"] - 0.02, acc
+
+
+# --- large steps: exact for every angle (issue 12, item 2) ------------------------------------------------
+
+
+def test_half_turn_step_lands_exactly_opposite():
+    """The issue's repro: a step of θ = π (grad_clip off) must land on −y, on the sphere."""
+    p = nn.Parameter(torch.tensor([[1.0, 0.0, 0.0]]))
+    opt = SGDG([{"params": [p], "grassmann": True, "lr": 0.2, "weight_decay": 0.0}], momentum=0.9)
+    p.grad = torch.tensor([[0.0, -math.pi / 0.2, 0.0]])
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([[-1.0, 0.0, 0.0]]), rtol=0, atol=1e-6)
+    # the transported velocity: (u cos π − y sin π)·π = −π u with u = (0, 1, 0)
+    tau = opt.state[p]["momentum_buffer"]
+    torch.testing.assert_close(tau, torch.tensor([[0.0, -math.pi, 0.0]]), rtol=0, atol=1e-6)
+
+
+STEP_ANGLES = np.concatenate(
+    [[0.0, 1e-30, 1e-8, 1e-4, 0.1], np.linspace(0.5, 10 * math.pi, 60), math.pi * np.arange(1, 11)]
+)
+
+
+def _tangent_rows(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = len(STEP_ANGLES)
+    y = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    y /= y.norm(dim=1, keepdim=True)
+    u = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    u -= (u * y).sum(1, keepdim=True) * y
+    u /= u.norm(dim=1, keepdim=True)
+    return y, u
+
+
+def _check_step(got_w, want_w, got_v, want_v, theta):
+    # rows on the sphere to 1e-6, whatever the angle
+    assert np.abs(np.linalg.norm(got_w, axis=1) - 1).max() <= 1e-6
+    # end point and transported velocity vs the float64 evaluation of the paper's formulas on the same float32
+    # inputs: 1e-6, plus two float32 units in the last place of θ itself (θ = ‖d‖ is formed in float32; at
+    # 10π one ulp is 1.9e-6, below which no float32 step can know the angle)
+    bound = 1e-6 + theta * 2.0**-22
+    assert (np.linalg.norm(got_w - want_w, axis=1) / bound).max() <= 1.0
+    speed = np.maximum(np.linalg.norm(want_v, axis=1), 1e-30)
+    assert (np.linalg.norm(got_v - want_v, axis=1) / speed / bound).max() <= 1.0
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("n", [3, 64, 2000])
+def test_sgdg_step_exact_for_angles_up_to_ten_pi(n, foreach):
+    """One SGD-G step of angle θ = η‖ĥ‖ from 0 to 10π (odd multiples of π included), float32."""
+    y, u = _tangent_rows(n, n)
+    lr = 0.2
+    p = nn.Parameter(y.float())
+    p.grad = (-(torch.from_numpy(STEP_ANGLES).unsqueeze(1) / lr) * u).float()
+    ref = RefSGDG(lr, 0.9, None, 0.0)
+    want = ref.step(0, _rows(p), _rows(p.grad))
+    opt = SGDG([p], lr=lr, momentum=0.9, grassmann=True, foreach=foreach)
+    opt.step()
+    _check_step(_rows(p), want, _rows(opt.state[p]["momentum_buffer"]), ref.tau[0], STEP_ANGLES)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("n", [3, 64, 2000])
+def test_adamg_step_exact_for_angles_up_to_ten_pi(n, foreach):
+    """Adam-G's first step has angle ≈ η (Δ = −η m̂/√v̂ with m̂/√v̂ a unit vector): one row per group, η = θ."""
+    y, u = _tangent_rows(n, n + 1)
+    ps = [nn.Parameter(y[i : i + 1].float()) for i in range(len(STEP_ANGLES))]
+    for i, p in enumerate(ps):
+        p.grad = u[i : i + 1].float()
+    refs = [RefAdamG(float(t), (0.9, 0.99), 1e-8, None, 0.0) for t in STEP_ANGLES]
+    want = np.concatenate([r.step(0, _rows(p), _rows(p.grad)) for r, p in zip(refs, ps)])
+    groups = [{"params": [p], "lr": float(t)} for p, t in zip(ps, STEP_ANGLES)]
+    opt = AdamG(groups, eps=1e-8, grassmann=True, foreach=foreach)
+    opt.step()
+    got_m = np.concatenate([_rows(opt.state[p]["exp_avg"]) for p in ps])
+    want_m = np.concatenate([r.m[0] for r in refs])
+    _check_step(np.concatenate([_rows(p) for p in ps]), want, got_m, want_m, STEP_ANGLES)
+
+
+# --- resuming and validation (issue 12, items 5 and 6) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("Opt,lr_g", [(SGDG, 0.2), (AdamG, 0.05)])
+def test_bf16_state_round_trip_resumes_bit_for_bit(Opt, lr_g):
+    """bf16 weights in both kinds of group: the Euclidean momentum is bf16 (as in torch.optim.SGD), the
+    manifold state fp32; a state_dict round trip keeps every dtype, and the resumed run equals the
+    uninterrupted one."""
+    model = _model().to(torch.bfloat16)
+
+    def loss(m, k):
+        gen = torch.Generator().manual_seed(k)
+        x = torch.randn(6, 3, 5, 5, generator=gen).to(torch.bfloat16)
+        return F.cross_entropy(m(x).float(), torch.arange(6) % 4)
+
+    opt = Opt(grassmann_param_groups(model, 0.1, lr_g, grad_clip=0.1), lr=0.1, momentum=0.9)
+    for k in range(2):
+        opt.zero_grad()
+        loss(model, k).backward()
+        opt.step()
+    twin = copy.deepcopy(model)
+    opt2 = Opt(grassmann_param_groups(twin, 0.1, lr_g, unit_init=False), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        for key, value in opt.state[p].items():
+            assert opt2.state[q][key].dtype == value.dtype and torch.equal(opt2.state[q][key], value), key
+    assert any(v.dtype == torch.bfloat16 for st_ in opt2.state.values() for v in st_.values())
+    for k in range(2, 5):
+        for m, o in ((model, opt), (twin, opt2)):
+            o.zero_grad()
+            loss(m, k).backward()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("Opt", [SGDG, AdamG])
+def test_rejected_param_group_leaves_the_optimizer_unchanged(Opt):
+    a, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5))
+    opt = Opt([{"params": [a], "grassmann": True}], lr=0.1)
+    before = copy.deepcopy(opt.state_dict())
+    for bad in (
+        {"params": [b], "grassmann": True},  # a vector has no rows
+        {"params": [b], "grassmann": False, "momentum": 1.5},
+        {"params": (p for p in [b]), "grassmann": True, "weight_decay": 1e-4},  # a generator, consumed
+    ):
+        with pytest.raises(ValueError):
+            opt.add_param_group(bad)
+        assert len(opt.param_groups) == 1 and opt.state_dict() == before
+    opt.add_param_group({"params": [b], "grassmann": False})  # the group that was rejected is now fine
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["params"] == [b]
+
+
+# --- non-finite gradients (issue 12, item 3) ----------------------------------------------------------------
+
+
+def _nan_model_and_opt(Opt, nonfinite, foreach=False):
+    model = _model()
+    opt = Opt(
+        grassmann_param_groups(model, 0.1, 0.05, grad_clip=0.1),
+        lr=0.1,
+        nonfinite=nonfinite,
+        foreach=foreach,
+    )
+    _loss(model, 0).backward()
+    opt.step()  # a clean step first: there is state to keep
+    opt.zero_grad()
+    _loss(model, 1).backward()
+    conv = model[0].weight  # a manifold weight
+    with torch.no_grad():
+        conv.grad[1, 0, 0, 0] = float("nan")
+        model[-1].bias.grad[0] = float("-inf")  # a Euclidean one
+    return model, opt
+
+
+def _snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(model, opt, snap):
+    params, sd = snap
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), params))
+    after = opt.state_dict()
+    for k, st_ in sd["state"].items():
+        for key, v in st_.items():
+            assert torch.equal(after["state"][k][key], v), key
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("Opt", [SGDG, AdamG])
+def test_nonfinite_skip_leaves_parameters_and_state_and_counts(Opt, foreach):
+    model, opt = _nan_model_and_opt(Opt, "skip", foreach)
+    snap = _snapshot(model, opt)
+    opt.step()
+    _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == 1 and opt.state_dict()["nonfinite"] == {"policy": "skip", "skipped_steps": 1}
+    opt.zero_grad()
+    _loss(model, 2).backward()
+    opt.step()  # finite: taken
+    assert opt.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model[0].weight.detach(), snap[0][0])
+    twin = Opt(grassmann_param_groups(copy.deepcopy(model), 0.1, 0.05, unit_init=False), lr=0.1)
+    twin.load_state_dict(opt.state_dict())
+    assert (twin.nonfinite, twin.skipped_steps) == ("skip", 1)
+
+
+@pytest.mark.parametrize("Opt", [SGDG, AdamG])
+def test_nonfinite_raise_changes_nothing(Opt):
+    from normkit.optim import NonFiniteGradientError
+
+    model, opt = _nan_model_and_opt(Opt, "raise")
+    snap = _snapshot(model, opt)
+    with pytest.raises(NonFiniteGradientError, match=r"2 of \d+ parameter tensors.*nothing was changed"):
+        opt.step()
+    _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("Opt", [SGDG, AdamG])
+def test_nonfinite_propagate_is_the_default_and_validated(Opt):
+    model, opt = _nan_model_and_opt(Opt, "propagate")
+    opt.step()
+    assert torch.isnan(model[0].weight[1]).all()  # as before: the row goes NaN
+    assert torch.isfinite(model[0].weight[0]).all()
+    p = nn.Parameter(torch.randn(3, 4))
+    assert Opt([p], lr=0.1).nonfinite == "propagate"
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        Opt([p], lr=0.1, nonfinite="zero")

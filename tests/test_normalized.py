@@ -565,8 +565,8 @@ def test_plan_follows_dtype_changes() -> None:
     seed=st.integers(0, 10_000),
 )
 def test_scale_invariance_and_clip_bound(name: str, granularity: str, log_scale: float, seed: int) -> None:
-    """Every built-in norm is positively homogeneous: with eps = 0, normalizing c·g gives what normalizing g
-    gives; clipping never leaves a block above the threshold."""
+    """Every built-in norm is positively homogeneous: with eps ≈ 0 (1e-300), normalizing c·g gives what
+    normalizing g gives; clipping never leaves a block above the threshold."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(3, 4), (5,), (2, 3, 2), (1,)]
     base = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -575,7 +575,7 @@ def test_scale_invariance_and_clip_bound(name: str, granularity: str, log_scale:
         ps = [nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
         for p, b in zip(ps, base):
             p.grad = b * c
-        NormalizedOptimizer(torch.optim.SGD(ps, lr=0.0), name, granularity, eps=0.0).step()  # type: ignore[arg-type]
+        NormalizedOptimizer(torch.optim.SGD(ps, lr=0.0), name, granularity, eps=1e-300).step()  # type: ignore[arg-type]
         out.append([p.grad for p in ps])
     for x, y in zip(*out):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
@@ -592,3 +592,151 @@ def test_scale_invariance_and_clip_bound(name: str, granularity: str, log_scale:
         for block in p.grad.reshape(p.shape[0], -1) if granularity == "unit" and p.ndim >= 2 else [p.grad]:
             if granularity != "global":
                 assert reference(block, name) <= 0.5 * (1 + 1e-9)
+
+
+# --- issue 12: non-finite gradients, constant blocks under std, eps, nested wrappers ----------------------
+
+WRAPPERS = [
+    lambda opt, **kw: NormalizedOptimizer(opt, "l2", "tensor", **kw),
+    lambda opt, **kw: NormalizedOptimizer(opt, "l2", "global", **kw),
+    lambda opt, **kw: ClippedOptimizer(opt, "l2", 0.5, **kw),
+    lambda opt, **kw: ClippedOptimizer(opt, relative=True, **kw),
+]
+
+
+def _nan_setup(wrap, nonfinite):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=0.1), nonfinite=nonfinite)
+    model(torch.randn(4, 6)).square().sum().backward()
+    opt.step()  # one clean step, so there is inner state to keep
+    model(torch.randn(4, 6)).square().sum().backward()
+    with torch.no_grad():
+        model[0].weight.grad[1, 2] = float("nan")
+        model[2].bias.grad[0] = float("inf")
+    return model, opt
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS)
+def test_nonfinite_skip_leaves_everything_untouched_and_counts(wrap) -> None:
+    model, opt = _nan_setup(wrap, "skip")
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, before, g in zip(model.parameters(), params, grads):
+        assert torch.equal(p.detach(), before)
+        torch.testing.assert_close(p.grad, g, equal_nan=True, rtol=0, atol=0)  # not transformed either
+    after = opt.state_dict()
+    for k, st_ in state["state"].items():
+        for key, v in st_.items():
+            assert torch.equal(after["state"][k][key], v)
+    assert after["normkit_wrapper"]["skipped_steps"] == 1
+    # a finite step afterwards is taken and the count survives a round trip
+    opt.zero_grad()
+    model(torch.randn(4, 6)).square().sum().backward()
+    opt.step()
+    assert opt.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), params))
+    twin = wrap(torch.optim.Adam(model.parameters(), lr=0.1))
+    twin.load_state_dict(opt.state_dict())
+    assert twin.skipped_steps == 1 and twin.nonfinite == "skip"
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS)
+def test_nonfinite_raise_changes_nothing(wrap) -> None:
+    from normkit.optim import NonFiniteGradientError
+
+    model, opt = _nan_setup(wrap, "raise")
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(NonFiniteGradientError, match=r"2 of 4 parameter tensors.*\(5, 6\).*\(3,\)"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), params))
+    assert torch.isnan(model[0].weight.grad).sum() == 1  # the gradient was not transformed
+    after = opt.state_dict()
+    assert all(torch.equal(after["state"][k]["exp_avg"], v["exp_avg"]) for k, v in state["state"].items())
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS)
+def test_nonfinite_propagate_is_the_default(wrap) -> None:
+    model, opt = _nan_setup(wrap, "propagate")
+    assert wrap(torch.optim.SGD(model.parameters(), lr=0.1)).nonfinite == "propagate"
+    opt.step()
+    assert opt.skipped_steps == 0
+    assert torch.isnan(model[0].weight).any()  # today's behaviour: the NaN reaches the weights
+
+
+def test_nonfinite_and_eps_are_validated() -> None:
+    p = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        NormalizedOptimizer(torch.optim.SGD([p], lr=0.1), nonfinite="ignore")
+    for eps in (0.0, -1e-8, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            NormalizedOptimizer(torch.optim.SGD([p], lr=0.1), eps=eps)
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            ClippedOptimizer(torch.optim.SGD([p], lr=0.1), clipnorm=1.0, eps=eps)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "layer", "unit", "global"])
+def test_std_on_blocks_without_spread_gives_unit_size_steps(granularity: str) -> None:
+    """One-element and constant blocks under std: normalized by their size |mean| (not by eps alone), so
+    each entry of the normalized gradient has magnitude 1 (before: the one-element bias moved by |g|/eps)."""
+    model = nn.Sequential(nn.Linear(4, 1), nn.Linear(1, 3))
+    params = list(model.parameters())
+    # every block is constant under "tensor", "unit" and "layer" (the layers' weight and bias agree)
+    values = [
+        torch.full((1, 4), 2e-3),
+        torch.tensor([2e-3]),
+        torch.full((3, 1), -5.0),
+        torch.full((3,), -5.0),
+    ]
+    for p, v in zip(params, values):
+        p.grad = v.clone()
+    opt = NormalizedOptimizer(torch.optim.SGD(params, lr=1.0), "std", granularity, 1e-12, model=model)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    for p, b, v in zip(params, before, values):
+        moved = (p.detach() - b).abs()
+        if granularity == "global":
+            assert moved.max() <= 1e3  # one global block of several values has a spread: a plain std step
+        else:
+            torch.testing.assert_close(moved, torch.ones_like(v), rtol=1e-5, atol=0)
+
+
+def test_nested_wrappers_keep_both_settings() -> None:
+    p = nn.Parameter(torch.randn(4, 3))
+    inner = ClippedOptimizer(torch.optim.SGD([p], lr=0.1), "max", 0.25, eps=1e-5, nonfinite="skip")
+    outer = NormalizedOptimizer(inner, "l1", "unit", eps=1e-6)
+    sd = copy.deepcopy(outer.state_dict())
+    assert sd["normkit_wrapper"]["wrapper"] == "NormalizedOptimizer"
+    assert sd["normkit_wrapper"]["inner"]["wrapper"] == "ClippedOptimizer"
+    q = nn.Parameter(p.detach().clone())
+    inner2 = ClippedOptimizer(torch.optim.SGD([q], lr=0.1), "l2", 1.0)
+    outer2 = NormalizedOptimizer(inner2, "l2")
+    outer2.load_state_dict(sd)
+    assert (outer2.norm.name, outer2.granularity, outer2.eps) == ("l1", "unit", 1e-6)
+    assert (inner2.norm.name, inner2.clipnorm, inner2.eps, inner2.nonfinite) == ("max", 0.25, 1e-5, "skip")
+    # both runs now step identically
+    for o, w in ((outer, p), (outer2, q)):
+        w.grad = torch.arange(12.0).reshape(4, 3)
+        o.step()
+    assert torch.equal(p, q)
+
+
+def test_failed_nested_load_changes_nothing() -> None:
+    p = nn.Parameter(torch.randn(4, 3))
+    sd = NormalizedOptimizer(ClippedOptimizer(torch.optim.SGD([p], lr=0.1), "l2", 0.25), "l1").state_dict()
+    sd["normkit_wrapper"]["inner"]["granularity"] = "layer"  # the inner one has no model: refused
+    q = nn.Parameter(p.detach().clone())
+    inner = ClippedOptimizer(torch.optim.SGD([q], lr=0.1), "max", 2.0)
+    outer = NormalizedOptimizer(inner, "l2", eps=1e-3)
+    with pytest.raises(ValueError, match="granularity"):
+        outer.load_state_dict(sd)
+    assert (outer.norm.name, outer.eps, inner.norm.name, inner.clipnorm) == ("l2", 1e-3, "max", 2.0)
+    # an outer state_dict that names a nested wrapper cannot load into a plain one
+    with pytest.raises(ValueError, match="wraps a SGD"):
+        NormalizedOptimizer(torch.optim.SGD([q], lr=0.1), "l1").load_state_dict(
+            NormalizedOptimizer(ClippedOptimizer(torch.optim.SGD([p], lr=0.1), "l2", 1.0), "l1").state_dict()
+        )

@@ -1,6 +1,7 @@
 """Optimizers: SGD-G / Adam-G on the Grassmann manifold, normalized and clipped gradient wrappers,
 AdamP / SGDP, sphere projection, LARS / LAMB."""
 
+from normkit.optim._nonfinite import NonFiniteGradientError as NonFiniteGradientError
 from normkit.optim.adamp import SGDP as SGDP
 from normkit.optim.adamp import AdamP as AdamP
 from normkit.optim.adamp import scale_invariant_param_groups as scale_invariant_param_groups

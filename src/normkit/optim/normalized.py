@@ -21,6 +21,12 @@ Blocks (``granularity``):
 The wrappers *are* optimizers and share ``param_groups``, ``state`` and ``defaults`` with the inner one, so
 an LR scheduler built on the wrapper drives the inner learning rate, and ``GradScaler.unscale_`` /
 ``GradScaler.step`` see the same gradients.
+
+Non-finite gradients (``nonfinite=``): ``"propagate"`` (default) transforms and steps as given — one NaN
+makes its whole block NaN (with ``"global"``, every gradient); ``"skip"`` leaves parameters, gradients and the
+inner optimizer's state untouched for that step and counts it in ``skipped_steps``; ``"raise"`` raises
+:class:`~normkit.optim.NonFiniteGradientError` before anything changes. ``"skip"`` and ``"raise"`` cost one
+fused reduction over the gradients and one host synchronisation per step; ``"propagate"`` none.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from normkit.optim._nonfinite import check_policy, nonfinite_verdict
 from normkit.optim.norms import (
     Norm,
     NormFn,
@@ -150,6 +157,7 @@ class _GradientTransform(torch.optim.Optimizer):
         exclude: Iterable[Tensor | nn.Module] = (),
         return_norms: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "propagate",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -172,8 +180,13 @@ class _GradientTransform(torch.optim.Optimizer):
             raise ValueError(
                 'granularity="layer" needs the model: pass model=... (its modules are the blocks)'
             )
-        if not eps >= 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not (eps > 0.0 and math.isfinite(eps)):
+            raise ValueError(
+                f"eps must be a finite number > 0, got {eps}: it is added to every block's norm, and a block "
+                "of zeros has norm 0 (with eps = 0 its gradient would become 0/0 = NaN)"
+            )
+        self.nonfinite = check_policy(type(self).__name__, nonfinite)
+        self.skipped_steps = 0
         self.inner = optimizer
         self.norm: Norm = get_norm(normalization)
         self._normalization_arg = normalization
@@ -248,7 +261,8 @@ class _GradientTransform(torch.optim.Optimizer):
         return f"{type(self).__name__}(\n{inner},\n    {self._settings_repr()}\n)"
 
     def _settings_repr(self) -> str:
-        return f"normalization={self.norm.name!r}, granularity={self.granularity!r}, eps={self.eps:g}"
+        out = f"normalization={self.norm.name!r}, granularity={self.granularity!r}, eps={self.eps:g}"
+        return out + (f", nonfinite={self.nonfinite!r}" if self.nonfinite != "propagate" else "")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
@@ -268,6 +282,11 @@ class _GradientTransform(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.nonfinite != "propagate":
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if nonfinite_verdict(type(self).__name__, self.nonfinite, params, [p.grad for p in params]):
+                self.skipped_steps += 1
+                return loss
         with torch.no_grad():
             self._transform()
         self.inner.step()
@@ -447,6 +466,8 @@ class _GradientTransform(torch.optim.Optimizer):
             "foreach": self.foreach,
             "return_norms": self.return_norms,
             "exclude": sorted(index[i] for i in self._excluded if i in index),
+            "nonfinite": self.nonfinite,
+            "skipped_steps": self.skipped_steps,
         }
 
     def _load_settings(self, settings: dict[str, Any]) -> None:
@@ -467,6 +488,8 @@ class _GradientTransform(torch.optim.Optimizer):
                 ) from None
         if settings["granularity"] == "layer" and self.model is None:
             raise ValueError('the state_dict uses granularity="layer": construct the wrapper with model=...')
+        self.nonfinite = check_policy(type(self).__name__, settings.get("nonfinite", "propagate"))
+        self.skipped_steps = int(settings.get("skipped_steps", 0))
         self.granularity = settings["granularity"]
         self.eps = float(settings["eps"])
         self.foreach = bool(settings["foreach"])
@@ -482,7 +505,10 @@ class _GradientTransform(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self.inner.state_dict()
-        sd[_STATE_KEY] = self._settings()
+        settings = self._settings()
+        if _STATE_KEY in sd:  # the inner optimizer is a wrapper too: keep its settings, nested
+            settings["inner"] = sd[_STATE_KEY]
+        sd[_STATE_KEY] = settings
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -498,18 +524,27 @@ class _GradientTransform(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         settings = state_dict.pop(_STATE_KEY, None)
+        backup = copy.copy(self.__dict__)
         if settings is not None:
             if settings.get("wrapper") != type(self).__name__:
                 raise ValueError(
                     f"the state_dict is of a {settings.get('wrapper')}, not a {type(self).__name__}"
                 )
-            backup = copy.copy(self.__dict__)
-            try:
+            inner_settings = settings.get("inner")
+            if inner_settings is not None:
+                if not isinstance(self.inner, _GradientTransform):
+                    raise ValueError(
+                        f"the state_dict is of a {settings['wrapper']} around a "
+                        f"{inner_settings.get('wrapper')}, but this one wraps a {type(self.inner).__name__}"
+                    )
+                state_dict[_STATE_KEY] = inner_settings
+        try:
+            if settings is not None:
                 self._load_settings(settings)
-            except Exception:
-                self.__dict__.update(backup)
-                raise
-        self.inner.load_state_dict(state_dict)
+            self.inner.load_state_dict(state_dict)  # a wrapper inside restores itself if it fails
+        except Exception:
+            self.__dict__.update(backup)
+            raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -529,12 +564,15 @@ class NormalizedOptimizer(_GradientTransform):
         normalization: a norm name (``l1``, ``l2``, ``l1_l2``, ``avg_l1``, ``avg_l2``, ``avg_l1_l2``, ``max``
             / ``linf``, ``min_max``, ``std``, or one registered with :func:`register_norm`) or a callable.
         granularity: ``"tensor"``, ``"layer"`` (needs ``model``), ``"unit"`` or ``"global"``.
-        eps: added once to each block's norm.
+        eps: added once to each block's norm; must be > 0.
         model: the module tree whose modules are the ``"layer"`` blocks.
         exclude: parameters or modules whose gradients are left as they are.
         return_norms: keep ``last_norms[param]``, the norm of the block of each parameter at the last step
             (a 0-dim tensor; per unit a 1-D tensor), for logging.
         foreach: multi-tensor (default) or per-tensor computation of the built-in norms.
+        nonfinite: ``"propagate"`` (default, no check), ``"skip"`` (a step with a NaN/inf gradient changes
+            nothing and is counted in ``skipped_steps``) or ``"raise"`` (error before anything changes); see
+            the module docstring for the cost.
 
     Example::
 
@@ -554,7 +592,8 @@ class ClippedOptimizer(_GradientTransform):
     granularity then defaults to ``"unit"``. Leave the classifier out with ``exclude=[model.fc]``.
 
     Args:
-        optimizer, normalization, eps, model, exclude, return_norms, foreach: see NormalizedOptimizer.
+        optimizer, normalization, eps, model, exclude, return_norms, foreach, nonfinite: see
+            NormalizedOptimizer.
         clipnorm: the threshold ``c`` (absolute clipping).
         granularity: default ``"tensor"`` (``"unit"`` when ``relative``).
         relative: clip relative to the weights' norm instead of ``clipnorm``.
@@ -577,6 +616,7 @@ class ClippedOptimizer(_GradientTransform):
         exclude: Iterable[Tensor | nn.Module] = (),
         return_norms: bool = False,
         foreach: bool | None = None,
+        nonfinite: str = "propagate",
     ) -> None:
         if relative:
             if clipnorm is not None:
@@ -594,6 +634,7 @@ class ClippedOptimizer(_GradientTransform):
             exclude=exclude,
             return_norms=return_norms,
             foreach=foreach,
+            nonfinite=nonfinite,
         )
         self.clipnorm = clipnorm
         self.relative = relative
