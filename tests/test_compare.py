@@ -268,3 +268,53 @@ def test_compare_shows_one_bar_over_all_runs(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert "compare: 100%" in err and "2/2" in err and "run" in err  # one tqdm bar (with its ETA) over runs
     assert not any(line.startswith("[1/2]") for line in lines)  # the bar replaces the per-run lines
+
+
+def test_results_markdown_tables_are_generated_from_csv(tmp_path: Path) -> None:
+    from normkit.cli import main
+    from normkit.train.results import update_results_markdown
+
+    root = tmp_path / "results"
+    old = root / "grassmann"  # a built-in suite's older results.csv: no baseline / test_size columns
+    old.mkdir(parents=True)
+    lines = ["arm,method,seed,epochs,final_test_acc,final_test_loss,final_train_loss,mean_epoch_time_s"]
+    for seed in range(5):
+        lines += [
+            f"sgd,sgd,{seed},15,{0.90 + 0.01 * seed},0.3,0.1,0.1",
+            f"sgdg,sgdg,{seed},15,{0.92 + 0.01 * seed},0.3,0.1,0.1",
+            f"adamg,adamg,{seed},15,{0.90 + 0.01 * seed - (0.01 if seed == 2 else 0)},0.3,nan,0.1",
+        ]
+    (old / "results.csv").write_text("\n".join(lines) + "\n")
+    new = root / "mystudy"  # any new study with the current columns
+    new.mkdir()
+    rows = ["arm,method,baseline,seed,epochs,final_test_acc,final_test_loss,final_train_loss,"
+            "mean_epoch_time_s,diverged,brn_warmup_only,data,model,train_size,test_size"]  # fmt: skip
+    for seed in range(3):
+        rows += [f"a,a,,{seed},2,0.5,1,1,0.1,False,False,digits,mlp,1437,360",
+                 f"b,b,a,{seed},2,0.6,1,1,0.1,False,False,digits,mlp,1437,360"]  # fmt: skip
+    (new / "results.csv").write_text("\n".join(rows) + "\n")
+    md = tmp_path / "results.md"
+    md.write_text(
+        "# Results\n\nprose before\n\n<!-- normkit:results:grassmann:begin -->\nstale table\n"
+        "<!-- normkit:results:grassmann:end -->\n\nprose after\n"
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "intro\n<!-- normkit:results:verdicts:begin -->\n<!-- normkit:results:verdicts:end -->\n"
+    )
+    assert main(["report", str(root), "--markdown", str(md), "--also", str(readme)]) == 0
+    text = md.read_text()
+    assert "prose before" in text and "prose after" in text and "stale table" not in text
+    assert "| sgdg | 5 | 94.00 [92.00–96.00] | +2.00 [+2.00, +2.00] vs sgd | better |" in text
+    # adamg: one seed 1 point lower, four equal -> within noise; its NaN training loss flags divergence
+    assert "| adamg | 5 |" in text and "within noise; **diverged** (5/5 seeds)" in text
+    assert "Test set: 360 examples" in text  # the fixed digits split, for a CSV that did not record it
+    assert "## mystudy (generated)" in text  # a new study folder gets a block appended
+    assert (
+        "| b | 3 | 60.00 [60.00–60.00] | +10.00 [+10.00, +10.00] vs a | within noise (3 seeds cannot" in text
+    )
+    assert "| mystudy | b vs a | 50.00 | 60.00 |" in readme.read_text()
+    assert "## mystudy" not in readme.read_text()  # --also rewrites only the blocks a file has
+    before = md.read_text()
+    update_results_markdown(root, md)
+    assert md.read_text() == before  # idempotent

@@ -437,6 +437,13 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the Markdown file whose marked tables to rewrite (default: DIR/../results.md)",
     )
+    p.add_argument(
+        "--also",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="another Markdown file (e.g. README.md) whose existing marked tables to rewrite too",
+    )
 
 
 def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -449,10 +456,13 @@ def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(f"{root} is not a directory of studies (e.g. docs/results)")
     target = Path(args.markdown) if args.markdown else root.parent / "results.md"
     try:
-        names = update_results_markdown(root, target)
+        for path, append in [(target, True), *((Path(f), False) for f in args.also)]:
+            if not append and not path.is_file():
+                raise Failure(f"--also {path}: no such file")
+            names = update_results_markdown(root, path, append=append)
+            print(f"rewrote {len(names)} table(s) in {path}: {', '.join(names) or 'none marked'}")
     except (ValueError, OSError) as e:
         raise Failure(str(e)) from None
-    print(f"rewrote {len(names)} table(s) in {target}: {', '.join(names)}")
     return 0
 
 

@@ -81,8 +81,12 @@ def _block(name: str, lines: list[str]) -> str:
     return "\n".join([_mark(name, False), note, "", *lines, "", _mark(name, True)])
 
 
-def update_results_markdown(root: str | Path, markdown: str | Path) -> list[str]:
-    """Rewrite the generated blocks of ``markdown`` from ``root/*/results.csv``; returns their names."""
+def update_results_markdown(root: str | Path, markdown: str | Path, *, append: bool = True) -> list[str]:
+    """Rewrite the generated blocks of ``markdown`` from ``root/*/results.csv``; returns the names written.
+
+    ``append``: give studies without a block one at the end of the file (``False``: only rewrite the blocks
+    the file already has — for a README that quotes only the verdicts).
+    """
     root, markdown = Path(root), Path(markdown)
     studies = {
         folder.name: study_statistics(folder)
@@ -98,14 +102,16 @@ def update_results_markdown(root: str | Path, markdown: str | Path) -> list[str]
             for name, stats in studies.items()
         },
     }
-    appended = []
+    appended, written = [], []
     for name, block in blocks.items():
         begin, end = re.escape(_mark(name, False)), re.escape(_mark(name, True))
         pattern = re.compile(begin + r".*?" + end, re.DOTALL)
         if pattern.search(text):
             text = pattern.sub(lambda _, b=block: b, text)  # type: ignore[misc]
-        else:
+            written.append(name)
+        elif append:
             appended.append(f"\n## {name} (generated)\n\n{block}\n")
+            written.append(name)
     text = text.rstrip("\n") + "\n" + "".join(appended)
     atomic_write_text(markdown, text)
-    return list(blocks)
+    return written
