@@ -1,9 +1,10 @@
-"""The seed's deep-MLP experiment: 30 dense layers of 128 units, each followed by BatchNorm and dropout 0.2,
-small L2 regularization of the weights; plain vs block-normalized SGD / Adam (offline, a few minutes on CPU).
+"""The deep-MLP experiment of Yu et al.'s reference code: 30 dense layers of 128 units, each followed by
+BatchNorm and dropout 0.2, small L2 regularization of the weights; plain vs block-normalized SGD / Adam
+(offline, a few minutes on CPU).
 
 Data: MNIST-1D (the `mnist1d` package generates it locally: 4 000 train / 1 000 test sequences of 40 values,
-10 classes) or scikit-learn's digits (`--data digits`: 1 400 / 397 images of 8×8). Optimizers as in the seed:
-SGD(lr 0.01, momentum 0.9, Nesterov) and Adam(lr 0.001), each plain and wrapped in
+10 classes) or scikit-learn's digits (`--data digits`: 1 400 / 397 images of 8×8). Optimizers as in the
+reference code: SGD(lr 0.01, momentum 0.9, Nesterov) and Adam(lr 0.001), each plain and wrapped in
 `NormalizedOptimizer(..., "l2")` (per tensor), plus the paper's per-layer blocks (`granularity="layer"`).
 The L2 term is part of the loss (as in Keras), so it is normalized with the rest of the gradient.
 

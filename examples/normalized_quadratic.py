@@ -1,10 +1,12 @@
-"""The seed's convex experiment: L(x) = ½ xᵀQx + bᵀx, plain vs block-normalized SGD and Adam (offline).
+"""The convex experiment of Yu et al.'s reference code: L(x) = ½ xᵀQx + bᵀx, plain vs block-normalized SGD
+and Adam (offline).
 
 Q is a random symmetric positive-definite matrix with eigenvalues log-spaced in [1/κ, 1], b a random vector;
 L* = −½ bᵀQ⁻¹b. Full (deterministic) gradients. For every optimizer the learning rate is the best of a grid
 (final L − L*); each normalized run is `NormalizedOptimizer(inner, "l2")` on the single tensor x, so the step
-length is lr whatever the gradient's scale. A second table: normalized Adam across learning rates (the seed's
-learning-rate study). With `--decay`, an `ExponentialLR` scheduler built on the *wrapper* drives the inner lr.
+length is lr whatever the gradient's scale. A second table: normalized Adam across learning rates (the
+reference code's learning-rate study). With `--decay`, an `ExponentialLR` scheduler built on the *wrapper*
+drives the inner lr.
 
     python examples/normalized_quadratic.py [--dim 50] [--kappa 1000] [--steps 2000] [--out DIR]
 """

@@ -247,3 +247,17 @@ def test_sync_plugin_in_a_ddp_fit():
     assert seen == [SyncBatchRenorm]  # synchronized while training
     assert type(model.net[1]) is BatchRenorm1d  # the user's classes afterwards
     assert model.net[1].num_batches_tracked.item() == 2
+
+
+def test_core_never_imports_the_integrations_or_their_packages():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, normkit, normkit.train, normkit.cli, normkit.integrations.timm\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'lightning', 'pytorch_lightning')"
+        " or m == 'normkit.integrations.lightning')\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

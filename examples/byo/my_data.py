@@ -8,6 +8,8 @@ datasets that fit there.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -16,7 +18,7 @@ from torch.utils.data import Dataset
 class Digits16(Dataset):
     """Images as (1, 16, 16) float tensors, standardized; labels 0–9."""
 
-    classes = [str(d) for d in range(10)]  # torchvision's convention: the harness reads the class count here
+    classes: ClassVar[list[str]] = [str(d) for d in range(10)]  # torchvision's convention: the class count
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images, self.labels = images, labels

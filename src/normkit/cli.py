@@ -484,7 +484,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if not (root / "benchmarks" / "run.py").is_file():
         parser.error(
             f"the benchmarks are not part of the installed package and {root} holds no benchmarks/run.py: "
-            "run `normkit bench` (or `python -m benchmarks.run`) from the root of a normkit source checkout"
+            "run `normkit bench` (or `python -m benchmarks.run`) from the root of a normkit checkout"
         )
     command = [sys.executable, "-m", "benchmarks.run", *args.names, *(["--quick"] if args.quick else [])]
     return subprocess.run(command, cwd=root).returncode

@@ -1,4 +1,4 @@
-"""The models of the seeds' training scripts, built for any input shape and class count.
+"""The models of the papers' reference training scripts, built for any input shape and class count.
 
 ``build_model(name, input_shape, num_classes, ...)``: 2-D conv nets take (C, H, W) inputs, ``cnn1d`` takes
 (C, L), the MLPs flatten anything. Pooling stops when the feature map reaches 1×1 so every conv net also
@@ -51,7 +51,7 @@ def mlp(
 ) -> nn.Module:
     """``depth`` hidden layers of ``width`` units (Linear → [BN] → ReLU → [Dropout]), then a classifier.
 
-    ``mlp --depth 30 --width 128 --norm bn --dropout 0.2`` is the normalized-optimizers seed's deep MLP.
+    ``mlp --depth 30 --width 128 --norm bn --dropout 0.2`` is the deep MLP of Yu et al.'s reference code.
     """
     depth, width = depth if depth is not None else 3, width or 256
     layers = _mlp_layers(math.prod(input_shape), [width] * depth, norm, dropout)
@@ -299,8 +299,8 @@ def cnn(
 def mnist_convnet(
     input_shape: tuple[int, ...], num_classes: int, *, norm: str = "none", **_: Any
 ) -> nn.Module:
-    """The LSUV seed's Torch MNIST example: conv5×5(32) → ReLU → maxpool 3 → conv5×5(64) → ReLU → maxpool 2 →
-    linear 200 → ReLU → linear (classes)."""
+    """The Torch MNIST example of the LSUV reference code: conv5×5(32) → ReLU → maxpool 3 → conv5×5(64) →
+    ReLU → maxpool 2 → linear 200 → ReLU → linear (classes)."""
     c, h, w = input_shape
     features = nn.Sequential(
         nn.Conv2d(c, 32, 5),
@@ -367,7 +367,7 @@ MODELS: dict[str, ModelSpec] = {
     "vgg19": ModelSpec(_vgg(19), 3, "bn", "CIFAR-style VGG-19 with BN"),
     "wrn": ModelSpec(wrn, 3, "bn", "Wide ResNet (--depth, --widen-factor, --dropout)"),
     "cnn1d": ModelSpec(cnn1d, 2, "none", "1-D conv net for MNIST-1D"),
-    "mnist-convnet": ModelSpec(mnist_convnet, 3, "none", "the LSUV seed's Torch MNIST conv net"),
+    "mnist-convnet": ModelSpec(mnist_convnet, 3, "none", "the LSUV reference code's Torch MNIST conv net"),
 }
 
 
