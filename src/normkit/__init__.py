@@ -7,6 +7,8 @@ The five techniques, each in its module (import from there or from here):
 - Equi-normalization — :mod:`normkit.enorm`: ``ENorm``
 - SGD-G / Adam-G — :mod:`normkit.optim`: ``SGDG``, ``AdamG``, ``grassmann_param_groups``
 - normalized / clipped gradients — :mod:`normkit.optim`: ``NormalizedOptimizer``, ``ClippedOptimizer``
+- AdamP / SGDP, sphere projection, LARS / LAMB — :mod:`normkit.optim`: ``AdamP``, ``SGDP``,
+  ``scale_invariant_param_groups``, ``SphereProjection``, ``LARS``, ``LAMB``
 
 The training harness (:mod:`normkit.train`, the ``normkit`` command) is not imported here.
 """
@@ -16,18 +18,30 @@ from normkit.graph import trace
 from normkit.init import lsuv_init, orthogonal_init
 from normkit.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchRenorm, convert_batchnorm
 from normkit.optim import (
+    LAMB,
+    LARS,
     SGDG,
+    SGDP,
     AdamG,
+    AdamP,
     ClippedOptimizer,
     NormalizedOptimizer,
+    SphereProjection,
     grassmann_param_groups,
     register_norm,
+    scale_invariant_param_groups,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LAMB",
+    "LARS",
     "SGDG",
+    "SGDP",
+    "AdamP",
+    "SphereProjection",
+    "scale_invariant_param_groups",
     "AdamG",
     "BatchRenorm1d",
     "BatchRenorm2d",
