@@ -7,6 +7,8 @@ The five techniques, each in its module (import from there or from here):
 - Equi-normalization — :mod:`normkit.enorm`: ``ENorm``
 - SGD-G / Adam-G — :mod:`normkit.optim`: ``SGDG``, ``AdamG``, ``grassmann_param_groups``
 - normalized / clipped gradients — :mod:`normkit.optim`: ``NormalizedOptimizer``, ``ClippedOptimizer``
+- AdamP / SGDP, sphere projection, LARS / LAMB — :mod:`normkit.optim`: ``AdamP``, ``SGDP``,
+  ``scale_invariant_param_groups``, ``SphereProjection``, ``LARS``, ``LAMB``
 
 The training harness (:mod:`normkit.train`, the ``normkit`` command) is not imported here.
 """
@@ -24,19 +26,29 @@ from normkit.nn import (
     functional_batch_renorm,
 )
 from normkit.optim import (
+    LAMB,
+    LARS,
     SGDG,
+    SGDP,
     AdamG,
+    AdamP,
     ClippedOptimizer,
     NormalizedOptimizer,
+    SphereProjection,
     grassmann_param_groups,
     register_norm,
+    scale_invariant_param_groups,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LAMB",
+    "LARS",
     "SGDG",
+    "SGDP",
     "AdamG",
+    "AdamP",
     "BRNSchedule",
     "BatchRenorm1d",
     "BatchRenorm2d",
@@ -44,6 +56,7 @@ __all__ = [
     "ClippedOptimizer",
     "ENorm",
     "NormalizedOptimizer",
+    "SphereProjection",
     "SyncBatchRenorm",
     "__version__",
     "convert_batchnorm",
@@ -52,5 +65,6 @@ __all__ = [
     "lsuv_init",
     "orthogonal_init",
     "register_norm",
+    "scale_invariant_param_groups",
     "trace",
 ]

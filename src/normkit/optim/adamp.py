@@ -135,12 +135,36 @@ def _decay_factors(
 
 
 def _scale_(tensors: list[Tensor], factors: list[Tensor | float]) -> None:
-    scalars = [i for i, f in enumerate(factors) if not isinstance(f, Tensor) and f != 1.0]
-    tensors_idx = [i for i, f in enumerate(factors) if isinstance(f, Tensor)]
-    if scalars:
-        torch._foreach_mul_([tensors[i] for i in scalars], [float(factors[i]) for i in scalars])
-    if tensors_idx:
-        torch._foreach_mul_([tensors[i] for i in tensors_idx], [factors[i] for i in tensors_idx])  # type: ignore[misc]
+    """``t ← f·t`` for each tensor (numbers and broadcastable tensors; factors of 1 skipped)."""
+    numbers = [i for i, f in enumerate(factors) if not isinstance(f, Tensor) and f != 1.0]
+    tensor_idx = [i for i, f in enumerate(factors) if isinstance(f, Tensor)]
+    if numbers:
+        torch._foreach_mul_([tensors[i] for i in numbers], [float(factors[i]) for i in numbers])
+    if tensor_idx:
+        torch._foreach_mul_(
+            [_as_rows(tensors[i]) if tensors[i].dim() <= 1 else tensors[i] for i in tensor_idx],
+            [factors[i] for i in tensor_idx],  # type: ignore[misc]
+        )
+
+
+def _step_(
+    params: list[Tensor],
+    updates: list[Tensor],
+    coefs: list[Tensor | None],
+    decays: list[Tensor | float],
+    step_sizes: list[float],
+) -> None:
+    """``w ← w·decay − s(q − c·w) = w·(decay + s·c) − s·q``: the projection folded into the decay multiply,
+    so the update ``q`` is read once more instead of being projected in place (it may be a temporary)."""
+    factors: list[Tensor | float] = [
+        d if c is None else c.mul(s).add_(d) for c, d, s in zip(coefs, decays, step_sizes)
+    ]
+    _scale_(params, factors)
+    if len(set(step_sizes)) == 1:
+        torch._foreach_add_(params, updates, alpha=-step_sizes[0])
+    else:
+        torch._foreach_mul_(updates, [-s for s in step_sizes])
+        torch._foreach_add_(params, updates)
 
 
 def adamp(
@@ -166,25 +190,20 @@ def adamp(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    # m̂/(√v̂ + ε) = √(1 − β2ᵗ)/(1 − β1ᵗ) · m/(√v + ε√(1 − β2ᵗ)): the constants go into the step size.
     bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
-    step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
+    step_sizes = [lr * b / (1.0 - beta1**t) for b, t in zip(bc2_sqrt, steps)]
     denom = list(torch._foreach_sqrt(exp_avg_sqs))
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_reciprocal_(denom)
+    torch._foreach_add_(denom, [eps * b for b in bc2_sqrt])
     if nesterov:
-        numer = torch._foreach_mul(exp_avgs, beta1)
-        torch._foreach_add_(numer, grads, alpha=1.0 - beta1)
-        torch._foreach_mul_(denom, numer)
+        updates = list(torch._foreach_mul(exp_avgs, beta1))
+        torch._foreach_add_(updates, grads, alpha=1.0 - beta1)
+        torch._foreach_div_(updates, denom)
     else:
-        torch._foreach_mul_(denom, exp_avgs)
-    updates = denom  # q = m̂-free direction m/(√v̂ + ε); the 1/(1 − β1ᵗ) is in the step size
+        updates = list(torch._foreach_div(exp_avgs, denom))
     coefs, projected = projection_coefficients(params, grads, updates, modes, delta=delta, eps=eps)
-    _project_(updates, params, coefs)
-    if weight_decay:
-        _scale_(params, _decay_factors(params, projected, lr, weight_decay, wd_ratio))
-    torch._foreach_mul_(updates, step_sizes)
-    torch._foreach_add_(params, updates)
+    decays = _decay_factors(params, projected, lr, weight_decay, wd_ratio)
+    _step_(params, updates, coefs, decays, step_sizes)
 
 
 def sgdp(
@@ -207,16 +226,20 @@ def sgdp(
         return
     torch._foreach_mul_(momentum_buffers, momentum)
     torch._foreach_add_(momentum_buffers, grads, alpha=1.0 - dampening)
+    wd = weight_decay / (1.0 - momentum)
     if nesterov:
         updates = list(torch._foreach_mul(momentum_buffers, momentum))
         torch._foreach_add_(updates, grads)
-    else:
-        updates = momentum_buffers  # projected in place: the authors' code projects the buffer itself
-    coefs, projected = projection_coefficients(params, grads, updates, modes, delta=delta, eps=eps)
-    _project_(updates, params, coefs)
-    if weight_decay:
-        _scale_(params, _decay_factors(params, projected, lr, weight_decay / (1.0 - momentum), wd_ratio))
-    torch._foreach_add_(params, updates, alpha=-lr)
+        coefs, projected = projection_coefficients(params, grads, updates, modes, delta=delta, eps=eps)
+        _step_(
+            params, updates, coefs, _decay_factors(params, projected, lr, wd, wd_ratio), [lr] * len(params)
+        )
+        return
+    # the authors' code projects the buffer itself (it is the step)
+    coefs, projected = projection_coefficients(params, grads, momentum_buffers, modes, delta=delta, eps=eps)
+    _project_(momentum_buffers, params, coefs)
+    _scale_(params, _decay_factors(params, projected, lr, wd, wd_ratio))
+    torch._foreach_add_(params, momentum_buffers, alpha=-lr)
 
 
 # --- optimizers ---------------------------------------------------------------------------------------

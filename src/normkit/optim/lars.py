@@ -53,7 +53,7 @@ def lars_trust_ratios(
     ratio = torch.where((w > 0) & (g > 0), ratio, torch.ones_like(ratio))
     if trust_clip:
         ratio = (ratio / lr).clamp_(max=1.0) if lr > 0 else torch.ones_like(ratio)
-    return [r.to(p.dtype) for r, p in zip(ratio.unbind(), params)]
+    return [r if r.dtype == p.dtype else r.to(p.dtype) for r, p in zip(ratio.unbind(), params)]
 
 
 def lars(
@@ -74,7 +74,8 @@ def lars(
     if not params:
         return []
     ia = [i for i, a in enumerate(adapt) if a]
-    directions = list(grads)
+    raw: list[Tensor] = []  # g + βw of the adapted tensors, before the ratio
+    ratios: list[Tensor] = []
     if ia:
         pa, ga = [params[i] for i in ia], [grads[i] for i in ia]
         ratios = lars_trust_ratios(
@@ -86,30 +87,35 @@ def lars(
             eps=eps,
             trust_clip=trust_clip,
         )
-        da = torch._foreach_add(ga, pa, alpha=weight_decay) if weight_decay else torch._foreach_mul(ga, 1.0)
-        torch._foreach_mul_(da, ratios)
-        for i, d in zip(ia, da):
+        raw = list(torch._foreach_add(ga, pa, alpha=weight_decay)) if weight_decay else ga
+    plain = [i for i, a in enumerate(adapt) if not a]
+    if momentum and not nesterov and all(b is not None for b in momentum_buffers):
+        # the usual step: v ← m v + λ(g + βw) with the ratio folded into one multiply-add
+        bufs: list[Tensor] = list(momentum_buffers)  # type: ignore[arg-type]
+        torch._foreach_mul_(bufs, momentum)
+        if ia:
+            torch._foreach_addcmul_([bufs[i] for i in ia], raw, ratios)
+        if plain:
+            torch._foreach_add_([bufs[i] for i in plain], [grads[i] for i in plain])
+        torch._foreach_add_(params, bufs, alpha=-lr)
+        return bufs
+    directions = list(grads)
+    if ia:
+        for i, d in zip(ia, torch._foreach_mul(raw, ratios)):
             directions[i] = d
     if momentum:
-        fresh = [i for i, b in enumerate(momentum_buffers) if b is None]
-        old = [i for i, b in enumerate(momentum_buffers) if b is not None]
-        bufs: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
-        for i in fresh:
-            bufs[i] = torch.clone(directions[i]).detach()
+        out: list[Tensor] = [
+            torch.clone(d).detach() if b is None else b for d, b in zip(directions, momentum_buffers)
+        ]
+        old = [k for k, b in enumerate(momentum_buffers) if b is not None]
         if old:
-            ob: list[Tensor] = [momentum_buffers[i] for i in old]  # type: ignore[misc]
-            torch._foreach_mul_(ob, momentum)
-            torch._foreach_add_(ob, [directions[i] for i in old])
-            for i, b in zip(old, ob):
-                bufs[i] = b
-        if nesterov:
-            directions = list(torch._foreach_add(directions, bufs, alpha=momentum))
-        else:
-            directions = bufs
-    else:
-        bufs = [b for b in momentum_buffers]  # type: ignore[misc]
+            torch._foreach_mul_([out[k] for k in old], momentum)
+            torch._foreach_add_([out[k] for k in old], [directions[k] for k in old])
+        steps = list(torch._foreach_add(directions, out, alpha=momentum)) if nesterov else out
+        torch._foreach_add_(params, steps, alpha=-lr)
+        return out
     torch._foreach_add_(params, directions, alpha=-lr)
-    return bufs
+    return [b for b in momentum_buffers]  # type: ignore[misc]
 
 
 def lamb(

@@ -392,9 +392,9 @@ SUITES: dict[str, Suite] = {
             _arm("lamb", "adam-b2048", label="lamb-b2048", batch_size=2048, lr=1.6e-2, warmup_epochs=3),
         ),
         seeds=5,
-        claim="You et al. 2017 / 2020: with the learning rate scaled to the batch, the layer-wise trust ratio "
-        "keeps the accuracy of small batches where plain SGD / Adam lose it (ImageNet AlexNet-BN / ResNet-50 "
-        "with LARS, BERT with LAMB).",
+        claim="You et al. 2017 / 2020: with the learning rate scaled to the batch, the layer-wise trust "
+        "ratio keeps the accuracy of small batches where plain SGD / Adam lose it (ImageNet AlexNet-BN / "
+        "ResNet-50 with LARS, BERT with LAMB).",
     ),
 }
 

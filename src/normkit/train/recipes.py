@@ -335,3 +335,112 @@ for _name, _extra, _label in (
             ("normalized",),
         )
     )
+
+
+# ------------------------------------ Heo et al. 2021 (AdamP / SGDP), You et al. 2017 / 2020 (LARS / LAMB)
+# The optimizers' reference defaults (AdamP: δ 0.1, wd_ratio 0.1; LARS: η 0.001; LARC clipping: η 0.02) on
+# the harness's settings: the small-scale reproductions of docs/results.md and CIFAR-10 WRN-28-10 runs.
+_FAMILY_DIGITS = {"data": "digits", "model": "cnn", "epochs": 12, "batch_size": 128}
+_FAMILY_LARGE = {
+    "data": "mnist1d",
+    "mnist1d_samples": 20000,
+    "model": "mlp",
+    "depth": 3,
+    "width": 256,
+    "norm": "bn",
+    "epochs": 20,
+    "batch_size": 2048,
+    "warmup_epochs": 3,
+}
+_FAMILY_WRN = {
+    "data": "cifar10",
+    "model": "wrn",
+    "depth": 28,
+    "widen_factor": 10,
+    "dropout": 0.3,
+    "batch_size": 128,
+    "epochs": 200,
+    "schedule": "cosine",
+}
+
+
+def _family_usage(cfg: dict[str, Any]) -> str:
+    """The optimizer call the recipe makes (no seed has these optimizers, so no seed command)."""
+    opt = cfg["optimizer"]
+    if opt == "sgdp":
+        wd = cfg["weight_decay"]
+        return f"SGDP(params, lr={cfg['lr']:g}, momentum=0.9, nesterov=True, weight_decay={wd:g})"
+    if opt == "adamp":
+        groups = "scale_invariant_param_groups(model)" if cfg.get("projection") == "graph" else "params"
+        return f"AdamP({groups}, lr={cfg.get('lr', 1e-3):g}, weight_decay={cfg['weight_decay']:g})"
+    if opt == "lars":
+        clip = ", trust_clip=True" if cfg.get("trust_clip") else ""
+        return (
+            f"LARS(params, lr={cfg['lr']:g}, trust_coefficient={cfg.get('trust_coefficient', 1e-3):g}{clip})"
+        )
+    return f"LAMB(params, lr={cfg['lr']:g})"
+
+
+for _name, _base, _extra, _label in (
+    (
+        "sgdp-digits-cnn",
+        _FAMILY_DIGITS,
+        {"optimizer": "sgdp", "lr": 0.1, "weight_decay": 5e-4},
+        "SGDP (cosine test), BN CNN on digits",
+    ),
+    (
+        "adamp-digits-cnn",
+        _FAMILY_DIGITS,
+        {"optimizer": "adamp", "weight_decay": 1e-2},
+        "AdamP (cosine test), BN CNN on digits",
+    ),
+    (
+        "adamp-graph-digits-cnn",
+        _FAMILY_DIGITS,
+        {"optimizer": "adamp", "projection": "graph", "weight_decay": 1e-2},
+        "AdamP on the graph's scale-invariant weights, BN CNN on digits",
+    ),
+    (
+        "sgdp-cifar10-wrn28-10",
+        _FAMILY_WRN,
+        {"optimizer": "sgdp", "lr": 0.1, "weight_decay": 5e-4},
+        "SGDP, WRN-28-10 on CIFAR-10 (cosine schedule, Nesterov momentum 0.9)",
+    ),
+    (
+        "adamp-cifar10-wrn28-10",
+        _FAMILY_WRN,
+        {"optimizer": "adamp", "lr": 1e-3, "weight_decay": 1e-2},
+        "AdamP, WRN-28-10 on CIFAR-10 (cosine schedule)",
+    ),
+    (
+        "larc-mnist1d-b2048",
+        _FAMILY_LARGE,
+        {"optimizer": "lars", "lr": 0.8, "trust_clip": True, "trust_coefficient": 0.02},
+        "LARS in LARC's clipping mode at batch 2 048 (lr 0.05 × 16), MNIST-1D",
+    ),
+    (
+        "lars-mnist1d-b2048",
+        _FAMILY_LARGE,
+        {"optimizer": "lars", "lr": 8.0},
+        "LARS (η 0.001) at batch 2 048, MNIST-1D",
+    ),
+    (
+        "lamb-mnist1d-b2048",
+        _FAMILY_LARGE,
+        {"optimizer": "lamb", "lr": 1.6e-2},
+        "LAMB at batch 2 048 (lr 1e-3 × 16), MNIST-1D",
+    ),
+):
+    _add(
+        Recipe(
+            _name,
+            {**_base, **_extra},
+            f"Scale-invariance family (issue 17): {_label}",
+            None,
+            _family_usage(_extra),
+            "The optimizers' reference defaults on the harness's settings; not a cell of the papers' tables "
+            "(their ImageNet / BERT runs are out of reach here). See docs/results.md for the small-scale "
+            "comparisons.",
+            ("family", str(_extra["optimizer"])),
+        )
+    )
