@@ -694,6 +694,8 @@ def run(
                 f"cannot change {sorted(changed)} when resuming; only {sorted(allowed)} may change"
             )
         keep = {k: v for k, v in extra.items() if k in allowed}
+        if "brn_schedule" not in state["config"]:  # written before the schedule was scaled by default
+            state["config"] = {**state["config"], "brn_schedule": "paper"}
         cfg = resolve_config({**state["config"], **keep})
         request = {**state.get("request", state["config"]), **keep}
     else:
