@@ -241,8 +241,8 @@ class BatchRenorm1d(_BatchRenormBase):
     positions only, and every position (padded ones too) is normalized with them, so padded outputs are
     finite. A batch without valid positions leaves the running statistics unchanged.
 
-    Differences from the paper: running σ is tracked directly (buffer ``running_std``), as the paper writes it;
-    a BatchNorm state dict (``running_var``) loads with σ = √(var + ε).
+    Running σ is tracked directly (buffer ``running_std``), as the paper writes it; a BatchNorm state dict
+    (``running_var``) loads with σ = √(var + ε).
     """
 
     def _check_input_dim(self, input: Tensor) -> None:
