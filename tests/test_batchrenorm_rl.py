@@ -552,3 +552,15 @@ def test_both_training_paths_match_float64_algorithm_1(large):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(layer.weight.grad, gamma.grad, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(layer.bias.grad, beta.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [64, 6000], ids=["small-batch path", "fused-backward path"])
+def test_bias_without_weight_is_applied(n):
+    torch.manual_seed(14)
+    x = torch.randn(n, 3, 15, dtype=F64) * 2
+    bias = torch.randn(3, dtype=F64)
+    stats = [torch.full((3,), 0.5, dtype=F64), torch.full((3,), 0.7, dtype=F64)]
+    copies = [t.clone() for t in stats]
+    y = batch_renorm(x, *stats, None, bias, training=True, r_max=3.0, d_max=5.0)
+    expected = batch_renorm(x, *copies, torch.ones(3, dtype=F64), bias, training=True, r_max=3.0, d_max=5.0)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)

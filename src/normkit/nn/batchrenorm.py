@@ -28,22 +28,7 @@ _SCHEDULE_FIELDS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_step
 
 
 class _BatchRenormBase(nn.Module):
-    """Shared by the 1d/2d/3d and synchronized layers.
-
-    Schedule: ``schedule`` is a preset name (``"paper"``, the default; ``"crossq"``), a ``BRNSchedule``, or a
-    callable ``step_tensor -> (r_max, d_max)``. ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_steps`` and
-    ``d_max_steps`` override the named schedule's fields, e.g. ``BatchRenorm1d(256, schedule="crossq",
-    warmup_steps=10_000)``: batch norm for 10 000 steps, then r_max 3, d_max 5 at once.
-
-    Momentum: the weight of the *new* value, PyTorch's convention and the paper's α —
-    ``μ ← (1 − momentum)·μ + momentum·μ_B``. The paper and CrossQ's PyTorch ports use 0.01; Keras and Flax
-    call the weight of the *old* value momentum (CrossQ's Flax code: 0.99), the same average as 0.01 here.
-    ``momentum=None`` gives a cumulative average as in ``nn.BatchNorm``.
-
-    ``forward(input, mask=None)``: ``mask`` (N, *spatial) bool, True at valid positions ((N, L) for an
-    (N, C, L) input, (N,) for (N, C)); the batch statistics, r, d and the running statistics use valid
-    positions only, every position is normalized with them.
-    """
+    """Shared by the 1d/2d/3d and synchronized layers (documented on ``BatchRenorm1d``)."""
 
     running_mean: Tensor
     running_std: Tensor
@@ -232,7 +217,33 @@ class _BatchRenormBase(nn.Module):
 
 
 class BatchRenorm1d(_BatchRenormBase):
-    """Batch Renormalization over a 2D (N, C) or 3D (N, C, L) input. See ``nn.BatchNorm1d``."""
+    """Batch Renormalization over a 2D (N, C) or 3D (N, C, L) input: Algorithm 1 of Ioffe (2017), a drop-in
+    replacement for ``nn.BatchNorm1d`` (the same for ``BatchRenorm2d``/``3d`` and ``SyncBatchRenorm``).
+
+    Schedule: ``schedule`` is a preset name (``"paper"``, the default; ``"crossq"``), a ``BRNSchedule``, or a
+    callable ``step_tensor -> (r_max, d_max)``. ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_steps`` and
+    ``d_max_steps`` override the named schedule's fields, e.g. ``BatchRenorm1d(256, schedule="crossq",
+    warmup_steps=10_000)``: batch norm for steps 0 … 9 999, then r_max 3, d_max 5 at once. The step is
+    ``num_batches_tracked`` (saved in the state dict, so a resumed run continues the schedule).
+
+    Momentum conventions — the same running average, μ ← μ + 0.01·(μ_B − μ), written three ways:
+
+    ======================================  =========  ==================================
+    PyTorch (here, ``nn.BatchNorm``)         0.01       weight of the new (batch) value
+    the paper's α; CrossQ's PyTorch ports    0.01       weight of the new value
+    Keras / Flax ``momentum`` (CrossQ, sbx)  0.99       weight of the old (running) value
+    ======================================  =========  ==================================
+
+    ``momentum=None`` gives a cumulative average as in ``nn.BatchNorm``.
+
+    ``forward(input, mask=None)``: ``mask`` (N, *spatial) bool, True at valid positions ((N, L) for an
+    (N, C, L) input, (N,) for (N, C)); the batch statistics, r, d and the running statistics use the valid
+    positions only, and every position (padded ones too) is normalized with them, so padded outputs are
+    finite. A batch without valid positions leaves the running statistics unchanged.
+
+    Running σ is tracked directly (buffer ``running_std``), as the paper writes it; a BatchNorm state dict
+    (``running_var``) loads with σ = √(var + ε).
+    """
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in (2, 3):
@@ -240,7 +251,7 @@ class BatchRenorm1d(_BatchRenormBase):
 
 
 class BatchRenorm2d(_BatchRenormBase):
-    """Batch Renormalization over a 4D (N, C, H, W) input. See ``nn.BatchNorm2d``.
+    """Batch Renormalization over a 4D (N, C, H, W) input. See ``nn.BatchNorm2d`` and ``BatchRenorm1d``.
 
     Example::
 
@@ -254,7 +265,7 @@ class BatchRenorm2d(_BatchRenormBase):
 
 
 class BatchRenorm3d(_BatchRenormBase):
-    """Batch Renormalization over a 5D (N, C, D, H, W) input. See ``nn.BatchNorm3d``."""
+    """Batch Renormalization over a 5D (N, C, D, H, W) input. See ``nn.BatchNorm3d`` and ``BatchRenorm1d``."""
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
@@ -264,9 +275,10 @@ class BatchRenorm3d(_BatchRenormBase):
 class SyncBatchRenorm(_BatchRenormBase):
     """Batch Renormalization with statistics over every rank of a ``torch.distributed`` process group.
 
-    Each rank's (count, mean, M2) is all-gathered and merged exactly (ranks may have different batch sizes),
-    so r, d and the running statistics are identical on every rank. Without an initialized process group
-    (or in eval mode) it behaves like ``BatchRenorm*d``. Ghost batches are not supported here.
+    Each rank's (count, mean, M2) — of its valid positions when ``forward`` gets a ``mask`` — is all-gathered
+    and merged exactly (ranks may have different batch sizes and numbers of valid positions), so r, d and the
+    running statistics are identical on every rank. Without an initialized process group (or in eval mode) it
+    behaves like ``BatchRenorm*d``. Ghost batches and ``torch.func`` transforms are not supported here.
     """
 
     def __init__(self, num_features: int, *args: Any, process_group: Any = None, **kwargs: Any) -> None:

@@ -107,17 +107,22 @@ class BRNSchedule:
 
     def limits(self, step: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
         """(r_max, d_max) at ``step`` (an integer tensor; any shape, e.g. one step per ensemble member)."""
-        # Method calls rather than operators with a Python number on the left: this runs every training step,
-        # where per-op overhead is most of the cost on small (RL-sized) batches.
-        t = step.to(dtype)
-        ramp_r = self._ramp(t, self.r_max_steps)
-        ramp_d = ramp_r if self.d_max_steps == self.r_max_steps else self._ramp(t, self.d_max_steps)
+        # Method calls rather than operators with a Python number on the left, and a hard switch compares the
+        # integer step directly: this runs every training step, where per-op overhead is most of the cost on
+        # small (RL-sized) batches.
+        hard = self._is_hard(self.r_max_steps) and self._is_hard(self.d_max_steps)
+        t = step if hard else step.to(dtype)
+        ramp_r = self._ramp(t, self.r_max_steps, dtype)
+        ramp_d = ramp_r if self.d_max_steps == self.r_max_steps else self._ramp(t, self.d_max_steps, dtype)
         return ramp_r.mul(self.r_max - 1.0).add(1.0), ramp_d.mul(self.d_max)
 
-    def _ramp(self, t: Tensor, end: int | None) -> Tensor:
+    def _is_hard(self, end: int | None) -> bool:
+        return end is None or end <= self.warmup_steps
+
+    def _ramp(self, t: Tensor, end: int | None, dtype: torch.dtype) -> Tensor:
         start = self.warmup_steps
         if end is None or end <= start:
-            return torch.ge(t, start).to(t.dtype)
+            return torch.ge(t, start).to(dtype)
         return t.sub(start).div(end - start).clamp(0.0, 1.0)
 
 
@@ -165,6 +170,13 @@ def _as_limit(value: Number, like: Tensor) -> Tensor:
     if isinstance(value, Tensor) and value.dtype == like.dtype and value.device == like.device:
         return value
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+def _folded_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """γ(x̂·r + d) + β = x̂·(γr) + (γd + β): the weight and bias batch norm applies instead of γ and β."""
+    if weight is None:
+        return r, d if bias is None else d + bias
+    return weight * r, weight * d if bias is None else torch.addcmul(bias, weight, d)
 
 
 def _reduce_dims(x: Tensor) -> list[int]:
@@ -224,8 +236,7 @@ class _BatchRenormFunction(torch.autograd.Function):
         total_count: Tensor | None,
         mask: Tensor | None,
     ) -> Tensor:
-        w_eff = r if weight is None else weight * r
-        b_eff = d if weight is None else torch.addcmul(bias, weight, d) if bias is not None else weight * d
+        w_eff, b_eff = _folded_affine(weight, bias, r, d)
         # Eval-mode batch norm with the batch statistics as "running" ones: one fused pass.
         y = F.batch_norm(x, mean, var, w_eff, b_eff, False, 0.0, eps)
         ctx.save_for_backward(x, mean, var, w_eff, r, d, mask)
@@ -398,8 +409,7 @@ def _renorm_train(
         # Small batches (RL critics): per-call overhead dominates, and batch norm's own training kernel with
         # weight γr and bias γd + β — differentiated by autograd, r and d constants — costs less than a custom
         # autograd.Function, even though it computes the batch statistics a second time.
-        w_eff = r if weight is None else weight * r
-        b_eff = d if weight is None else weight * d if bias is None else torch.addcmul(bias, weight, d)
+        w_eff, b_eff = _folded_affine(weight, bias, r, d)
         y = F.batch_norm(x, None, None, w_eff, b_eff, True, 0.0, eps)
     else:
         y = _BatchRenormFunction.apply(x, weight, bias, mean, var, r, d, eps, process_group, total, mask)
