@@ -258,7 +258,7 @@ def test_harness_builds_and_trains(overrides):
     expected = {"sgdp": "SGDP", "adamp": "AdamP", "lars": "LARS", "lamb": "LAMB"}[overrides["optimizer"]]
     assert type(opt).__name__ == expected
     if overrides.get("projection") == "graph":
-        assert [g["projection"] for g in opt.param_groups][0] == "row"
+        assert opt.param_groups[0]["projection"] == "row"
     if expected in ("LARS", "LAMB"):
         assert any(g["adapt"] is False for g in opt.param_groups)
     res = run(cfg, data=load_dataset("digits", subset=512), log=lambda s: None, save=False)
