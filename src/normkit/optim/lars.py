@@ -138,28 +138,35 @@ def lamb(
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    updates = list(torch._foreach_sqrt(exp_avg_sqs))
-    torch._foreach_div_(updates, [math.sqrt(1.0 - beta2**t) for t in steps])
-    torch._foreach_add_(updates, eps)
-    torch._foreach_reciprocal_(updates)
-    torch._foreach_mul_(updates, exp_avgs)
-    torch._foreach_div_(updates, [1.0 - beta1**t for t in steps])  # r = m̂/(√v̂ + ε)
+    # r = m̂/(√v̂ + ε) = c·r' with r' = m/(√v + ε√(1 − β2ᵗ)), c = √(1 − β2ᵗ)/(1 − β1ᵗ); u = c·u' with
+    # u' = r' + (β/c)·w. The trust-ratio step γ(‖w‖/‖u‖)u = γ(‖w‖/‖u'‖)u' does not depend on c, so c only
+    # enters where the ratio is 1 and in the plain Adam step of excluded tensors.
+    bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
+    c = [b / (1.0 - beta1**t) for b, t in zip(bc2_sqrt, steps)]
+    denom = list(torch._foreach_sqrt(exp_avg_sqs))
+    torch._foreach_add_(denom, [eps * b for b in bc2_sqrt])
+    updates = list(torch._foreach_div(exp_avgs, denom))
+    del denom
     ia = [i for i, a in enumerate(adapt) if a]
-    scales: list[Tensor | float] = [-lr] * len(params)
+    plain = [i for i, a in enumerate(adapt) if not a]
+    if plain:
+        p_plain, u_plain = [params[i] for i in plain], [updates[i] for i in plain]
+        if len({c[i] for i in plain}) == 1:
+            torch._foreach_add_(p_plain, u_plain, alpha=-lr * c[plain[0]])
+        else:
+            torch._foreach_add_(p_plain, torch._foreach_mul(u_plain, [-lr * c[i] for i in plain]))
     if ia:
         pa, ua = [params[i] for i in ia], [updates[i] for i in ia]
         if weight_decay:
-            torch._foreach_add_(ua, pa, alpha=weight_decay)
+            if len({c[i] for i in ia}) == 1:
+                torch._foreach_add_(ua, pa, alpha=weight_decay / c[ia[0]])
+            else:
+                torch._foreach_add_(ua, torch._foreach_mul(pa, [weight_decay / c[i] for i in ia]))
         w, u = _norms(pa), _norms(ua)
-        ratio = torch.where((w > 0) & (u > 0), w / u.clamp_min(torch.finfo(u.dtype).tiny), torch.ones_like(w))
-        for i, r in zip(ia, ratio.mul_(-lr).unbind()):
-            scales[i] = r.to(params[i].dtype)
-    plain = [i for i, s in enumerate(scales) if not isinstance(s, Tensor)]
-    if plain:
-        torch._foreach_mul_([updates[i] for i in plain], -lr)
-    if ia:
-        torch._foreach_mul_([updates[i] for i in ia], [scales[i] for i in ia])  # type: ignore[misc, arg-type]
-    torch._foreach_add_(params, updates)
+        fallback = torch.tensor([c[i] for i in ia], dtype=w.dtype, device=w.device)
+        ratio = torch.where((w > 0) & (u > 0), w / u.clamp_min(torch.finfo(u.dtype).tiny), fallback)
+        scales = [r if r.dtype == p.dtype else r.to(p.dtype) for r, p in zip(ratio.mul_(-lr).unbind(), pa)]
+        torch._foreach_addcmul_(pa, ua, scales)  # type: ignore[arg-type]
 
 
 class _TrustBase(Optimizer):
