@@ -317,3 +317,19 @@ def test_results_markdown_tables_are_generated_from_csv(tmp_path: Path) -> None:
     before = md.read_text()
     update_results_markdown(root, md)
     assert md.read_text() == before  # idempotent
+
+
+def test_report_does_not_import_compare() -> None:
+    """The compare -> report dependency goes one way only (no import circle, not even a lazy one)."""
+    import ast
+
+    import normkit.train.report as report
+    import normkit.train.stats as stats
+    import normkit.train.suite as suite
+
+    for module in (report, stats, suite):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {
+            node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+        } | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert "normkit.train.compare" not in imported, module.__name__
