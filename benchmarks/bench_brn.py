@@ -113,6 +113,20 @@ def run(quick: bool) -> list[Ratio]:
 
 
 def _rl_rows(repeats: int) -> list[Ratio]:
+    rows = _rl_pair(repeats, "")
+    threads = torch.get_num_threads()
+    if threads > 1:
+        # Small tensors: with several threads each kernel's parallel region costs as much as its arithmetic,
+        # and on a shared machine far more; single-threaded figures show the per-call overhead itself.
+        torch.set_num_threads(1)
+        try:
+            rows += _rl_pair(repeats, ", 1 thread")
+        finally:
+            torch.set_num_threads(threads)
+    return rows
+
+
+def _rl_pair(repeats: int, label: str) -> list[Ratio]:
     shape = (2 * 256, 256)  # CrossQ's joint batch: (s, a) and (s', a') of a 256 batch, 256 features
     renorm = BatchRenorm1d(shape[1], schedule="crossq").train()
     plain = PlainBatchRenorm1d(shape[1]).train()
@@ -121,7 +135,7 @@ def _rl_rows(repeats: int) -> list[Ratio]:
     bn = nn.BatchNorm1d(shape[1]).train()
     x = torch.randn(shape).requires_grad_()
     grad = torch.randn_like(x)
-    name = f"train fwd+bwd 1d RL {shape}"
+    name = f"train fwd+bwd 1d RL {shape}{label}"
     return [
         measure_ratio(
             name,

@@ -17,8 +17,8 @@ from normkit.nn.functional import (
     _check_arguments,
     _check_mask,
     _eval_forward,
+    _resolve_schedule,
     _train_inplace,
-    resolve_schedule,
     schedule_limits,
 )
 
@@ -61,7 +61,7 @@ class _BatchRenormBase(nn.Module):
             raise ValueError(
                 f"virtual_batch_size must be a positive number of examples, got {virtual_batch_size}"
             )
-        resolved = resolve_schedule(schedule)
+        resolved = _resolve_schedule(schedule)
         overrides: dict[str, Any] = {
             name: value
             for name, value in zip(_SCHEDULE_FIELDS, (r_max, d_max, warmup_steps, r_max_steps, d_max_steps))

@@ -38,6 +38,7 @@ __all__ = [
     "functional_batch_renorm",
     "renorm_correction",
     "renorm_limits",
+    "schedule_limits",
 ]
 
 Number = float | Tensor
@@ -616,7 +617,7 @@ def functional_batch_renorm(
     return y, new_state
 
 
-def resolve_schedule(schedule: BRNSchedule | str | Schedule | None) -> BRNSchedule | Schedule:
+def _resolve_schedule(schedule: BRNSchedule | str | Schedule | None) -> BRNSchedule | Schedule:
     """A ``BRNSchedule`` for a preset name (``None``: ``"paper"``); schedules and callables unchanged."""
     if schedule is None:
         return PRESETS["paper"]
@@ -642,7 +643,7 @@ def schedule_limits(
     limit_dtype = torch.promote_types(dtype, torch.float32)
     if step.device.type == "mps" and limit_dtype == torch.float64:
         limit_dtype = torch.float32
-    resolved = resolve_schedule(schedule)
+    resolved = _resolve_schedule(schedule)
     if isinstance(resolved, BRNSchedule):
         return resolved.limits(step, limit_dtype)
     r_max, d_max = resolved(step)
