@@ -37,6 +37,25 @@ Include = Iterable[str | nn.Module] | Callable[[str, nn.Module], bool] | None
 _SUPPORTED = (LayerKind.LINEAR, LayerKind.CONV, LayerKind.CONV_TRANSPOSE)
 
 
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the QR runs in: float64 for a float64 result, float32 otherwise (as ``orthogonal_``)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _semi_orthogonal(
+    rows: int, cols: int, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device | None
+) -> Tensor:
+    """A Haar-random ``rows × cols`` semi-orthogonal matrix in ``dtype`` on ``device`` (a view, maybe a
+    transposed one). The Gaussian matrix is drawn as the transpose of a row-major one, i.e. in the
+    column-major layout LAPACK works in, so the QR copies nothing in."""
+    big, small = max(rows, cols), min(rows, cols)
+    gen_device = generator.device if generator is not None else device
+    a = torch.randn(small, big, generator=generator, dtype=dtype, device=gen_device).to(device).mT
+    q, r = torch.linalg.qr(a)
+    q.mul_(torch.sign(torch.sign(torch.diagonal(r)) + 0.5))  # Mezzadri's sign fix; sign 0 counts as +1
+    return q if rows >= cols else q.mT
+
+
 def orthogonal_matrix(
     rows: int,
     cols: int,
@@ -47,15 +66,14 @@ def orthogonal_matrix(
 ) -> Tensor:
     """A Haar-random ``rows × cols`` matrix with orthonormal rows (rows ≤ cols) or columns (rows > cols).
 
-    QR of a Gaussian matrix with the signs of R's diagonal folded into Q (Mezzadri 2007), in float64.
+    QR of a Gaussian matrix with the signs of R's diagonal folded into Q (Mezzadri 2007), computed in float64
+    for a float64 result and in float32 otherwise (like ``torch.nn.init.orthogonal_``: the float32 QR is
+    orthonormal to float32 rounding and twice as fast), on ``device`` unless ``generator`` lives elsewhere.
     """
     if rows < 1 or cols < 1:
         raise ValueError(f"orthogonal_matrix needs positive sizes, got {rows} × {cols}")
-    big, small = max(rows, cols), min(rows, cols)
-    a = torch.randn(big, small, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(a)
-    q = q * torch.sign(torch.sign(torch.diagonal(r)) + 0.5)  # sign 0 counts as +1
-    m = q if rows >= cols else q.T
+    dev = torch.device(device) if device is not None else None
+    m = _semi_orthogonal(rows, cols, generator, _math_dtype(dtype), dev)
     return m.to(dtype=dtype, device=device).contiguous()
 
 
@@ -71,27 +89,31 @@ def orthogonal_weight(
 ) -> Tensor:
     """An orthonormal weight of a linear (``(out, in)``), conv (``(out, in/groups, *k)``) or transposed conv
     (``(in, out/groups, *k)``, ``transposed=True``) layer: one semi-orthogonal matrix per group, rows = output
-    channels, times ``gain``."""
+    channels, times ``gain``. Computed in float32 (float64 for a float64 weight), written once into the
+    result: no copy beyond the QR's own."""
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f"a layer weight has at least 2 dimensions, got shape {shape}")
     if shape[0] % groups:
         raise ValueError(f"weight shape {shape} does not split into {groups} groups along dimension 0")
+    dev = torch.device(device) if device is not None else None
+    math_dtype = _math_dtype(dtype)
     kernel = shape[2:]
     k = math.prod(kernel)
-    blocks = []
+    w = torch.empty(shape, dtype=dtype, device=dev)
     if transposed:
         in_g, out_g = shape[0] // groups, shape[1]
-        for _ in range(groups):
-            m = orthogonal_matrix(out_g, in_g * k, generator=generator)
-            blocks.append(m.reshape(out_g, in_g, *kernel).transpose(0, 1))
+        for g in range(groups):
+            m = _semi_orthogonal(out_g, in_g * k, generator, math_dtype, dev)
+            w[g * in_g : (g + 1) * in_g].copy_(m.reshape(out_g, in_g, *kernel).transpose(0, 1))
     else:
         out_g, in_g = shape[0] // groups, shape[1]
-        for _ in range(groups):
-            m = orthogonal_matrix(out_g, in_g * k, generator=generator)
-            blocks.append(m.reshape(out_g, in_g, *kernel))
-    w = torch.cat(blocks, 0) * gain
-    return w.to(dtype=dtype, device=device).contiguous()
+        for g in range(groups):
+            m = _semi_orthogonal(out_g, in_g * k, generator, math_dtype, dev)
+            w[g * out_g : (g + 1) * out_g].view(out_g, -1).copy_(m)
+    if gain != 1.0:
+        w.mul_(gain)
+    return w
 
 
 def _module_weight(

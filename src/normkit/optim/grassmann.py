@@ -106,17 +106,23 @@ def _clip_scale(h2: Tensor, grad_clip: float) -> Tensor:
 
 
 def _rotation(sq_v: Tensor, k: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row, ``(cos θ, k sinc θ, −k‖v‖² sinc θ)`` with ``θ = |k|‖v‖``, from ``‖v‖²``, in float64.
+    """Per row, ``(cos θ, k sinc θ, −k‖v‖² sinc θ)`` with ``θ = |k|‖v‖``, from ``‖v‖²``.
 
     The geodesic of ``k v`` rotates the pair ``(y, v)`` in its plane by θ; these are the rotation's
-    coefficients. Evaluated in float64 (a few scalars per row): exact for every θ, several turns included.
+    coefficients, exact for every θ (several turns included): ``cos² + (θ sinc θ)² = 1`` to rounding, so the
+    rows stay unit; where they point is as precise as θ, i.e. ``‖v‖`` in the math dtype.
     """
-    dtype = torch.float32 if sq_v.device.type == "mps" else torch.float64
-    sq = sq_v.to(dtype)
-    kk = k.to(dtype) if isinstance(k, Tensor) else k
-    theta = sq.sqrt().mul_(kk.abs() if isinstance(kk, Tensor) else abs(kk))
-    snc = torch.where(theta > 0, torch.sin(theta).div_(theta), 1.0).mul_(kk)  # k sinc θ, limit k at 0
-    return torch.cos(theta), snc, snc.mul(sq).neg_()
+    theta = sq_v.sqrt()
+    if isinstance(k, Tensor):
+        theta.mul_(k.abs())
+    elif k != 1.0:
+        theta.mul_(abs(k))
+    # sin θ/θ from the same θ as cos θ (torch.sinc(θ/π) rounds θ/π: cos² + sin² would be off by θ·2⁻²³);
+    # sin θ/θ is exact to rounding for every θ > 0, the limit 1 is only needed at 0
+    a = torch.where(theta > 0, torch.sin(theta).div_(theta), 1.0)
+    if isinstance(k, Tensor) or k != 1.0:
+        a.mul_(k)
+    return torch.cos(theta), a, torch.mul(a, sq_v).neg_()
 
 
 def _geodesic_(
@@ -128,17 +134,15 @@ def _geodesic_(
     With ``θ = |k|‖v‖`` the pair moves by ``y ← y cos θ + k v sinc θ``, ``v ← v cos θ − k‖v‖² sinc θ · y``: a
     rotation in the plane of ``(y, v)`` that keeps ``‖y‖ = 1`` and ``‖v‖`` for every θ. For SGD-G (k = 1,
     v = d) the second formula is the paper's ``(u cos θ − y sin θ) θ``. Three passes through ``scratch``
-    (``k sinc θ · v``; ``v`` in place; ``w`` from ``scratch``), with ``1/‖w‖`` folded into the coefficients.
+    (``k sinc θ · v``; ``v`` in place; ``w`` from ``scratch``), with ``1/‖w‖`` folded into the coefficients —
+    the memory traffic of the three in-place shears (``α = k tan(θ/2)/θ``) we used before plus the pass that
+    normalized ``w``, without their blow-up at θ = π, 3π, ...
     """
     cos, a, b = _rotation(sq_v, k)
-    if inv_r is not None:
-        coef = torch.cat([a, cos, cos * inv_r, b * inv_r], 1).to(w.dtype)
-    else:
-        coef = torch.cat([a, cos, cos, b], 1).to(w.dtype)
-    a_, cos_v, cos_w, b_w = coef.unbind(1)
-    torch.mul(v, a_.unsqueeze(1), out=scratch)  # k sinc θ · v (the old v, for the new y)
-    v.mul_(cos_v.unsqueeze(1)).addcmul_(w, b_w.unsqueeze(1))
-    torch.addcmul(scratch, w, cos_w.unsqueeze(1), out=w)
+    cos_w, b_w = (cos, b) if inv_r is None else (cos * inv_r, b.mul_(inv_r))
+    torch.mul(v, a, out=scratch)  # k sinc θ · v (the old v, for the new y)
+    v.mul_(cos).addcmul_(w, b_w)
+    torch.addcmul(scratch, w, cos_w, out=w)
 
 
 def _compiled_tangent(
@@ -166,7 +170,6 @@ def _compiled_tangent(
 
 def _compiled_geodesic(y: Tensor, v: Tensor, k: Tensor | float) -> tuple[Tensor, Tensor]:
     cos, a, b = _rotation((v * v).sum(1, keepdim=True), k)
-    cos, a, b = cos.to(y.dtype), a.to(y.dtype), b.to(y.dtype)
     return y * cos + v * a, v * cos + y * b
 
 
