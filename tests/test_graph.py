@@ -314,3 +314,12 @@ def test_concatenated_weights_feed_per_channel_normalization():
         with torch.no_grad():
             w.copy_(saved)
         assert invariant == (n.name in feeds), n.name
+
+
+def test_linear_on_sequences_into_batchnorm1d_is_not_per_channel():
+    # (N, L, F) into BatchNorm1d(L): the normalized channels are the L positions, not the linear's features
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(5))
+    g = trace(model, torch.randn(6, 5, 4))
+    assert g.feeds_normalization("0") and not g.feeds_normalization("0", per_channel=True)
+    g2 = trace(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), torch.randn(6, 4))
+    assert g2.feeds_normalization("0", per_channel=True)

@@ -456,6 +456,9 @@ class ModelGraph:
             return False
         if not self.traced and allowed != {OpKind.IDENTITY}:
             self._require_traced("follow operations between layers")
+        shape = layer.output_shape
+        if per_channel and layer.kind is LayerKind.LINEAR and shape is not None and len(shape) > 2:
+            return False  # (N, L, F) into a BatchNorm1d: its channels are the L axis, not the features
         for edge in layer.consumers:
             if edge.dst is None:
                 return False
