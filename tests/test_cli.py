@@ -90,7 +90,7 @@ ERRORS = {
     "bad choice": (
         ["train", "--optimizer", "lion"],
         rf"invalid choice: 'lion' \(choose from {Q}sgd{Q}, {Q}adam{Q}, {Q}adamw{Q}, "
-        rf"{Q}sgdg{Q}, {Q}adamg{Q}\)",
+        rf"{Q}sgdg{Q}, {Q}adamg{Q}, {Q}sgdp{Q}, {Q}adamp{Q}, {Q}lars{Q}, {Q}lamb{Q}\)",
     ),
     "bad dataset": (["train", "--data", "imagenet"], f"choose from {Q}digits{Q}, {Q}mnist1d"),
     "bad norm name": (["train", "--normalize", "l3"], f"choose from {Q}l1{Q}, {Q}l2"),
