@@ -246,3 +246,30 @@ def test_validated_before_any_work(
 
     assert re.search(message, err), err
     assert not any(tmp_path.iterdir())  # no half-made run directory
+
+
+def test_failed_download_and_interrupted_compare_are_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import normkit.train.compare as compare_module
+    import normkit.train.data as data
+
+    def unreachable(*a: Any, **k: Any) -> None:
+        raise OSError("<urlopen error [Errno 101] Network is unreachable>")
+
+    names = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "SVHN")
+    fake = types.SimpleNamespace(**dict.fromkeys(names, unreachable))
+    monkeypatch.setattr(data, "require", lambda *a, **k: fake)
+    monkeypatch.chdir(tmp_path)
+    err = _fails(capsys, ["train", "--data", "mnist", "--download", "--data-dir", str(tmp_path)], code=2)
+    assert "downloading into" in err and "Network is unreachable" in err
+    assert not (tmp_path / "runs").exists()
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare_module, "_run_job", interrupted)
+    err = _fails(capsys, ["compare", "--methods", "bn-sgd", "--seeds", "1", "--out", str(tmp_path / "c")])
+    assert "run the same command again to continue" in err
