@@ -93,47 +93,48 @@ def test_torchrun_resume_is_bit_exact_with_per_rank_dropout(tmp_path: Path) -> N
 # --- reported metrics are the saved model's; uneven global batches weigh every example equally ------------
 
 
-def _train_in_group(rank: int, world: int, cfg: dict, out: str) -> list[dict]:
-    res = run(cfg, out, log=lambda s: None, progress=False)
-    return [{k: v for k, v in m.items() if "time" not in k} for m in res.metrics]
+def _train_in_group(rank: int, world: int, cases: list[tuple[dict, str]]) -> list[list[dict]]:
+    out = []
+    for cfg, path in cases:
+        res = run(cfg, path, log=lambda s: None, progress=False)
+        out.append([{k: v for k, v in m.items() if "time" not in k} for m in res.metrics])
+    return out
 
 
-def test_uneven_global_batch_two_processes_equal_one(tmp_path: Path) -> None:
-    from normkit.train.checkpoint import load_checkpoint
-    from tests.distributed import run_gloo
+def test_ddp_weighs_uneven_batches_exactly_and_reports_the_saved_model(tmp_path: Path) -> None:
+    """Two processes (gloo, CPU) train two runs:
 
-    # 63 = 32 + 31 per rank; BN-free, so the only difference two processes could make is the weighting
-    cfg = {
-        "data": "digits", "model": "mlp", "depth": 2, "width": 32, "norm": "none", "epochs": 2,
-        "batch_size": 63, "subset": 252, "lr": 0.1, "seed": 5,
-    }  # fmt: skip
-    ddp, _ = run_gloo(_train_in_group, 2, cfg, str(tmp_path / "ddp"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        single = run(cfg, tmp_path / "single", log=lambda s: None).metrics
-    finally:
-        torch.set_num_threads(n)
-    for a, b in zip(ddp, single):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
-    p = load_checkpoint(tmp_path / "ddp")["model"]
-    q = load_checkpoint(tmp_path / "single")["model"]
-    for k in p:
-        torch.testing.assert_close(p[k], q[k], rtol=1e-5, atol=1e-6)  # float32 round-off only
-
-
-def test_ddp_reports_the_saved_checkpoints_metrics_without_sync_bn(tmp_path: Path) -> None:
+    - BN-free, global batch 63 = 32 + 31 per rank: the weighting is the only thing two processes could change,
+      so they must equal one process to float32 round-off;
+    - with BN and without --sync-bn (ranks' running statistics differ): the reported test metrics must be
+      those of the checkpoint rank 0 saved, evaluated by one process on the whole test set.
+    """
     from normkit.train.checkpoint import load_checkpoint
     from normkit.train.engine import evaluate_checkpoint
     from tests.distributed import run_gloo
 
-    cfg = {
-        "data": "digits", "model": "mlp", "depth": 2, "width": 32, "norm": "bn", "epochs": 1,
-        "batch_size": 64, "subset": 256, "lr": 0.1, "seed": 1,
+    uneven = {
+        "data": "digits", "model": "mlp", "depth": 2, "width": 32, "norm": "none", "epochs": 2,
+        "batch_size": 63, "subset": 252, "lr": 0.1, "seed": 5,
     }  # fmt: skip
-    ddp, _ = run_gloo(_train_in_group, 2, cfg, str(tmp_path / "ddp"))
-    saved = evaluate_checkpoint(tmp_path / "ddp", device="cpu")  # one process, the whole test set
-    assert saved["test_acc"] == ddp[-1]["test_acc"]
-    assert saved["test_loss"] == pytest.approx(ddp[-1]["test_loss"], rel=1e-6)
-    assert load_checkpoint(tmp_path / "ddp")["epoch"] == 1
+    bn = {**uneven, "norm": "bn", "epochs": 1, "batch_size": 64, "subset": 256, "seed": 1}
+    cases = [(uneven, str(tmp_path / "uneven")), (bn, str(tmp_path / "bn"))]
+    (ddp_uneven, ddp_bn), _ = run_gloo(_train_in_group, 2, cases)
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run(uneven, tmp_path / "single", log=lambda s: None).metrics
+    finally:
+        torch.set_num_threads(n)
+    for a, b in zip(ddp_uneven, single):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+    p = load_checkpoint(tmp_path / "uneven")["model"]
+    q = load_checkpoint(tmp_path / "single")["model"]
+    for k in p:
+        torch.testing.assert_close(p[k], q[k], rtol=1e-5, atol=1e-6)  # float32 round-off only
+
+    saved = evaluate_checkpoint(tmp_path / "bn", device="cpu")  # one process, the whole test set
+    assert saved["test_acc"] == ddp_bn[-1]["test_acc"]
+    assert saved["test_loss"] == pytest.approx(ddp_bn[-1]["test_loss"], rel=1e-6)
