@@ -6,6 +6,7 @@ in-place rescale of it and of its momentum buffer — against the same step.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,17 @@ def fc_net(depth: int = 15, width: int = 500, d_in: int = 3072, classes: int = 1
         layers.append(nn.Linear(d_in if i == 0 else width, classes if i == depth - 1 else width))
         if i < depth - 1:
             layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def authors_fc_net(depth: int = 15, width: int = 500, d_in: int = 3072, classes: int = 10) -> nn.Sequential:
+    """The FC network as the authors published it: bias-free linear layers, BatchNorm1d + ReLU after each
+    hidden one (ENorm balances across the BatchNorm with ``norm_layers="ignore"`` or ``"affine"``)."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers.append(nn.Linear(d_in if i == 0 else width, classes if i == depth - 1 else width, bias=False))
+        if i < depth - 1:
+            layers += [nn.BatchNorm1d(width), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -65,6 +77,7 @@ def _case(
     inner: int,
     threads: int,
     floor: bool = False,
+    norm_layers: str = "stop",
 ) -> Ratio:
     torch.manual_seed(0)
     model = make()
@@ -72,7 +85,9 @@ def _case(
     x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
     step = _train_step(model, optimizer, x, y)
     step()  # momentum buffers exist: the cycle rescales them too
-    enorm = ENorm(model, optimizer, c=c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "ignore" says that it changes the function: known here
+        enorm = ENorm(model, optimizer, c=c, norm_layers=norm_layers)
     name = f"{label}, {len(enorm.groups)} groups, batch {shape[0]}, momentum {momentum}, {threads} thr"
     candidate = enorm.cycle
     if floor:
@@ -116,5 +131,27 @@ def run(quick: bool) -> list[Ratio]:
             _case("9-conv", ConvNet9, (conv_batch, 3, 32, 32), 0.9, 1.1, conv_repeats, 1, threads),
             _case("FC 15x500", fc_net, (256, 3072), 0.0, 1.2, fc_repeats, 3, threads, floor=True),
             _case("FC 15x500", fc_net, (256, 3072), 0.9, 1.2, fc_repeats, 3, threads, floor=True),
+            _case(
+                "authors' BN FC 15x500, ignore",
+                authors_fc_net,
+                (256, 3072),
+                0.0,
+                1.2,
+                fc_repeats,
+                3,
+                threads,
+                norm_layers="ignore",
+            ),
+            _case(
+                "authors' BN FC 15x500, affine",
+                authors_fc_net,
+                (256, 3072),
+                0.0,
+                1.2,
+                fc_repeats,
+                3,
+                threads,
+                norm_layers="affine",
+            ),
         ]
     return results
