@@ -13,7 +13,10 @@ The ratio is 1 when ``‖w‖ = 0`` or the denominator is 0 (chosen on the devic
 host synchronisation). Tensors with one dimension (biases, normalization weights) are excluded from
 adaptation and weight decay by default (``exclude_1d``): they take the plain SGD-with-momentum / Adam step.
 A group may set ``adapt=False`` to exclude its tensors too (:func:`trust_ratio_param_groups` does this for
-every parameter of a normalization layer, found by module type). All arithmetic is multi-tensor.
+every parameter of a normalization layer, found by module type). All arithmetic is multi-tensor: the norms
+of all tensors come from one ``_foreach_norm`` each, LARS folds the ratio into the momentum update and LAMB
+leaves Adam's bias corrections out of the ratio step (it does not depend on them). On CPU LARS costs
+1.1–1.5× SGD and LAMB 1.0–1.2× AdamW (``BENCHMARKS.md``, noisy machine).
 """
 
 from __future__ import annotations
