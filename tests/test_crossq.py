@@ -13,6 +13,7 @@ from normkit.train.config import ConfigError
 from normkit.train.crossq import Agent, Batch, CrossQConfig, HardSwitch, run_rl, sign_test
 
 pytest.importorskip("gymnasium")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: OpenMP threads only cost here
 
 TINY = {
     "total_steps": 260,
@@ -234,7 +235,9 @@ def test_missing_gymnasium_names_the_extra(monkeypatch):
         _make_env("Pendulum-v1")
 
 
-def test_compare_suite_runs_writes_the_usual_files_and_reuses_runs(tmp_path, capsys):
+def test_compare_suite_runs_writes_the_usual_files_and_reuses_runs(tmp_path, capsys, monkeypatch):
+    import os
+
     from normkit.cli import main
     from normkit.train.compare import SUITES, compare
 
@@ -246,6 +249,7 @@ def test_compare_suite_runs_writes_the_usual_files_and_reuses_runs(tmp_path, cap
     suite = SUITES["crossq"]
     tiny = dataclasses.replace(suite, base={**suite.base, **TINY}, arms=suite.arms[:2], seeds=2)
     lines = []
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # the in-process run keeps to one thread
     result = compare(tiny, tmp_path, log=lines.append)
     csv_rows = (tmp_path / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("arm,seed,env_steps,final_return") and len(csv_rows) == 5
