@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -200,6 +201,7 @@ def test_long_tensors_accumulate_precisely() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NORMKIT_SLOW"), reason="256 MB of tensors: set NORMKIT_SLOW=1")
 def test_vgg_sized_gradient_normalizes_to_one() -> None:
     """Issue 12: over 2^24 elements (VGG's 4096 × 25088 classifier gradient normalized to 1.0097), Σ|x| of
     2^25 positive values came out 10 % high; now the norms agree with float64 to 1e-6 and the normalized
