@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from normkit.nn import BatchRenorm1d
+from normkit.nn import BatchRenorm1d, BRNSchedule
 from normkit.train.config import ConfigError
-from normkit.train.crossq import Agent, Batch, CrossQConfig, HardSwitch, run_rl, sign_test
+from normkit.train.crossq import Agent, Batch, CrossQConfig, run_rl, sign_test
 
 pytest.importorskip("gymnasium")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: OpenMP threads only cost here
@@ -171,9 +171,9 @@ def test_actor_and_temperature_wait_for_the_policy_delay():
 
 
 def test_hard_switch_schedule_is_bn_then_renorm():
-    schedule = HardSwitch(10, r_max=3.0, d_max=5.0)
+    schedule = BRNSchedule(3.0, 5.0, warmup_steps=10)  # what the BRN critic uses (CrossQ's switch)
     for step, limits in [(0, (1.0, 0.0)), (9, (1.0, 0.0)), (10, (3.0, 5.0)), (10**6, (3.0, 5.0))]:
-        r_max, d_max = schedule(torch.tensor(step))
+        r_max, d_max = schedule.limits(torch.tensor(step))
         assert isinstance(r_max, torch.Tensor) and (r_max.item(), d_max.item()) == limits
     brn, bn = BatchRenorm1d(4, schedule=schedule), torch.nn.BatchNorm1d(4, momentum=0.01)
     x = 3 * torch.randn(32, 4) + 2

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from normkit.nn import BatchRenorm1d
+from normkit.nn import BatchRenorm1d, BRNSchedule
 from normkit.train.checkpoint import atomic_write_text
 from normkit.train.config import ConfigError
 
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Agent",
     "CrossQConfig",
-    "HardSwitch",
     "ReplayBuffer",
     "plan_suite",
     "run_rl",
@@ -135,26 +134,12 @@ class CrossQConfig:
 # --- networks -----------------------------------------------------------------------------------------------
 
 
-class HardSwitch:
-    """BRN schedule of the CrossQ ports: plain BN (r_max 1, d_max 0) for ``warmup`` steps, then ``r_max``,
-    ``d_max`` at once. Tensor in, tensors out: no host synchronisation."""
-
-    def __init__(self, warmup: int, r_max: float = 3.0, d_max: float = 5.0) -> None:
-        self.warmup, self.r_max, self.d_max = warmup, r_max, d_max
-
-    def __call__(self, step: Tensor) -> tuple[Tensor, Tensor]:
-        on = (step >= self.warmup).to(torch.float32)
-        return 1.0 + (self.r_max - 1.0) * on, self.d_max * on
-
-    def __repr__(self) -> str:
-        return f"HardSwitch({self.warmup}, r_max={self.r_max}, d_max={self.d_max})"
-
-
 def _norm(kind: str, width: int, cfg: CrossQConfig) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm1d(width, eps=cfg.norm_eps, momentum=cfg.norm_momentum)
     if kind == "brn":
-        schedule = HardSwitch(cfg.brn_warmup_steps, cfg.brn_r_max, cfg.brn_d_max)
+        # CrossQ's schedule: plain BN for the warm-up, then r_max, d_max at once (no ramp)
+        schedule = BRNSchedule(cfg.brn_r_max, cfg.brn_d_max, warmup_steps=cfg.brn_warmup_steps)
         return BatchRenorm1d(width, eps=cfg.norm_eps, momentum=cfg.norm_momentum, schedule=schedule)
     return nn.Identity()
 
@@ -462,7 +447,11 @@ def plan_suite(
                 cfg = CrossQConfig.from_dict({**suite.base, **arm.overrides, "seed": seed})
             except (ConfigError, TypeError) as exc:
                 raise ConfigError(f"suite {suite.name}, arm {arm.label!r}: {exc}") from exc
-            jobs.append(Job(arm.label, seed, cfg.to_dict(), Path(out) / "runs" / arm.label / f"seed{seed}"))
+            jobs.append(
+                Job(
+                    arm.label, arm.method, seed, cfg.to_dict(), Path(out) / "runs" / arm.label / f"seed{seed}"
+                )
+            )
     return jobs
 
 
