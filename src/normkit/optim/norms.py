@@ -283,7 +283,8 @@ _ROW = 4096
 def _long_norm(t: Tensor, order: float, acc: torch.dtype | None) -> Tensor:
     """``‖t‖_order`` (order 1 or 2) of a long tensor: rows of 4096 reduced in ``acc``, the rows' results
     added in float64 (float32 on devices without it), returned in the dtype the short path would give."""
-    flat = t.reshape(-1)
+    # element order does not matter to a norm: flatten in memory order (channels_last: a view, no copy)
+    flat = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride()[d])).reshape(-1)
     head = flat.numel() - flat.numel() % _ROW
     parts = [torch.linalg.vector_norm(flat[:head].view(-1, _ROW), order, dim=1, dtype=acc)]
     if head < flat.numel():
