@@ -333,3 +333,23 @@ def test_report_does_not_import_compare() -> None:
             node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
         } | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         assert "normkit.train.compare" not in imported, module.__name__
+
+
+def test_a_killed_worker_is_reported_and_the_study_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from normkit.train.compare import WorkerDied
+
+    monkeypatch.setenv("NORMKIT_CRASH_AT", "after-checkpoint:1")  # every worker SIGKILLs itself after epoch 1
+    with pytest.raises(WorkerDied, match="run the same command again"):
+        compare(tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=2, jobs=2, overrides={"epochs": 2},
+                log=lambda s: None)  # fmt: skip
+    monkeypatch.delenv("NORMKIT_CRASH_AT")
+    lines: list[str] = []
+    result = compare(
+        tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=2, overrides={"epochs": 2}, log=lines.append
+    )
+    assert "(0 already finished)" in lines[0]  # killed runs are not counted as finished
+    assert all([m["epoch"] for m in r["metrics"]] == [1, 2] for r in result.runs)
+    logs = [(tmp_path / "runs" / "bn-sgd" / f"seed{k}" / "log.txt").read_text() for k in range(2)]
+    assert any("resumed from epoch 1" in log for log in logs)

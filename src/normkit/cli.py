@@ -189,9 +189,10 @@ class Failure(Exception):
 
 def _runtime_errors() -> tuple[type[BaseException], ...]:
     from normkit.train.checkpoint import CheckpointError, RunFileError
+    from normkit.train.compare import WorkerDied
     from normkit.train.engine import RunDirError
 
-    return (CheckpointError, RunFileError, RunDirError)
+    return (CheckpointError, RunFileError, RunDirError, WorkerDied)
 
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

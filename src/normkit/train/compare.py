@@ -547,6 +547,10 @@ def _run_job(job: Job, threads: int, overwrite: bool = False) -> dict[str, Any]:
     }
 
 
+class WorkerDied(RuntimeError):
+    """A ``--jobs`` worker process ended abruptly (signal, out of memory)."""
+
+
 class _Lock:
     """An exclusive lock on a compare output directory (``OUT/.lock``, ``flock``): the kernel releases it
     when its process dies, so a lock left by a killed ``compare`` is never an obstacle."""
@@ -691,8 +695,14 @@ def _compare_locked(
             ctx = multiprocessing.get_context("spawn")
             with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
                 pending = [pool.submit(_run_job, job, threads, overwrite) for job in job_list]
-                for fut in futures.as_completed(pending):
-                    done(fut.result())
+                try:
+                    for fut in futures.as_completed(pending):
+                        done(fut.result())
+                except futures.BrokenExecutor:
+                    raise WorkerDied(
+                        "a worker process died (killed, or out of memory?); finished runs are kept and an "
+                        "interrupted one resumes from its last epoch: run the same command again to continue"
+                    ) from None
     finally:
         if bar is not None:
             bar.close()
