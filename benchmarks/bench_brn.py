@@ -1,6 +1,6 @@
 """BatchRenorm vs nn.BatchNorm: train-mode forward+backward and eval forward, same shapes, same process.
 
-The RL rows (issue 16) time BatchRenorm1d on a CrossQ-sized critic batch — the joint (s, a) / (s', a') pass of
+The RL rows time BatchRenorm1d on a CrossQ-sized critic batch — the joint (s, a) / (s', a') pass of
 2×256 rows, 256 features — where per-call overhead rather than memory traffic dominates; against
 nn.BatchNorm1d and against a straightforward BRN written the way the RL ports write it (``PlainBatchRenorm1d``
 below: eager arithmetic, a Python branch on the step counter).

@@ -1,5 +1,5 @@
 """AdamP / SGDP, sphere projection, LARS / LAMB: step cost against the torch optimizer each builds on
-(issue 17: target ≤ 1.3×), and AdamP against the plain per-parameter AdamP of the authors' algorithm
+(target ≤ 1.3×), and AdamP against the plain per-parameter AdamP of the authors' algorithm
 (target ≥ 3× faster, i.e. ratio ≤ 0.33).
 
 Models: the parameter tensors of WRN-16-4 (2.7 M parameters) and WRN-28-10 (36.5 M) from the harness, with

@@ -11,7 +11,7 @@ its own step (momentum, Adam moments ...) on the transformed gradients. ``N`` is
 
 Blocks (``granularity``):
 
-* ``"tensor"`` — each parameter tensor (the Keras seed's behaviour);
+* ``"tensor"`` — each parameter tensor (the original Keras code's behaviour);
 * ``"layer"`` — all parameters owned directly by one module of ``model`` (the paper's block); a parameter
   that no module of ``model`` owns is a block of its own; a shared parameter belongs to the first module;
 * ``"unit"`` — each output unit: row ``i`` of ``W.reshape(W.shape[0], -1)`` (a Linear row, a conv filter; for

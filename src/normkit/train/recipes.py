@@ -1,4 +1,4 @@
-"""Named presets, one per command of the seeds' READMEs (and per cell of the tables those commands fill).
+"""Named presets, one per command of the original code's READMEs (and per cell of the tables those commands fill).
 
 Each recipe is a partial config (the rest are :class:`~normkit.train.config.TrainConfig` defaults) and says
 which table and number it reproduces. ``normkit train --recipe NAME [overrides]``.
@@ -171,7 +171,7 @@ _ENORM_CONV = {
 }
 _ENORM_NOTE = (
     "The seed gives the commands but not the numbers; the paper's CIFAR-10 table holds them. "
-    "The seed's main.py was run with --n-iter 5 (five runs): use --seed 0..4."
+    "The original main.py was run with --n-iter 5 (five runs): use --seed 0..4."
 )
 _add(
     Recipe(
@@ -225,7 +225,7 @@ _add(
 
 
 # --------------------------------------------------------------------------- Mishkin & Matas 2016 (LSUV)
-# The seed's Torch MNIST example, accuracy after 10 epochs (its table, last row).
+# The original Torch MNIST example, accuracy after 10 epochs (its table, last row).
 _LSUV_MNIST = {
     "model": "mnist-convnet",
     "data": "mnist",
@@ -239,7 +239,7 @@ _LSUV_MNIST = {
 }
 _LSUV_NOTE = (
     "Batch size 10 is the Torch MNIST demo's default (the seed does not state it); plain SGD, constant lr. "
-    "The seed's own test is on the full MNIST (60 000 / 10 000); `--data mnist-t10k` runs it offline on the "
+    "The original code's own test is on the full MNIST (60 000 / 10 000); `--data mnist-t10k` runs it offline on the "
     "real test set split 8 000 / 2 000."
 )
 for _name, _init, _lr, _acc in (
@@ -283,10 +283,10 @@ for _name, _norm in (("brn-wrn16-4-cifar10", "brn"), ("bn-wrn16-4-cifar10", "bn"
             "Batch Renormalization seed (Keras): WRN-16-4 on CIFAR-10, no dropout, "
             + ("Batch Renormalization" if _norm == "brn" else "the BatchNorm baseline"),
             None,
-            "WRN-16-4 on CIFAR-10 with BatchNormalization vs BatchRenormalization (the seed's plot)",
+            "WRN-16-4 on CIFAR-10 with BatchNormalization vs BatchRenormalization (the original code's plot)",
             "The seed shows training curves only (no table); the paper's own numbers are Inception-v3 on "
             "ImageNet (76.5 % BRN vs 74.2 % BN at microbatch 4), out of reach here. The seed ran "
-            "without data augmentation; normkit's CIFAR loader crops and flips (the seed's curves overfit).",
+            "without data augmentation; normkit's CIFAR loader crops and flips (the original code's curves overfit).",
             ("brn",),
         )
     )
@@ -321,7 +321,7 @@ for _name, _extra, _label in (
     (
         "clipped-mlp30-adam",
         {"optimizer": "adam", "lr": 1e-3, "clip": "l2", "clipnorm": 0.5},
-        "Adam with per-tensor l2 clipping at 0.5 (the seed's ClippedOptimizer example)",
+        "Adam with per-tensor l2 clipping at 0.5 (the original ClippedOptimizer example)",
     ),
 ):
     _add(
@@ -435,7 +435,7 @@ for _name, _base, _extra, _label in (
         Recipe(
             _name,
             {**_base, **_extra},
-            f"Scale-invariance family (issue 17): {_label}",
+            f"Scale-invariance family: {_label}",
             None,
             _family_usage(_extra),
             "The optimizers' reference defaults on the harness's settings; not a cell of the papers' tables "
