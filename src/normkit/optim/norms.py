@@ -21,7 +21,7 @@ The ε of the optimizers is *not* part of a norm: it is added once, by the calle
 
 **A block without spread under** ``std``. A constant block — every one-element tensor (a bias of one unit, a
 scalar gain), a gradient that is the same number everywhere — has standard deviation 0, and normalizing by it
-divides by ε alone (the seed moved a one-unit bias by 2.6·10⁴ in one step). Such a block has no spread to
+divides by ε alone (it moved a one-unit bias by 2.6·10⁴ in one step). Such a block has no spread to
 measure, so ``std`` returns its size instead: ``|mean x|``, which for a constant block is also its root mean
 square. The normalized block then has entries of magnitude 1, like any other block normalized by ``std``
 (whose entries have unit spread), and the clipped block is clipped at ``c``. "Without spread" means

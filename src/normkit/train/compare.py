@@ -301,8 +301,8 @@ SUITES: dict[str, Suite] = {
     ),
     "normalized": Suite(
         "normalized",
-        "30 x 128 MLP with BN and dropout 0.2 (the original code's deep MLP) on MNIST-1D: SGD (lr 0.01, Nesterov) / "
-        "Adam (lr 1e-3) vs normalized SGD / Adam, constant learning rates as in the seed.",
+        "30 x 128 MLP with BN and dropout 0.2 (the original deep MLP) on MNIST-1D: SGD (lr 0.01, Nesterov) / "
+        "Adam (lr 1e-3) vs normalized SGD / Adam, constant learning rates as in the original code.",
         {
             "data": "mnist1d",
             "model": "mlp",

@@ -266,7 +266,7 @@ def wrn(
     norm: str = "bn",
     **_: Any,
 ) -> nn.Module:
-    """Wide ResNet: ``--depth`` (16) and ``--widen-factor`` (4); WRN-16-4, 22-8, 28-10, 40-10 in the original code."""
+    """Wide ResNet: ``--depth`` (16) and ``--widen-factor`` (4); WRN-16-4, 22-8, 28-10, 40-10 in papers."""
     return WideResNet(input_shape[0], num_classes, depth or 16, widen_factor or 4, dropout, norm)
 
 

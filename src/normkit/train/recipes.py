@@ -1,4 +1,4 @@
-"""Named presets, one per command of the original code's READMEs (and per cell of the tables those commands fill).
+"""Named presets, one per command of the original READMEs (and per cell of the tables those commands fill).
 
 Each recipe is a partial config (the rest are :class:`~normkit.train.config.TrainConfig` defaults) and says
 which table and number it reproduces. ``normkit train --recipe NAME [overrides]``.
@@ -39,7 +39,7 @@ def get_recipe(name: str) -> Recipe:
 
 
 # --------------------------------------------------------------------------- Cho & Lee 2017 (SGD-G/Adam-G)
-# Table 1 (CIFAR, median error of 5 runs) and Table 2 (SVHN) of arXiv 1709.09603, as printed in the seed.
+# Table 1 (CIFAR, median error of 5 runs) and Table 2 (SVHN) of arXiv 1709.09603, as in the original README.
 _RBN_CIFAR = {  # model: {dataset: (SGD, SGD-G, Adam-G)}
     "vgg13": {"cifar10": (5.88, 5.87, 6.05), "cifar100": (26.17, 25.29, 24.89)},
     "vgg19": {"cifar10": (6.49, 5.92, 6.02), "cifar100": (27.62, 25.79, 25.59)},
@@ -170,7 +170,7 @@ _ENORM_CONV = {
     "enorm_norm_layers": "ignore",
 }
 _ENORM_NOTE = (
-    "The seed gives the commands but not the numbers; the paper's CIFAR-10 table holds them. "
+    "The original README gives the commands but not the numbers; the paper's CIFAR-10 table holds them. "
     "The original main.py was run with --n-iter 5 (five runs): use --seed 0..4."
 )
 _add(
@@ -238,8 +238,8 @@ _LSUV_MNIST = {
     "schedule": "constant",
 }
 _LSUV_NOTE = (
-    "Batch size 10 is the Torch MNIST demo's default (the seed does not state it); plain SGD, constant lr. "
-    "The original code's own test is on the full MNIST (60 000 / 10 000); `--data mnist-t10k` runs it offline on the "
+    "Batch size 10 is the Torch MNIST demo's default (not stated); plain SGD, constant lr. "
+    "The original test is on the full MNIST (60 000 / 10 000); `--data mnist-t10k` runs it offline on the "
     "real test set split 8 000 / 2 000."
 )
 for _name, _init, _lr, _acc in (
@@ -284,9 +284,9 @@ for _name, _norm in (("brn-wrn16-4-cifar10", "brn"), ("bn-wrn16-4-cifar10", "bn"
             + ("Batch Renormalization" if _norm == "brn" else "the BatchNorm baseline"),
             None,
             "WRN-16-4 on CIFAR-10 with BatchNormalization vs BatchRenormalization (the original code's plot)",
-            "The seed shows training curves only (no table); the paper's own numbers are Inception-v3 on "
-            "ImageNet (76.5 % BRN vs 74.2 % BN at microbatch 4), out of reach here. The seed ran "
-            "without data augmentation; normkit's CIFAR loader crops and flips (the original code's curves overfit).",
+            "The original shows training curves only (no table); the paper's own numbers are Inception-v3 on "
+            "ImageNet (76.5 % BRN vs 74.2 % BN at microbatch 4), out of reach here. It ran "
+            "without data augmentation; normkit's CIFAR loader crops and flips (its curves overfit).",
             ("brn",),
         )
     )
@@ -331,7 +331,7 @@ for _name, _extra, _label in (
             f"Normalized-optimizers seed, deep MLP (30 dense layers of 128, BN, dropout 0.2): {_label}",
             None,
             "SGD(0.01, momentum=0.9, nesterov=True) / Adam(0.001), wrapped in NormalizedOptimizer(..., 'l2')",
-            "The seed reports training / test curves only (no number); compare them with `normkit compare`.",
+            "The original reports training / test curves only; compare them with `normkit compare`.",
             ("normalized",),
         )
     )
@@ -365,7 +365,7 @@ _FAMILY_WRN = {
 
 
 def _family_usage(cfg: dict[str, Any]) -> str:
-    """The optimizer call the recipe makes (no seed has these optimizers, so no seed command)."""
+    """The optimizer call the recipe makes (no original command exists for it)."""
     opt = cfg["optimizer"]
     if opt == "sgdp":
         wd = cfg["weight_decay"]
