@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.optim._nonfinite import check_policy, nonfinite_verdict
+from normkit.optim._wrapper import OptimizerWrapper, check_wrappable
 from normkit.optim.norms import (
     Norm,
     NormFn,
@@ -140,11 +140,8 @@ class _Plan:
         return all(grads[i].device == d and grads[i].dtype == t for i, d, t in self.checks)
 
 
-class _GradientTransform(torch.optim.Optimizer):
+class _GradientTransform(OptimizerWrapper):
     """Common machinery of :class:`NormalizedOptimizer` and :class:`ClippedOptimizer`."""
-
-    # GradScaler must unscale before our step: the transform needs the true gradients.
-    _step_supports_amp_scaling = False
 
     def __init__(
         self,
@@ -159,21 +156,7 @@ class _GradientTransform(torch.optim.Optimizer):
         foreach: bool | None = None,
         nonfinite: str = "propagate",
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"{type(self).__name__} wraps a torch.optim.Optimizer instance, "
-                f"got {type(optimizer).__name__}"
-                + (
-                    " (a class: instantiate it with the parameters first)"
-                    if isinstance(optimizer, type)
-                    else ""
-                )
-            )
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise TypeError(
-                f"{type(self).__name__} cannot wrap LBFGS: it re-evaluates the closure in its step, which "
-                "would undo the gradient transform"
-            )
+        check_wrappable(type(self).__name__, optimizer)
         if granularity not in _GRANULARITIES:
             raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
         if granularity == "layer" and model is None:
@@ -187,7 +170,6 @@ class _GradientTransform(torch.optim.Optimizer):
             )
         self.nonfinite = check_policy(type(self).__name__, nonfinite)
         self.skipped_steps = 0
-        self.inner = optimizer
         self.norm: Norm = get_norm(normalization)
         self._normalization_arg = normalization
         self.granularity: str = granularity
@@ -214,61 +196,11 @@ class _GradientTransform(torch.optim.Optimizer):
         self._candidates_key: tuple[tuple[int, int], ...] | None = None
         self._candidates_list: list[Tensor] = []
         self._candidates_version = 0
-        # torch.optim.Optimizer's hook registries (its __init__ is not called: the groups are the inner's).
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._patch_step_function()
-
-    # ---- shared with the inner optimizer ---------------------------------------------------------------
-
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.inner.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        return self.inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.inner.state = value
-
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
-        return self.inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.inner.defaults = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
-
-    def __repr__(self) -> str:
-        inner = "\n".join("    " + line for line in repr(self.inner).splitlines())
-        return f"{type(self).__name__}(\n{inner},\n    {self._settings_repr()}\n)"
+        self._wrap(optimizer)
 
     def _settings_repr(self) -> str:
         out = f"normalization={self.norm.name!r}, granularity={self.granularity!r}, eps={self.eps:g}"
         return out + (f", nonfinite={self.nonfinite!r}" if self.nonfinite != "propagate" else "")
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.inner.add_param_group(param_group)
 
     # ---- step ------------------------------------------------------------------------------------------
 

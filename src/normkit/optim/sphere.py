@@ -19,12 +19,13 @@ the inner one (schedulers and ``GradScaler`` work through it); all arithmetic is
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from normkit.optim._wrapper import OptimizerWrapper, check_wrappable
 
 __all__ = ["SphereProjection"]
 
@@ -68,7 +69,7 @@ def renormalize_(params: list[Tensor], targets: list[Tensor] | float, per_row: b
     torch._foreach_mul_(params, scales)
 
 
-class SphereProjection(torch.optim.Optimizer):
+class SphereProjection(OptimizerWrapper):
     """Keep scale-invariant weights on their sphere around any optimizer's step.
 
     Args:
@@ -85,9 +86,6 @@ class SphereProjection(torch.optim.Optimizer):
         opt = SphereProjection(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model)
     """
 
-    # GradScaler must unscale before our step: the radial projection needs the true gradients.
-    _step_supports_amp_scaling = False
-
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -99,12 +97,7 @@ class SphereProjection(torch.optim.Optimizer):
         project_grad: bool = False,
         example_input: Any = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"SphereProjection wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}"
-            )
-        if isinstance(optimizer, torch.optim.LBFGS):
-            raise TypeError("SphereProjection cannot wrap LBFGS: its step re-evaluates the closure")
+        check_wrappable("SphereProjection", optimizer)
         if radius is not None and not (isinstance(radius, (int, float)) and radius > 0):
             raise ValueError(f"radius must be None (keep each unit's norm) or a number > 0, got {radius!r}")
         if model is not None and (rows is not None or tensors is not None):
@@ -131,62 +124,17 @@ class SphereProjection(torch.optim.Optimizer):
         for p in row_list:
             if p.dim() < 2:
                 raise ValueError(f"rows= takes matrices or kernels, got a tensor of shape {tuple(p.shape)}")
-        self.inner = optimizer
         self.rows: list[Tensor] = row_list
         self.tensors: list[Tensor] = tensor_list
         self.radius = None if radius is None else float(radius)
         self.project_grad = bool(project_grad)
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
-        self._patch_step_function()
+        self._wrap(optimizer)
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.inner.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        return self.inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.inner.state = value
-
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
-        return self.inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.inner.defaults = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
-
-    def __repr__(self) -> str:
-        inner = "\n".join("    " + line for line in repr(self.inner).splitlines())
+    def _settings_repr(self) -> str:
         return (
-            f"SphereProjection(\n{inner},\n    rows={len(self.rows)}, tensors={len(self.tensors)}, "
-            f"radius={self.radius}, project_grad={self.project_grad}\n)"
+            f"rows={len(self.rows)}, tensors={len(self.tensors)}, radius={self.radius}, "
+            f"project_grad={self.project_grad}"
         )
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.inner.add_param_group(param_group)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` (if any), remove the radial gradient (``project_grad``), take the inner step,

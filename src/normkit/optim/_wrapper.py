@@ -1,0 +1,87 @@
+"""The base of optimizers that wrap another one (normalized / clipped gradients, sphere projection)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def check_wrappable(wrapper: str, optimizer: object) -> None:
+    """Raise if ``optimizer`` cannot be wrapped: not an instance, or LBFGS (its step re-evaluates the closure,
+    which would undo what the wrapper does to the gradients or weights)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        hint = " (a class: instantiate it with the parameters first)" if isinstance(optimizer, type) else ""
+        raise TypeError(
+            f"{wrapper} wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}{hint}"
+        )
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise TypeError(f"{wrapper} cannot wrap LBFGS: its step re-evaluates the closure")
+
+
+class OptimizerWrapper(torch.optim.Optimizer):
+    """An optimizer around ``inner``: the parameter groups, state and defaults *are* the inner optimizer's, so
+    LR schedulers, ``GradScaler`` and optimizer hooks see one optimizer. ``torch.optim.Optimizer.__init__`` is
+    not called (the groups already exist); only its hook registries are set up. Subclasses call
+    :meth:`_wrap` in their ``__init__`` once their own checks have passed, and implement ``step``,
+    ``_settings_repr`` and (for their own state) ``state_dict`` / ``load_state_dict``."""
+
+    # GradScaler must unscale before our step: the wrappers need the true gradients.
+    _step_supports_amp_scaling = False
+    inner: torch.optim.Optimizer
+
+    def _wrap(self, optimizer: torch.optim.Optimizer) -> None:
+        self.inner = optimizer
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._patch_step_function()
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.inner.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.inner.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.inner.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        inner = "\n".join("    " + line for line in repr(self.inner).splitlines())
+        return f"{type(self).__name__}(\n{inner},\n    {self._settings_repr()}\n)"
+
+    def _settings_repr(self) -> str:
+        raise NotImplementedError
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.inner.add_param_group(param_group)
