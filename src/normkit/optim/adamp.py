@@ -41,6 +41,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from normkit.optim._adam import adam_moments_
+
 __all__ = ["SGDP", "AdamP", "scale_invariant_param_groups", "scale_invariant_weights"]
 
 PROJECTIONS = ("auto", "row", "tensor", "none")
@@ -192,14 +194,8 @@ def adamp(
     """One AdamP step on lists of tensors (``steps``: the step count of each tensor after this step)."""
     if not params:
         return
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    # m̂/(√v̂ + ε) = √(1 − β2ᵗ)/(1 − β1ᵗ) · m/(√v + ε√(1 − β2ᵗ)): the constants go into the step size.
-    bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
+    denom, bc2_sqrt = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
     step_sizes = [lr * b / (1.0 - beta1**t) for b, t in zip(bc2_sqrt, steps)]
-    denom = list(torch._foreach_sqrt(exp_avg_sqs))
-    torch._foreach_add_(denom, [eps * b for b in bc2_sqrt])
     if nesterov:
         updates = list(torch._foreach_mul(exp_avgs, beta1))
         torch._foreach_add_(updates, grads, alpha=1.0 - beta1)

@@ -21,7 +21,6 @@ leaves Adam's bias corrections out of the ratio step (it does not depend on them
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from normkit.optim._adam import adam_moments_
 from normkit.optim.adamp import _check_grads, _check_number
 
 __all__ = ["LAMB", "LARS", "trust_ratio_param_groups"]
@@ -138,16 +138,11 @@ def lamb(
     """One LAMB step on lists of tensors (``steps``: each tensor's step count after this step)."""
     if not params:
         return
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     # r = m̂/(√v̂ + ε) = c·r' with r' = m/(√v + ε√(1 − β2ᵗ)), c = √(1 − β2ᵗ)/(1 − β1ᵗ); u = c·u' with
     # u' = r' + (β/c)·w. The trust-ratio step γ(‖w‖/‖u‖)u = γ(‖w‖/‖u'‖)u' does not depend on c, so c only
     # enters where the ratio is 1 and in the plain Adam step of excluded tensors.
-    bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
+    denom, bc2_sqrt = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
     c = [b / (1.0 - beta1**t) for b, t in zip(bc2_sqrt, steps)]
-    denom = list(torch._foreach_sqrt(exp_avg_sqs))
-    torch._foreach_add_(denom, [eps * b for b in bc2_sqrt])
     updates = list(torch._foreach_div(exp_avgs, denom))
     del denom
     ia = [i for i, a in enumerate(adapt) if a]
