@@ -418,13 +418,8 @@ def test_grassmann_zoo(name: str, slow_requested: None) -> None:
     _grassmann(name, ZOO[name])
 
 
-# SGD-G's rows drift off the unit sphere with momentum (3e-4 on mobilenet_v2 after 2 steps, 1e-2 on a 24×24
-# weight after 3 large steps): the optimizer's math, not the selection; reported for its owner to fix.
-_SGDG_DRIFT = pytest.mark.xfail(reason="SGD-G rows drift from unit norm with momentum", strict=False)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("Opt", [pytest.param(SGDG, marks=_SGDG_DRIFT), AdamG])
+@pytest.mark.parametrize("Opt", [SGDG, AdamG])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_unit_rows_zoo(name: str, Opt: type[torch.optim.Optimizer], slow_requested: None) -> None:
     _unit_rows(name, ZOO[name], Opt)
