@@ -27,7 +27,7 @@ projected and the buffer is not. The cosine test always uses the raw gradient ``
 How it runs: multi-tensor (``torch._foreach_*``) throughout. Per tensor, the graph's groups add one row norm
 and one row dot product to Adam's / SGD's arithmetic (the projection is folded into the weight-decay multiply,
 Adam's bias corrections into the step size); the cosine test adds one more of each. On CPU that is
-0.9–1.25× AdamW / SGD with the graph's groups and 1.8–2.7× with the test (``BENCHMARKS.md``, noisy machine).
+1.0–1.25× AdamW / SGD with the graph's groups and 1.9–2.4× with the test (``BENCHMARKS.md``, WRN shapes).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ A group may set ``adapt=False`` to exclude its tensors too (:func:`trust_ratio_p
 every parameter of a normalization layer, found by module type). All arithmetic is multi-tensor: the norms
 of all tensors come from one ``_foreach_norm`` each, LARS folds the ratio into the momentum update and LAMB
 leaves Adam's bias corrections out of the ratio step (it does not depend on them). On CPU LARS costs
-1.1–1.5× SGD and LAMB 1.0–1.2× AdamW (``BENCHMARKS.md``, noisy machine).
+1.2–1.35× SGD and LAMB 1.25–1.5× AdamW (``BENCHMARKS.md``, WRN shapes).
 """
 
 from __future__ import annotations
