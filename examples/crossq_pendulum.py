@@ -2,7 +2,7 @@
 
 CrossQ (Bhatt et al., ICLR 2024) drops SAC's target networks and normalizes the critic, evaluating (s, a) and
 (s', a') in one forward pass so that the normalization statistics cover both. The critic's BatchRenorm1d
-layers run as plain BN for a warm-up and then switch to r_max 3, d_max 5 (``HardSwitch``, the ports'
+layers run as plain BN for a warm-up and then switch to r_max 3, d_max 5 (``BRNSchedule``, the ports'
 schedule, here after 500 updates instead of 100 000). Prints the evaluation return against environment steps.
 Needs ``pip install 'normkit[rl]'``; a few minutes on 2 CPU cores. The full study (four arms, five seeds):
 ``normkit compare --suite crossq --jobs 2``.
