@@ -264,12 +264,26 @@ def _check_grads(opt: Optimizer) -> None:
                 )
 
 
-class _ProjectedBase(Optimizer):
+def _check_betas(betas: Any) -> None:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+
+
+class _CheckedOptimizer(Optimizer):
+    """An optimizer whose parameter groups are validated (``_check_group``) before one is added."""
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._check_group(merged)
         super().add_param_group(param_group)
 
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class _ProjectedBase(_CheckedOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         _check_number("lr", group["lr"], 0.0)
         _check_number("eps", group["eps"], 0.0)
@@ -348,11 +362,7 @@ class AdamP(_ProjectedBase):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        _check_betas(group["betas"])
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0)

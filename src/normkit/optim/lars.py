@@ -27,10 +27,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.optim import Optimizer
 
 from normkit.optim._adam import adam_moments_
-from normkit.optim.adamp import _check_grads, _check_number
+from normkit.optim.adamp import _check_betas, _check_grads, _check_number, _CheckedOptimizer
 
 __all__ = ["LAMB", "LARS", "trust_ratio_param_groups"]
 
@@ -167,15 +166,7 @@ def lamb(
         torch._foreach_addcmul_(pa, ua, scales)  # type: ignore[arg-type]
 
 
-class _TrustBase(Optimizer):
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
-        self._check_group(merged)
-        super().add_param_group(param_group)
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        raise NotImplementedError
-
+class _TrustBase(_CheckedOptimizer):
     @staticmethod
     def _adapt(group: dict[str, Any], p: Tensor) -> bool:
         if group.get("adapt") is not None:
@@ -289,11 +280,7 @@ class LAMB(_TrustBase):
         _check_number("lr", group["lr"], 0.0)
         _check_number("eps", group["eps"], 0.0)
         _check_number("weight_decay", group["weight_decay"], 0.0)
-        betas = group["betas"]
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        _check_betas(group["betas"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
