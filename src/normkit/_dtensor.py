@@ -7,7 +7,8 @@ shard. A norm over a whole sharded tensor, or over all tensors, needs one reduct
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -25,7 +26,7 @@ def is_dtensor(tensor: Any) -> bool:
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The rank's own shard of a DTensor (no communication); any other tensor unchanged."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
+    return cast(Any, tensor).to_local() if is_dtensor(tensor) else tensor
 
 
 def rows_are_local(tensor: torch.Tensor) -> bool:
@@ -33,4 +34,140 @@ def rows_are_local(tensor: torch.Tensor) -> bool:
     DTensor whose placements are ``Replicate()`` or ``Shard(0)`` only."""
     if not is_dtensor(tensor):
         return True
-    return all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in tensor.placements)
+    placements = cast(Any, tensor).placements
+    return all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in placements)
+
+
+def _sharded_mesh_dims(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The mesh dimensions (of size > 1) over which a DTensor's local pieces differ: ``Shard`` or ``Partial``
+    placements. A reduction of local partial results must run over exactly these."""
+    if not is_dtensor(tensor):
+        return ()
+    dt = cast(Any, tensor)
+    return tuple(
+        d for d, p in enumerate(dt.placements) if not isinstance(p, Replicate) and dt.device_mesh.size(d) > 1
+    )
+
+
+def needs_reduction(tensor: torch.Tensor) -> bool:
+    """True when a quantity summed over the whole of ``tensor`` needs a reduction across ranks (a DTensor
+    sharded on a mesh dimension of size > 1); False for plain tensors and replicated DTensors."""
+    return bool(_sharded_mesh_dims(tensor))
+
+
+def placement_error(owner: str, tensor: torch.Tensor, what: str, alternative: str) -> ValueError:
+    """The error for math that cannot run on ``tensor``'s placement (named, with the alternative)."""
+    placements = tuple(cast(Any, tensor).placements) if is_dtensor(tensor) else ()
+    return ValueError(
+        f"{owner}: a parameter of shape {tuple(tensor.shape)} is a DTensor with placements {placements}: "
+        f"{what}. {alternative}"
+    )
+
+
+def check_rows_local(owner: str, tensors: Sequence[torch.Tensor], what: str = "row-wise math") -> None:
+    """Raise a clear ``ValueError`` if a row of one of ``tensors`` is split across ranks (a placement other
+    than ``Shard(0)`` / ``Replicate()``), naming the placement and the alternative."""
+    for t in tensors:
+        if not rows_are_local(t):
+            raise placement_error(
+                owner,
+                t,
+                f"its rows (output units, dim 0) are split across ranks, and {what} needs each row whole on "
+                "one rank",
+                "Shard it on dim 0 (FSDP2's fully_shard does) or replicate it (Replicate()); tensor "
+                "parallelism that splits the input dimension (Shard(1), ColwiseParallel's input side) is not "
+                "supported here.",
+            )
+
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def _reduction_plan(sources: Sequence[torch.Tensor], op: str) -> list[tuple[Any, tuple[int, ...], list[int]]]:
+    """``(mesh, mesh dims, indices of sources)`` for each distinct way the sharded sources are split."""
+    if op not in _OPS:
+        raise ValueError(f"reduce_partials: op must be one of {tuple(_OPS)}, got {op!r}")
+    keys: dict[tuple[int, tuple[int, ...]], tuple[Any, tuple[int, ...], list[int]]] = {}
+    for i, s in enumerate(sources):
+        dims = _sharded_mesh_dims(s)
+        if dims:
+            mesh = cast(Any, s).device_mesh
+            keys.setdefault((id(mesh), dims), (mesh, dims, []))[2].append(i)
+    return list(keys.values())
+
+
+def _all_reduce_(buf: torch.Tensor, mesh: Any, dims: tuple[int, ...], op: str) -> None:
+    import torch.distributed as dist
+
+    reduce_op = getattr(dist.ReduceOp, _OPS[op])
+    for d in dims:
+        dist.all_reduce(buf, reduce_op, group=mesh.get_group(d))
+
+
+def reduce_partials(partials: torch.Tensor, sources: Sequence[torch.Tensor], op: str = "sum") -> torch.Tensor:
+    """Reduce local partial results across the mesh, like ``torch.nn.utils.get_total_norm`` does for norms.
+
+    ``partials[i]`` (first dimension) is what this rank computed from its local shard of ``sources[i]`` (for
+    a norm: the sum of squares of its piece). Entries of sources that are sharded (``Shard``/``Partial`` on
+    a mesh dimension of size > 1) are reduced with ``op`` (``"sum"``, ``"max"`` or ``"min"``) over exactly
+    those mesh dimensions; the others (plain tensors, replicated DTensors: the local piece is the whole) are
+    left as they are. Returns a new tensor (``partials`` is not modified).
+
+    All entries are reduced in **one** ``all_reduce`` per distinct (mesh, mesh dimension): one for FSDP2
+    (a 1-D mesh). Stack every tensor's partials first and call this once per step. Like any collective it
+    is queued without host synchronisation on accelerators; on CPU (gloo) it blocks until done.
+    """
+    if partials.shape[0] != len(sources):
+        raise ValueError(f"reduce_partials: {partials.shape[0]} partials for {len(sources)} sources")
+    plan = _reduction_plan(sources, op)
+    if not plan:
+        return partials
+    out = partials.clone()
+    for mesh, dims, idx in plan:
+        if len(idx) == len(sources):
+            _all_reduce_(out, mesh, dims, op)
+            continue
+        index = torch.tensor(idx, device=out.device)
+        buf = out[index]
+        _all_reduce_(buf, mesh, dims, op)
+        out[index] = buf
+    return out
+
+
+def reduce_partials_each(
+    partials: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], op: str = "sum"
+) -> list[torch.Tensor]:
+    """:func:`reduce_partials` for partials of different shapes, one tensor per source (flattened into one
+    buffer, so still one ``all_reduce`` per distinct mesh split)."""
+    parts = list(partials)
+    if len(parts) != len(sources):
+        raise ValueError(f"reduce_partials_each: {len(parts)} partials for {len(sources)} sources")
+    plan = _reduction_plan(sources, op)
+    result = list(parts)
+    for mesh, dims, idx in plan:
+        dtype = parts[idx[0]].dtype
+        for i in idx[1:]:
+            dtype = torch.promote_types(dtype, parts[i].dtype)
+        flat = torch.cat([parts[i].reshape(-1).to(dtype) for i in idx])
+        _all_reduce_(flat, mesh, dims, op)
+        for i, piece in zip(idx, flat.split([parts[i].numel() for i in idx])):
+            result[i] = piece.view(parts[i].shape).to(parts[i].dtype)
+    return result
+
+
+def zeros_rows(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Zeros of shape ``(len(tensor),)`` (one number per row) placed like ``tensor``'s rows: a DTensor with
+    the same mesh and placements when ``tensor`` is one (rows local: ``Shard(0)`` / ``Replicate()``)."""
+    dtype = tensor.dtype if dtype is None else dtype
+    if not is_dtensor(tensor):
+        return torch.zeros(tensor.shape[0], dtype=dtype, device=tensor.device)
+    dt = cast(Any, tensor)
+    piece = torch.zeros(dt.to_local().shape[0], dtype=dtype, device=dt.to_local().device)
+    return DTensor.from_local(
+        piece,
+        dt.device_mesh,
+        dt.placements,
+        run_check=False,
+        shape=torch.Size([tensor.shape[0]]),
+        stride=(1,),
+    )

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from normkit._dtensor import is_dtensor, local, reduce_partials
+
 __all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "check_policy", "nonfinite_verdict"]
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
@@ -43,6 +45,20 @@ def check_policy(owner: str, policy: object) -> str:
 
 def _finite_flags(grads: Sequence[Tensor]) -> Tensor:
     """One flag per gradient, ``True`` where every entry is finite, on the first gradient's device."""
+    if any(is_dtensor(g) for g in grads):
+        # sharded gradients: local shards, then one MAX all_reduce of the "has a non-finite entry" flags, so
+        # that every rank takes the same decision (an empty shard has nothing non-finite)
+        shards = [local(g) for g in grads]
+        bad = torch.stack(
+            [
+                (~torch.isfinite(t).all()).to(torch.float32)
+                if t.numel()
+                else t.new_zeros((), dtype=torch.float32)
+                for t in shards
+            ]
+        )
+        verdict = reduce_partials(bad, grads, "max")
+        return verdict == 0
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)

@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from normkit._dtensor import check_rows_local, is_dtensor, local, reduce_partials
 from normkit.optim._adam import adam_moments_
 
 __all__ = ["SGDP", "AdamP", "scale_invariant_param_groups", "scale_invariant_weights"]
@@ -77,12 +78,19 @@ def projection_coefficients(
     *,
     delta: float,
     eps: float,
+    sources: list[Tensor] | None = None,
 ) -> tuple[list[Tensor | None], list[Tensor | bool]]:
     """For each tensor, the coefficient ``c`` (``None``: no projection) such that the projected update is
     ``q − c·w``, and whether it is projected (a bool tensor for ``"auto"``, decided on the device).
 
     ``"row"``: ``c_r = ⟨w_r, q_r⟩/(‖w_r‖ + ε)²``; ``"tensor"``: ``c = ⟨w, q⟩/(‖w‖ + ε)²``; ``"auto"``: the
-    row coefficients if the channel test passes, else the tensor one if the layer test passes, else 0."""
+    row coefficients if the channel test passes, else the tensor one if the layer test passes, else 0.
+
+    ``sources``: the DTensor parameters when the lists hold their local shards (rows whole on a rank): the
+    per-layer sums and the channel test's maximum are then reduced across the mesh, every tensor's in one
+    SUM and (``"auto"``) one MAX all_reduce."""
+    if sources is not None:
+        return _sharded_projection_coefficients(params, grads, updates, modes, sources, delta, eps)
     coefs: list[Tensor | None] = []
     projected: list[Tensor | bool] = []
     for w, g, q, mode in zip(params, grads, updates, modes):
@@ -115,6 +123,94 @@ def projection_coefficients(
         coefs.append(torch.where(channel_ok, row_coef, torch.where(layer_ok, layer_coef, zero)))
         projected.append(channel_ok | layer_ok)
     return coefs, projected
+
+
+def _sharded_projection_coefficients(
+    params: list[Tensor],
+    grads: list[Tensor],
+    updates: list[Tensor],
+    modes: list[str],
+    sources: list[Tensor],
+    delta: float,
+    eps: float,
+) -> tuple[list[Tensor | None], list[Tensor | bool]]:
+    """:func:`projection_coefficients` on local shards: the row quantities are local; the layer sums
+    (``‖w‖²``, ``⟨w, q⟩``, ``⟨g, w⟩``, ``‖g‖²``) of all tensors go through one SUM all_reduce and the
+    channel test's ``max cos`` through one MAX all_reduce."""
+    rows_of: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None] = []
+    sums: list[Tensor] = []
+    maxima: list[Tensor] = []
+    reduced: list[int] = []
+    summed_sources: list[Tensor] = []
+    for i, (w, g, q, mode) in enumerate(zip(params, grads, updates, modes)):
+        if mode == "none" or (mode != "tensor" and w.dim() <= 1):
+            rows_of.append(None)
+            continue
+        w, g, q = _as_rows(w), _as_rows(g), _as_rows(q)
+        ww, wq = _row_sq_norm(w), _row_dot(w, q)
+        gw = gg = None
+        if mode == "auto":
+            gw, gg = _row_dot(g, w), _row_sq_norm(g)
+            cos_rows = gw.abs() / (gg.sqrt().clamp_min(eps) * ww.sqrt().clamp_min(eps))
+            # cos ≥ 0: an empty shard (fewer rows than ranks) contributes 0 to the maximum
+            maxima.append(cos_rows.amax() if cos_rows.numel() else ww.new_zeros(()))
+        rows_of.append((ww, wq, gw, gg))
+        if mode != "row":
+            zero = torch.zeros((), dtype=ww.dtype, device=ww.device)
+            parts = [ww.sum(), wq.sum()]
+            parts += [zero, zero] if gw is None or gg is None else [gw.sum(), gg.sum()]
+            sums.append(torch.stack(parts))
+            reduced.append(i)
+            summed_sources.append(sources[i])
+    layer: dict[int, Tensor] = {}
+    if sums:
+        total = reduce_partials(torch.stack(sums), summed_sources, "sum")
+        layer = dict(zip(reduced, total.unbind()))
+    auto = [i for i, m in enumerate(modes) if rows_of[i] is not None and m == "auto"]
+    top: dict[int, Tensor] = {}
+    if auto:
+        peak = reduce_partials(torch.stack(maxima), [sources[i] for i in auto], "max")
+        top = dict(zip(auto, peak.unbind()))
+    coefs: list[Tensor | None] = []
+    projected: list[Tensor | bool] = []
+    for i, mode in enumerate(modes):
+        entry = rows_of[i]
+        if entry is None:
+            coefs.append(None)
+            projected.append(False)
+            continue
+        ww, wq, _, _ = entry
+        row_coef = wq / (ww.sqrt() + eps).square_()
+        if mode == "row":
+            coefs.append(row_coef)
+            projected.append(True)
+            continue
+        s_ww, s_wq, s_gw, s_gg = layer[i].unbind()
+        w_norm = s_ww.sqrt()
+        layer_coef = s_wq / (w_norm + eps).square()
+        if mode == "tensor":
+            coefs.append(layer_coef.expand_as(wq))
+            projected.append(True)
+            continue
+        shape = sources[i].shape
+        row_len, numel = shape[1:].numel() if len(shape) > 1 else shape.numel(), shape.numel()
+        cos_layer = s_gw.abs() / (s_gg.sqrt().clamp_min(eps) * w_norm.clamp_min(eps))
+        channel_ok = top[i] < delta / math.sqrt(row_len)
+        layer_ok = cos_layer < delta / math.sqrt(numel)
+        zero = torch.zeros((), dtype=wq.dtype, device=wq.device)
+        coefs.append(torch.where(channel_ok, row_coef, torch.where(layer_ok, layer_coef, zero)))
+        projected.append(channel_ok | layer_ok)
+    return coefs, projected
+
+
+def _localize(
+    group_params: list[Tensor], *lists: list[Any]
+) -> tuple[list[Tensor] | None, tuple[list[Any], ...]]:
+    """For a group holding DTensors: ``(sources, lists of local shards)``; else ``(None, lists)`` unchanged.
+    Rows must be whole on a rank where a row-wise projection may be taken (checked by the caller)."""
+    if not any(is_dtensor(p) for p in group_params):
+        return None, lists
+    return group_params, tuple([local(t) if isinstance(t, Tensor) else t for t in items] for items in lists)
 
 
 def _project_(updates: list[Tensor], params: list[Tensor], coefs: list[Tensor | None]) -> None:
@@ -190,8 +286,10 @@ def adamp(
     delta: float,
     wd_ratio: float,
     nesterov: bool,
+    sources: list[Tensor] | None = None,
 ) -> None:
-    """One AdamP step on lists of tensors (``steps``: the step count of each tensor after this step)."""
+    """One AdamP step on lists of tensors (``steps``: the step count of each tensor after this step).
+    ``sources``: the DTensor parameters when the lists hold their local shards."""
     if not params:
         return
     denom, bc2_sqrt = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
@@ -202,7 +300,9 @@ def adamp(
         torch._foreach_div_(updates, denom)
     else:
         updates = list(torch._foreach_div(exp_avgs, denom))
-    coefs, projected = projection_coefficients(params, grads, updates, modes, delta=delta, eps=eps)
+    coefs, projected = projection_coefficients(
+        params, grads, updates, modes, delta=delta, eps=eps, sources=sources
+    )
     decays = _decay_factors(params, projected, lr, weight_decay, wd_ratio)
     _step_(params, updates, coefs, decays, step_sizes)
 
@@ -221,8 +321,10 @@ def sgdp(
     eps: float,
     delta: float,
     wd_ratio: float,
+    sources: list[Tensor] | None = None,
 ) -> None:
-    """One SGDP step on lists of tensors (the authors' code: see the module docstring)."""
+    """One SGDP step on lists of tensors (the authors' code: see the module docstring). ``sources``: the
+    DTensor parameters when the lists hold their local shards."""
     if not params:
         return
     torch._foreach_mul_(momentum_buffers, momentum)
@@ -231,13 +333,17 @@ def sgdp(
     if nesterov:
         updates = list(torch._foreach_mul(momentum_buffers, momentum))
         torch._foreach_add_(updates, grads)
-        coefs, projected = projection_coefficients(params, grads, updates, modes, delta=delta, eps=eps)
+        coefs, projected = projection_coefficients(
+            params, grads, updates, modes, delta=delta, eps=eps, sources=sources
+        )
         _step_(
             params, updates, coefs, _decay_factors(params, projected, lr, wd, wd_ratio), [lr] * len(params)
         )
         return
     # the authors' code projects the buffer itself (it is the step)
-    coefs, projected = projection_coefficients(params, grads, momentum_buffers, modes, delta=delta, eps=eps)
+    coefs, projected = projection_coefficients(
+        params, grads, momentum_buffers, modes, delta=delta, eps=eps, sources=sources
+    )
     _project_(momentum_buffers, params, coefs)
     _scale_(params, _decay_factors(params, projected, lr, wd, wd_ratio))
     torch._foreach_add_(params, momentum_buffers, alpha=-lr)
@@ -295,6 +401,17 @@ class _ProjectedBase(_CheckedOptimizer):
                 f"projection must be one of {PROJECTIONS}, got {group.get('projection')!r} "
                 "(use scale_invariant_param_groups(model) for the graph-known groups)"
             )
+
+    def _check_placements(self) -> None:
+        """Before anything changes: DTensor weights projected per row must have their rows on one rank."""
+        for group in self.param_groups:
+            if group.get("projection", "auto") in ("row", "auto"):
+                check_rows_local(
+                    type(self).__name__,
+                    [p for p in group["params"] if p.dim() > 1],
+                    "the per-output-channel projection and cosine test (projection='row' / 'auto'; "
+                    "projection='tensor' or 'none' work on any placement)",
+                )
 
     def _collect(self, group: dict[str, Any], keys: Iterable[str]) -> tuple[list[Tensor], ...]:
         params, grads, modes = [], [], []
@@ -376,9 +493,13 @@ class AdamP(_ProjectedBase):
             with torch.enable_grad():
                 loss = closure()
         _check_grads(self)
+        self._check_placements()
         for group in self.param_groups:
             params, grads, modes, steps, exp_avgs, exp_avg_sqs = self._collect(
                 group, ("exp_avg", "exp_avg_sq")
+            )
+            sources, (params, grads, exp_avgs, exp_avg_sqs) = _localize(
+                params, params, grads, exp_avgs, exp_avg_sqs
             )
             beta1, beta2 = group["betas"]
             adamp(
@@ -396,6 +517,7 @@ class AdamP(_ProjectedBase):
                 delta=group["delta"],
                 wd_ratio=group["wd_ratio"],
                 nesterov=group["nesterov"],
+                sources=sources,
             )
         return loss
 
@@ -452,8 +574,10 @@ class SGDP(_ProjectedBase):
             with torch.enable_grad():
                 loss = closure()
         _check_grads(self)
+        self._check_placements()
         for group in self.param_groups:
             params, grads, modes, _, buffers = self._collect(group, ("momentum_buffer",))
+            sources, (params, grads, buffers) = _localize(params, params, grads, buffers)
             sgdp(
                 params,
                 grads,
@@ -467,6 +591,7 @@ class SGDP(_ProjectedBase):
                 eps=group["eps"],
                 delta=group["delta"],
                 wd_ratio=group["wd_ratio"],
+                sources=sources,
             )
         return loss
 

@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
+from normkit._dtensor import check_rows_local, is_dtensor, local, reduce_partials_each, zeros_rows
 from normkit.optim._nonfinite import check_policy, nonfinite_verdict
 
 __all__ = ["SGDG", "AdamG", "grassmann_param_groups", "orthogonality_penalty"]
@@ -74,7 +75,13 @@ def _dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
 
 
 def _tangent_(
-    w: Tensor, g: Tensor, omega: float, blocks: Sequence[_Block], scratch: Tensor, need_h2: bool = True
+    w: Tensor,
+    g: Tensor,
+    omega: float,
+    blocks: Sequence[_Block],
+    scratch: Tensor,
+    need_h2: bool = True,
+    grams: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Describe the tangent gradient at the unit rows ``y = w/‖w‖`` without forming it.
 
@@ -84,7 +91,9 @@ def _tangent_(
     ``g`` or ``scratch``. ``y = w·inv_r``: without ``omega`` the rows ``w`` are left as they are (the
     geodesic step folds ``1/‖w‖`` into its coefficients, saving a pass); with ``omega`` they are normalized
     in place and ``inv_r`` is None. ``‖h‖² = ‖g_y‖² − (yᵀg_y)²`` (used by clipping and Adam-G's v; garbage
-    if not ``need_h2``)."""
+    if not ``need_h2``). ``grams``: per block, ``YᵀY`` ``(count, n, n)`` summed over *all* rows of each
+    tensor (across the mesh when its rows are sharded); the ω term is then ``Y(YᵀY − I)`` from the local
+    rows (equal to ``YYᵀY − Y``)."""
     sq_r = _sq_norm(w)
     r = sq_r.sqrt()
     inv_r = _safe_inverse(r)
@@ -92,11 +101,17 @@ def _tangent_(
         w.mul_(inv_r)
         gy = torch.mul(g, r, out=scratch)
         n = w.shape[1]
-        for start, count, rows in blocks:
+        for b, (start, count, rows) in enumerate(blocks):
             ys = w[start : start + count * rows].view(count, rows, n)
+            target = gy[start : start + count * rows].view(count, rows, n)
+            if grams is not None:  # sharded rows: Y(YᵀY − I) with the mesh-wide YᵀY
+                cols = grams[b].clone()
+                cols.diagonal(dim1=1, dim2=2).sub_(1.0)
+                target.baddbmm_(ys, cols, alpha=2.0 * omega)
+                continue
             gram = torch.bmm(ys, ys.transpose(1, 2))
             gram.diagonal(dim1=1, dim2=2).sub_(1.0)
-            gy[start : start + count * rows].view(count, rows, n).baddbmm_(gram, ys, alpha=2.0 * omega)
+            target.baddbmm_(gram, ys, alpha=2.0 * omega)
         s = (w * gy).sum(1, keepdim=True)
         h2 = _sq_norm(gy).sub_(s.square()).clamp_min_(0.0)
         return gy, torch.ones_like(r), s.neg_(), h2, None
@@ -189,10 +204,12 @@ def sgdg_rows_(
     omega: float,
     blocks: Sequence[_Block] = (),
     scratch: Tensor | None = None,
+    grams: Sequence[Tensor] | None = None,
 ) -> None:
     """One SGD-G step on a batch of rows, in place: ``w`` (rows of the weights, any positive scale; left
     unit) and ``tau`` (momentum τ, tangent at ``w/‖w‖``). ``g``: gradient rows (read only). All ``(R, n)``.
-    ``blocks``: the tensors' row ranges, for the ω term; ``scratch``: an optional ``(R, n)`` work buffer."""
+    ``blocks``: the tensors' row ranges, for the ω term; ``scratch``: an optional ``(R, n)`` work buffer;
+    ``grams``: the ω term's mesh-wide ``YᵀY`` per block when the rows are a shard (see ``_tangent_``)."""
     if torch.compiler.is_compiling():
         # The same formulas written functionally: inductor fuses them into a few loops, and its CPU code
         # generation fails on the in-place sequence below. One multi-tensor copy writes the results.
@@ -202,7 +219,7 @@ def sgdg_rows_(
         torch._foreach_copy_([w, tau], list(_compiled_geodesic(y, momentum * tau0 - lr * h, 1.0)))
         return
     scratch = torch.empty_like(w) if scratch is None else scratch
-    src, a, b, h2, inv_r = _tangent_(w, g, omega, blocks, scratch, need_h2=grad_clip is not None)
+    src, a, b, h2, inv_r = _tangent_(w, g, omega, blocks, scratch, grad_clip is not None, grams)
     step = _clip_scale(h2, grad_clip).mul_(-lr) if grad_clip is not None else -lr
     tau.mul_(momentum).addcmul_(src, a.mul_(step)).addcmul_(w, b.mul_(step))  # d = γτ − ηĥ
     _geodesic_(w, tau, 1.0, _sq_norm(tau), inv_r, scratch)  # w ← exp_y(d), τ ← transport of d along d
@@ -232,6 +249,7 @@ def adamg_rows_(
     omega: float,
     blocks: Sequence[_Block] = (),
     scratch: Tensor | None = None,
+    grams: Sequence[Tensor] | None = None,
 ) -> None:
     """One Adam-G step on a batch of rows, in place: ``w`` ``(R, n)``, ``exp_avg`` (m, ``(R, n)``, tangent),
     ``exp_avg_sq`` (v, ``(R, 1)``), ``step`` (t after this step's increment; scalar or ``(R, 1)`` tensor)."""
@@ -245,7 +263,7 @@ def adamg_rows_(
         torch._foreach_copy_([w, exp_avg, exp_avg_sq], [new_w, new_m, v])
         return
     scratch = torch.empty_like(w) if scratch is None else scratch
-    src, a, b, h2, inv_r = _tangent_(w, g, omega, blocks, scratch)
+    src, a, b, h2, inv_r = _tangent_(w, g, omega, blocks, scratch, True, grams)
     if grad_clip is not None:
         c = _clip_scale(h2, grad_clip)
         h2.mul_(c.square())
@@ -436,6 +454,9 @@ class _GrassmannBase(Optimizer):
             if nonfinite_verdict(type(self).__name__, self.nonfinite, params, [p.grad for p in params]):
                 self.skipped_steps += 1
                 return loss
+        for group in self.param_groups:  # before anything changes: rows split across ranks cannot work
+            if group["grassmann"]:
+                check_rows_local(type(self).__name__, group["params"], "Grassmann (row-wise) math")
         for group in self.param_groups:
             if group["grassmann"]:
                 params = self._manifold_params(group)
@@ -445,6 +466,21 @@ class _GrassmannBase(Optimizer):
             else:
                 self._euclidean_step(group)
         return loss
+
+    @staticmethod
+    def _sharded_grams(slots: list[_Slot], params: list[Tensor], omega: float) -> list[Tensor] | None:
+        """For DTensor parameters with ω: each tensor's ``YᵀY`` (``n × n``, unit rows) summed over all its
+        rows — the local shard's, then one all_reduce for all tensors of the group. None for plain tensors
+        (they take the batched ``YYᵀ`` form) or without ω."""
+        if not omega or not any(is_dtensor(p) for p in params):
+            return None
+        partial = []
+        for s in slots:
+            rows = s.target.rows
+            y = rows * _safe_inverse(torch.linalg.vector_norm(rows, dim=1, keepdim=True))
+            partial.append((y.T @ y).unsqueeze(0))
+        grams = reduce_partials_each(partial, params, "sum")
+        return grams
 
     def _grassmann_step(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
         raise NotImplementedError
@@ -508,23 +544,28 @@ def _blocks(sizes: list[int]) -> list[_Block]:
 class _Slot:
     """One manifold parameter's rows, gradient rows and state rows for a step."""
 
-    __slots__ = ("dtype", "grad", "n", "param", "rows", "state", "target", "work")
+    __slots__ = ("dtype", "grad", "master", "n", "param", "rows", "state", "target", "work")
 
     def __init__(self, opt: _GrassmannBase, p: Tensor, keys: Sequence[str]) -> None:
+        # A DTensor parameter (FSDP2: Shard(0), rows whole on this rank) is updated through its local shard;
+        # its state is created as DTensors placed like it (so torch.distributed.checkpoint saves it sharded).
         st = opt.state[p]
         work, dtype = opt._prepare(p, st)
+        self.master = work is not p
+        param, work = local(p), local(work)
         perm = _memory_order(work)
-        self.param, self.work, self.dtype = p, work, dtype
+        self.param, self.work, self.dtype = param, work, dtype
         self.target = _Rows(work, perm)
-        self.rows = p.shape[0]
+        self.rows = work.shape[0]
         self.n = self.target.rows.shape[1]
         assert p.grad is not None
-        self.grad = _grad_rows(p.grad, perm, dtype)
+        self.grad = _grad_rows(local(p.grad), perm, dtype)
         self.state: dict[str, _Rows] = {}
         for key in keys:
             buf = st.get(key)
             if buf is None:
-                buf = st[key] = torch.zeros_like(work, dtype=dtype, memory_format=torch.preserve_format)
+                buf = st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            buf = local(buf)
             self.state[key] = _Rows(buf, _memory_order(buf))
 
     def commit(self) -> None:
@@ -537,7 +578,7 @@ def _commit(slots: list[_Slot]) -> None:
     """Write back row copies, then the fp32 rows into bf16/fp16 parameters (one foreach copy)."""
     for s in slots:
         s.commit()
-    low = [s for s in slots if s.work is not s.param]
+    low = [s for s in slots if s.master]
     if low:
         torch._foreach_copy_([s.param for s in low], [s.work for s in low])
 
@@ -620,18 +661,20 @@ class SGDG(_GrassmannBase):
         kwargs = dict(
             lr=group["lr"], momentum=group["momentum"], grad_clip=group["grad_clip"], omega=group["omega"]
         )
-        if foreach:
+        grams = self._sharded_grams(slots, params, group["omega"])
+        if foreach and grams is None:
             _multi_tensor_sgdg(slots, **kwargs)
         else:
-            _single_tensor_sgdg(self, slots, **kwargs)
+            _single_tensor_sgdg(self, slots, grams, **kwargs)
         _commit(slots)
 
 
-def _single_tensor_sgdg(opt: SGDG, slots: list[_Slot], **kwargs: Any) -> None:
-    for s in slots:
+def _single_tensor_sgdg(opt: SGDG, slots: list[_Slot], grams: list[Tensor] | None, **kwargs: Any) -> None:
+    for i, s in enumerate(slots):
         tau = s.state["momentum_buffer"].rows
         scratch = opt._scratch(s.target.rows)
-        sgdg_rows_(s.target.rows, s.grad, tau, blocks=[(0, 1, s.rows)], scratch=scratch, **kwargs)
+        gram = None if grams is None else [grams[i]]
+        sgdg_rows_(s.target.rows, s.grad, tau, blocks=[(0, 1, s.rows)], scratch=scratch, grams=gram, **kwargs)
 
 
 def _multi_tensor_sgdg(slots: list[_Slot], **kwargs: Any) -> None:
@@ -702,7 +745,7 @@ class AdamG(_GrassmannBase):
             dtype = self._prepare(p, st)[1]
             if "step" not in st:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg_sq"] = torch.zeros(p.shape[0], dtype=dtype, device=p.device)
+                st["exp_avg_sq"] = zeros_rows(p, dtype)  # placed like p's rows (a DTensor for FSDP2)
             steps.append(st["step"])
             slots.append(_Slot(self, p, ("exp_avg",)))
         if foreach:
@@ -719,33 +762,38 @@ class AdamG(_GrassmannBase):
             grad_clip=group["grad_clip"],
             omega=group["omega"],
         )
-        if foreach:
-            _multi_tensor_adamg(self, slots, **kwargs)
+        grams = self._sharded_grams(slots, params, group["omega"])
+        if foreach and grams is None:
+            _multi_tensor_adamg(self, slots, params, **kwargs)
         else:
-            _single_tensor_adamg(self, slots, **kwargs)
+            _single_tensor_adamg(self, slots, params, grams, **kwargs)
         _commit(slots)
 
 
-def _single_tensor_adamg(opt: AdamG, slots: list[_Slot], **kwargs: Any) -> None:
-    for s in slots:
-        st = opt.state[s.param]
+def _single_tensor_adamg(
+    opt: AdamG, slots: list[_Slot], params: list[Tensor], grams: list[Tensor] | None, **kwargs: Any
+) -> None:
+    for i, (s, p) in enumerate(zip(slots, params)):
+        st = opt.state[p]
         adamg_rows_(
             s.target.rows,
             s.grad,
             s.state["exp_avg"].rows,
-            st["exp_avg_sq"].view(-1, 1),
+            local(st["exp_avg_sq"]).view(-1, 1),
             st["step"],
             blocks=[(0, 1, s.rows)],
             scratch=opt._scratch(s.target.rows),
+            grams=None if grams is None else [grams[i]],
             **kwargs,
         )
 
 
-def _multi_tensor_adamg(opt: AdamG, slots: list[_Slot], **kwargs: Any) -> None:
+def _multi_tensor_adamg(opt: AdamG, slots: list[_Slot], params: list[Tensor], **kwargs: Any) -> None:
+    state_of = {id(s): opt.state[p] for s, p in zip(slots, params)}
     for group in _group_rows(slots, lambda s: (s.work.device, s.dtype, s.n)).values():
         group = sorted(group, key=lambda s: s.rows)
-        sq = [opt.state[s.param]["exp_avg_sq"].view(-1, 1) for s in group]
-        step = torch.cat([opt.state[s.param]["step"].expand(s.rows) for s in group]).unsqueeze(1)
+        sq = [local(state_of[id(s)]["exp_avg_sq"]).view(-1, 1) for s in group]
+        step = torch.cat([state_of[id(s)]["step"].expand(s.rows) for s in group]).unsqueeze(1)
         v = sq[0] if len(group) == 1 else torch.cat(sq)
 
         def update(

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from normkit._dtensor import is_dtensor, local, reduce_partials
 from normkit.optim._adam import adam_moments_
 from normkit.optim.adamp import _check_betas, _check_grads, _check_number, _CheckedOptimizer
 
@@ -36,6 +37,18 @@ __all__ = ["LAMB", "LARS", "trust_ratio_param_groups"]
 
 def _norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors)) if tensors else torch.zeros(0)
+
+
+def _norm_pair(a: list[Tensor], b: list[Tensor], sources: list[Tensor] | None) -> tuple[Tensor, Tensor]:
+    """``‖a_i‖`` and ``‖b_i‖`` per tensor. ``sources``: the DTensors whose local shards ``a`` and ``b`` are
+    (``b_i`` placed like ``a_i``): the squared local norms of both lists go through one all_reduce."""
+    if sources is None:
+        na = _norms(a)
+        return na, _norms(b).to(na.device)
+    sq = torch.stack(torch._foreach_norm(a + b)).square_()
+    total = reduce_partials(sq, sources + sources, "sum")
+    na, nb = total.sqrt_().split(len(a))
+    return na, nb
 
 
 def lars_trust_ratios(
@@ -47,10 +60,12 @@ def lars_trust_ratios(
     weight_decay: float,
     eps: float,
     trust_clip: bool,
+    sources: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """``η‖w‖/(‖g‖ + β‖w‖ + ε)`` per tensor (1 where ``‖w‖`` or ``‖g‖`` is 0); LARC: ``min(λ/γ, 1)``."""
-    w = _norms(params)
-    g = _norms(grads).to(w.device)
+    """``η‖w‖/(‖g‖ + β‖w‖ + ε)`` per tensor (1 where ``‖w‖`` or ``‖g‖`` is 0); LARC: ``min(λ/γ, 1)``.
+    ``sources``: the DTensor parameters when ``params`` / ``grads`` are their local shards (one
+    all_reduce)."""
+    w, g = _norm_pair(params, grads, sources)
     ratio = trust_coefficient * w / (g + weight_decay * w + eps)
     ratio = torch.where((w > 0) & (g > 0), ratio, torch.ones_like(ratio))
     if trust_clip:
@@ -71,8 +86,11 @@ def lars(
     eps: float,
     nesterov: bool,
     trust_clip: bool,
+    sources: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    """One LARS step on lists of tensors; returns the momentum buffers (new ones where ``None`` was given)."""
+    """One LARS step on lists of tensors; returns the momentum buffers (new ones where ``None`` was given).
+    ``sources``: the DTensor parameters when the lists hold their local shards (the buffers must then all
+    be given)."""
     if not params:
         return []
     ia = [i for i, a in enumerate(adapt) if a]
@@ -88,6 +106,7 @@ def lars(
             weight_decay=weight_decay,
             eps=eps,
             trust_clip=trust_clip,
+            sources=None if sources is None else [sources[i] for i in ia],
         )
         raw = list(torch._foreach_add(ga, pa, alpha=weight_decay)) if weight_decay else ga
     plain = [i for i, a in enumerate(adapt) if not a]
@@ -133,8 +152,10 @@ def lamb(
     beta2: float,
     eps: float,
     weight_decay: float,
+    sources: list[Tensor] | None = None,
 ) -> None:
-    """One LAMB step on lists of tensors (``steps``: each tensor's step count after this step)."""
+    """One LAMB step on lists of tensors (``steps``: each tensor's step count after this step).
+    ``sources``: the DTensor parameters when the lists hold their local shards (one all_reduce)."""
     if not params:
         return
     # r = m̂/(√v̂ + ε) = c·r' with r' = m/(√v + ε√(1 − β2ᵗ)), c = √(1 − β2ᵗ)/(1 − β1ᵗ); u = c·u' with
@@ -159,7 +180,7 @@ def lamb(
                 torch._foreach_add_(ua, pa, alpha=weight_decay / c[ia[0]])
             else:
                 torch._foreach_add_(ua, torch._foreach_mul(pa, [weight_decay / c[i] for i in ia]))
-        w, u = _norms(pa), _norms(ua)
+        w, u = _norm_pair(pa, ua, None if sources is None else [sources[i] for i in ia])
         fallback = torch.tensor([c[i] for i in ia], dtype=w.dtype, device=w.device)
         ratio = torch.where((w > 0) & (u > 0), w / u.clamp_min(torch.finfo(u.dtype).tiny), fallback)
         scales = [r if r.dtype == p.dtype else r.to(p.dtype) for r, p in zip(ratio.mul_(-lr).unbind(), pa)]
@@ -232,10 +253,24 @@ class LARS(_TrustBase):
         _check_grads(self)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
+            grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+            bufs_in = [self.state[p].get("momentum_buffer") for p in params]
+            sources = None
+            dt = any(is_dtensor(p) for p in params)
+            if dt:
+                # local shards; buffers created up front as DTensors placed like the parameters (the first
+                # step v = 0·m + d equals torch's v = d bit for bit)
+                if group["momentum"]:
+                    for p, b in zip(params, bufs_in):
+                        if b is None:
+                            self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    bufs_in = [self.state[p]["momentum_buffer"] for p in params]
+                sources = params
+                bufs_in = [None if b is None else local(b) for b in bufs_in]
             bufs = lars(
-                params,
-                [p.grad for p in params],  # type: ignore[misc]
-                [self.state[p].get("momentum_buffer") for p in params],
+                [local(p) for p in params] if dt else params,
+                [local(g) for g in grads] if dt else grads,
+                bufs_in,
                 [self._adapt(group, p) for p in params],
                 lr=group["lr"],
                 momentum=group["momentum"],
@@ -244,8 +279,9 @@ class LARS(_TrustBase):
                 eps=group["eps"],
                 nesterov=group["nesterov"],
                 trust_clip=group["trust_clip"],
+                sources=sources,
             )
-            if group["momentum"]:
+            if group["momentum"] and not dt:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b
         return loss
@@ -306,18 +342,26 @@ class LAMB(_TrustBase):
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(int(state["step"]))
             beta1, beta2 = group["betas"]
+            adapt = [self._adapt(group, p) for p in params]
+            sources = None
+            if any(is_dtensor(p) for p in params):  # local shards, one all_reduce for the trust ratios
+                sources = params
+                params, grads, exp_avgs, exp_avg_sqs = (
+                    [local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
+                )
             lamb(
                 params,
                 grads,
                 exp_avgs,
                 exp_avg_sqs,
                 steps,
-                [self._adapt(group, p) for p in params],
+                adapt,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
+                sources=sources,
             )
         return loss
 

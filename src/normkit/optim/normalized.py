@@ -39,15 +39,25 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from normkit._dtensor import (
+    check_rows_local,
+    is_dtensor,
+    local,
+    needs_reduction,
+    placement_error,
+    reduce_partials,
+)
 from normkit.optim._nonfinite import check_policy, nonfinite_verdict
 from normkit.optim._wrapper import OptimizerWrapper, check_wrappable
 from normkit.optim.norms import (
     Norm,
     NormFn,
+    Stats,
     combine_stats,
     finish,
     get_norm,
     num_units,
+    row_stats,
     tensor_stats,
     unit_stats,
 )
@@ -71,6 +81,7 @@ class _Plan:
         self, grads: list[Tensor], granularity: str, block_of: list[int], bucket: bool = True
     ) -> None:
         self.granularity = granularity
+        self.dtensor = any(is_dtensor(g) for g in grads)  # sharded models take _transform_dtensor
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, g in enumerate(grads):
             if g.is_sparse:
@@ -277,6 +288,9 @@ class _GradientTransform(OptimizerWrapper):
             self.last_norms = {}
             return
         plan = self._get_plan(params, grads, key)
+        if plan.dtensor:
+            self._transform_dtensor(params, grads)
+            return
         weights = [p.detach() for p in params] if self._needs_param_norms() else None
         if plan.granularity == "unit":
             norms = []
@@ -308,6 +322,96 @@ class _GradientTransform(OptimizerWrapper):
                 self.last_norms = {
                     params[i]: n for k, idx in enumerate(plan.groups) for i, n in zip(idx, norms[k].unbind())
                 }
+
+    def _transform_dtensor(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """The transform on DTensor parameters (FSDP2, tensor parallel): every norm from the local shards.
+
+        A row (``"unit"``) is whole on a rank under ``Shard(0)`` / ``Replicate()``: its norm is local. A block
+        of whole tensors (``"tensor"``, ``"layer"``, ``"global"``, and a vector's single unit) is merged from
+        each shard's statistics: the sums (``Σ|x|``, ``Σx²``, ``Σx`` and the spread) of every sharded tensor
+        of the step in one ``all_reduce`` (SUM), ``max|x|`` and ``min|x|`` in one (MAX) — one collective per
+        step for every built-in norm (``max`` and ``min_max`` use the MAX one, the others the SUM one), the
+        weights' norms of adaptive clipping included. No host synchronisation."""
+        nrm = self.norm
+        owner = type(self).__name__
+        unit = self.granularity == "unit"
+        g_loc = [local(g) for g in grads]
+        w_loc = [local(p.detach()) for p in params] if self._needs_param_norms() else None
+        row_idx = [i for i, g in enumerate(grads) if unit and g.ndim >= 2]
+        rows = set(row_idx)
+        whole_idx = [i for i in range(len(grads)) if i not in rows]
+        # checks first: nothing is changed when one fails
+        check_rows_local(owner, [grads[i] for i in row_idx], 'the "unit" granularity')
+        if not nrm.builtin:
+            for i in whole_idx:
+                if needs_reduction(grads[i]):
+                    raise placement_error(
+                        owner,
+                        grads[i],
+                        f"the custom norm {nrm.name!r} needs the whole block, which is split across ranks",
+                        'Use a built-in norm (they reduce across the mesh), granularity="unit" on matrices '
+                        "sharded on dim 0, or replicate the parameter.",
+                    )
+        # blocks of whole tensors
+        if self.granularity == "global":
+            seg = [0] * len(whole_idx)
+        elif self.granularity == "layer":
+            ids: dict[int, int] = {}
+            seg = [ids.setdefault(self._layer_of.get(id(params[i]), -1 - i), len(ids)) for i in whole_idx]
+        else:
+            seg = list(range(len(whole_idx)))
+        num_blocks = len(set(seg))
+        tensor_sets = [g_loc] if w_loc is None else [g_loc, w_loc]
+        block_norms: list[Tensor] = []
+        if whole_idx:
+            sources = [params[i] for i in whole_idx]
+            if nrm.builtin:
+                assert nrm.needs is not None
+                counts = [float(grads[i].numel()) for i in whole_idx]
+                block_norms = _sharded_block_norms(
+                    nrm, [[ts[i] for i in whole_idx] for ts in tensor_sets], sources, counts, seg, num_blocks
+                )
+            else:
+                home = g_loc[whole_idx[0]].device
+                for ts in tensor_sets:
+                    members: list[list[Tensor]] = [[] for _ in range(num_blocks)]
+                    for i, s in zip(whole_idx, seg):
+                        members[s].append(ts[i].reshape(-1).to(home))
+                    block_norms.append(
+                        torch.stack([torch.as_tensor(nrm.fn(torch.cat(m)), device=home) for m in members])
+                    )
+        targets: list[Tensor] = []
+        factors: list[Tensor] = []
+        norms_of: dict[Tensor, Tensor] = {}
+        if whole_idx:
+            scales = self._scales(block_norms[0], block_norms[1] if w_loc is not None else None)
+            per_tensor = scales[torch.tensor(seg, device=scales.device)]
+            for k, (i, s) in enumerate(zip(whole_idx, seg)):
+                targets.append(g_loc[i])
+                factors.append(per_tensor[k].to(g_loc[i].device, g_loc[i].real.dtype))
+                norms_of[params[i]] = block_norms[0][s]
+        for i in row_idx:
+            x = g_loc[i]
+            n_row = float(grads[i].shape[1:].numel())
+            unit_norms = self._local_row_norms(x, n_row)
+            w_norms = self._local_row_norms(w_loc[i], n_row) if w_loc is not None else None
+            unit_scales = self._scales(unit_norms, w_norms)
+            targets.append(x)
+            factors.append(unit_scales.view((-1,) + (1,) * (x.ndim - 1)).to(x.real.dtype))
+            norms_of[params[i]] = unit_norms
+        if targets:
+            torch._foreach_mul_(targets, factors)
+        self.last_norms = norms_of if self.return_norms else {}
+
+    def _local_row_norms(self, x: Tensor, n_row: float) -> Tensor:
+        """The norm of every row of a local shard whose rows are whole (``n_row`` elements each)."""
+        nrm = self.norm
+        if x.shape[0] == 0:
+            return torch.zeros(0, dtype=x.real.dtype, device=x.device)
+        if nrm.needs is None:
+            return self._row_norms(x)
+        stats = row_stats(x, nrm.needs)
+        return finish(nrm.name, stats, n_row)
 
     def _unit_norms(self, plan: _Plan, k: int, tensors: list[Tensor]) -> Tensor:
         """The norm of every unit of group ``k``'s tensors, concatenated (tensors of one small shape
@@ -479,6 +583,88 @@ class _GradientTransform(OptimizerWrapper):
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _sharded_block_norms(
+    nrm: Norm,
+    tensor_sets: list[list[Tensor]],
+    sources: list[Tensor],
+    counts: list[float],
+    seg: list[int],
+    num_blocks: int,
+) -> list[Tensor]:
+    """Block norms (one 1-D tensor per set of tensors: gradients, then weights) from the local shards of
+    ``sources``: per-shard statistics, one all_reduce for the sums and/or one for the maxima over every
+    set, then :func:`combine_stats` and :func:`finish` (float64; float32 on MPS)."""
+    needs = nrm.needs
+    assert needs is not None
+    home = tensor_sets[0][0].device
+    acc = torch.float32 if home.type == "mps" else torch.float64
+    sums: list[Tensor] = []  # per set: (k, c) — Σ|x|, Σx², Σx, spread around the shard mean + (Σx)²/n_shard
+    extremes: list[Tensor] = []  # per set: (k, 2) — max|x|, −min|x|
+    for ts in tensor_sets:
+        k = len(ts)
+        nonempty = [j for j, t in enumerate(ts) if t.numel() > 0]
+        st = tensor_stats([ts[j] for j in nonempty], needs, foreach=False) if nonempty else {}
+        idx = torch.tensor(nonempty, dtype=torch.long, device=home)
+
+        def full(key: str, fill: float, st: Stats = st, idx: Tensor = idx, k: int = k) -> Tensor:
+            out = torch.full((k,), fill, dtype=acc, device=home)
+            if key in st:
+                out[idx] = st[key].real.to(home, acc) if key != "mean" else st[key].to(home).real.to(acc)
+            return out
+
+        cols = []
+        if "l1" in needs:
+            cols.append(full("l1", 0.0))
+        if "l2" in needs:
+            cols.append(full("l2", 0.0).square())
+        if "mean" in needs:
+            n_loc = torch.tensor([float(t.numel()) for t in ts], dtype=acc, device=home)
+            s = full("mean", 0.0) * n_loc
+            cols.append(s)
+            cols.append(full("m2", 0.0) + torch.where(n_loc > 0, s.square() / n_loc.clamp_min(1.0), 0.0))
+        if cols:
+            sums.append(torch.stack(cols, 1))
+        ext = []
+        if "max" in needs:
+            ext.append(full("max", 0.0))
+        if "min" in needs:
+            ext.append(full("min", math.inf).neg())
+        if ext:
+            extremes.append(torch.stack(ext, 1))
+    all_sources = sources * len(tensor_sets)
+    if sums:
+        summed = reduce_partials(torch.cat(sums), all_sources, "sum")
+        sums = list(summed.split(len(sources)))
+    if extremes:
+        top = reduce_partials(torch.cat(extremes), all_sources, "max")
+        extremes = list(top.split(len(sources)))
+    n = torch.tensor(counts, dtype=acc, device=home)
+    segments = torch.tensor(seg, dtype=torch.long, device=home)
+    out = []
+    for j in range(len(tensor_sets)):
+        stats: Stats = {}
+        c = 0
+        if "l1" in needs:
+            stats["l1"] = sums[j][:, c]
+            c += 1
+        if "l2" in needs:
+            stats["l2"] = sums[j][:, c].clamp_min(0.0).sqrt()
+            c += 1
+        if "mean" in needs:
+            total, spread = sums[j][:, c], sums[j][:, c + 1]
+            stats["mean"] = total / n
+            stats["m2"] = (spread - total.square() / n).clamp_min(0.0)
+        e = 0
+        if "max" in needs:
+            stats["max"] = extremes[j][:, e]
+            e += 1
+        if "min" in needs:
+            stats["min"] = extremes[j][:, e].neg()
+        merged, block_n = combine_stats(stats, n, segments, num_blocks)
+        out.append(finish(nrm.name, merged, block_n))
+    return out
 
 
 def _is_registered(nrm: Norm) -> bool:

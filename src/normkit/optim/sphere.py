@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normkit._dtensor import check_rows_local, is_dtensor, local, reduce_partials
 from normkit.optim._wrapper import OptimizerWrapper, check_wrappable
 
 __all__ = ["SphereProjection"]
@@ -67,6 +68,50 @@ def renormalize_(params: list[Tensor], targets: list[Tensor] | float, per_row: b
     else:
         scales = [_safe_inverse(n).mul_(t) for n, t in zip(norms, targets)]
     torch._foreach_mul_(params, scales)
+
+
+def _sharded_step(
+    inner: torch.optim.Optimizer,
+    rows: list[Tensor],
+    whole: list[Tensor],
+    radius: float | None,
+    project_grad: bool,
+) -> None:
+    """The step on DTensor weights: rows whole on a rank (``Shard(0)``/``Replicate()``) are handled on the
+    local shards; whole-tensor units need sums over the mesh: before the step ``⟨g, w⟩`` and ``‖w‖²`` of all
+    of them in one all_reduce, after it ``‖w‖²`` in one more."""
+    rows_l = [local(p) for p in rows]
+    whole_l = [local(p) for p in whole]
+
+    def whole_sq(extra: list[Tensor]) -> list[Tensor]:
+        sq = [(w * w).sum() for w in whole_l] + extra
+        total = reduce_partials(torch.stack(sq), whole * (len(sq) // len(whole)), "sum")
+        return list(total.unbind())
+
+    if project_grad:
+        remove_radial_([local(p.grad) for p in rows], rows_l, True)  # type: ignore[arg-type]
+    before_whole: list[Tensor] | None = None
+    if whole:
+        grads = [local(p.grad) for p in whole]  # type: ignore[arg-type]
+        dots = [torch.mul(g, w).sum() for g, w in zip(grads, whole_l)] if project_grad else []
+        sums = whole_sq(dots)
+        sq = sums[: len(whole)]
+        if project_grad:
+            coefs = [
+                d.mul(_safe_inverse(n)).view([1] * w.dim())
+                for d, n, w in zip(sums[len(whole) :], sq, whole_l)
+            ]
+            torch._foreach_addcmul_(grads, whole_l, coefs, value=-1.0)
+        before_whole = [n.sqrt().view([1] * w.dim()) for n, w in zip(sq, whole_l)]
+    before_rows = _unit_norms(rows_l, True) if radius is None and rows else None
+    inner.step()
+    if rows:
+        renormalize_(rows_l, before_rows if before_rows is not None else float(radius or 0.0), True)
+    if whole:
+        now = [n.sqrt().view([1] * w.dim()) for n, w in zip(whole_sq([]), whole_l)]
+        goal = before_whole if radius is None else [torch.full_like(n, float(radius)) for n in now]
+        assert goal is not None
+        torch._foreach_mul_(whole_l, [_safe_inverse(n).mul_(t) for n, t in zip(now, goal)])
 
 
 class SphereProjection(OptimizerWrapper):
@@ -147,6 +192,11 @@ class SphereProjection(OptimizerWrapper):
         units += [(p, False) for p in self.tensors if p.grad is not None]
         rows = [p for p, per_row in units if per_row]
         whole = [p for p, per_row in units if not per_row]
+        if any(is_dtensor(p) for p, _ in units):
+            check_rows_local("SphereProjection", rows, "renormalizing each row (rows=)")
+            with torch.no_grad():
+                _sharded_step(self.inner, rows, whole, self.radius, self.project_grad)
+            return loss
         with torch.no_grad():
             if self.project_grad:
                 remove_radial_([p.grad for p in rows], rows, True)  # type: ignore[misc]
