@@ -87,12 +87,14 @@ def _reduction_plan(sources: Sequence[torch.Tensor], op: str) -> list[tuple[Any,
     """``(mesh, mesh dims, indices of sources)`` for each distinct way the sharded sources are split."""
     if op not in _OPS:
         raise ValueError(f"reduce_partials: op must be one of {tuple(_OPS)}, got {op!r}")
-    keys: dict[tuple[int, tuple[int, ...]], tuple[Any, tuple[int, ...], list[int]]] = {}
+    # keyed by the mesh's value (DeviceMesh compares by its ranks): fully_shard builds one mesh object per
+    # call, all equal, and they must share one collective
+    keys: dict[tuple[Any, tuple[int, ...]], tuple[Any, tuple[int, ...], list[int]]] = {}
     for i, s in enumerate(sources):
         dims = _sharded_mesh_dims(s)
         if dims:
             mesh = cast(Any, s).device_mesh
-            keys.setdefault((id(mesh), dims), (mesh, dims, []))[2].append(i)
+            keys.setdefault((mesh, dims), (mesh, dims, []))[2].append(i)
     return list(keys.values())
 
 
