@@ -10,7 +10,6 @@ all_reduce count of its sharded steps; the tests below read that table.
 
 from __future__ import annotations
 
-import math
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from normkit.optim import (
     ClippedOptimizer,
     NormalizedOptimizer,
     SphereProjection,
+    orthogonality_penalty,
     register_norm,
     scale_invariant_param_groups,
     trust_ratio_param_groups,
@@ -371,6 +371,18 @@ def _worker(rank: int, world: int, folder: str) -> dict[str, Any]:
                 except Exception:
                     errors[key] = traceback.format_exc()
         errors.update(_shard1_refusals(world))
+        try:  # the ω regularizer's value for logging, from the shards (YᵀY reduced once)
+            grass = [([0, 3], {"grassmann": True, "lr": 0.2}), ([1, 2, 4, 5], {"lr": 0.05})]
+            ref_model, model = make_model(), _fsdp_model()
+            want_pen = orthogonality_penalty(SGDG(_groups(list(ref_model.parameters()), grass), omega=0.1))
+            opt = SGDG(_groups(list(model.parameters()), grass), omega=0.1)
+            got_pen: list[Tensor] = []
+            calls = _count_all_reduce(lambda: got_pen.append(orthogonality_penalty(opt)))
+            if not (abs(got_pen[0].item() - want_pen.item()) <= RTOL * want_pen.item() and calls == 1):
+                raise AssertionError(f"penalty {got_pen[0].item()} vs {want_pen.item()}, {calls} all_reduce")
+            errors["penalty orthogonality"] = None
+        except Exception:
+            errors["penalty orthogonality"] = traceback.format_exc()
         # a custom norm on a block split across ranks: refused with the alternative, nothing changed
         try:
             got, want, _ = _run_fsdp(rank, world, lambda ps, m: NormalizedOptimizer(_sgd(ps), "p3", "tensor"))
@@ -420,7 +432,9 @@ def test_plain_dtensor_shard0_and_replicate(results: list[dict[str, Any]]) -> No
 
 
 def test_rows_split_across_ranks_are_refused(results: list[dict[str, Any]]) -> None:
-    bad = {**_errors(results, "shard1_"), **_errors(results, "custom_norm")}
+    """Shard(1) under row-wise math and a custom norm on a sharded block: clear errors, nothing changed;
+    also the ω regularizer's logged value from the shards."""
+    bad = {**_errors(results, "shard1_"), **_errors(results, "custom_norm"), **_errors(results, "penalty")}
     assert "shard1_sgdg" in results[0]["errors"]
     assert not bad, "\n".join(f"{k}:\n{v}" for k, v in bad.items())
 
@@ -448,4 +462,14 @@ def test_config_table_is_complete() -> None:
     names = configs()
     for norm in NORMS:
         assert f"normalized_global_{norm}" in names and f"normalized_tensor_{norm}" in names
-    assert not math.isnan(len(names))
+    for name in (
+        "sgdg",
+        "adamg",
+        "adamp_auto",
+        "sgdp_auto",
+        "lars",
+        "lamb",
+        "sphere_rows",
+        "clipped_agc_unit",
+    ):
+        assert name in names

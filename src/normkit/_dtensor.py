@@ -3,6 +3,13 @@
 FSDP2 shards each parameter on dim 0 (``Shard(0)``): for Linear / Conv weights that is the output dimension,
 so every row (one unit's incoming weights) lies whole on one rank and row-wise math can run on the local
 shard. A norm over a whole sharded tensor, or over all tensors, needs one reduction across the mesh.
+
+The helpers: predicates (:func:`is_dtensor`, :func:`rows_are_local`, :func:`needs_reduction`), the local
+shard (:func:`local`), the clear error for a placement that cannot work (:func:`check_rows_local`,
+:func:`placement_error`), state placed like a parameter's rows (:func:`zeros_rows`), and the one generic
+reduction: compute every tensor's partial result on its local shard, stack them, and call
+:func:`reduce_partials` (or :func:`reduce_partials_each` for partials of different shapes) once — one
+``all_reduce`` for all sharded tensors of a step, replicated and plain tensors left as computed.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ Which weights are projected, per parameter group (``projection``):
   :func:`scale_invariant_param_groups` builds these groups from :func:`normkit.graph.trace`.
 * ``"none"`` — never projected: the plain Adam (decoupled weight decay) / SGD step of the authors' code.
 
+Sharded models (FSDP2 ``fully_shard``, DTensor ``Shard(0)`` / ``Replicate()``): the step runs on the local
+shards; the per-layer sums (``‖w‖²``, ``⟨w, q⟩``, ``⟨g, w⟩``, ``‖g‖²``) of a group's tensors take one SUM
+all_reduce and the cosine test's per-layer ``max cos`` one MAX all_reduce (``"row"`` and ``"none"`` groups:
+none; ``"tensor"``: the SUM only). The state is DTensors like the parameters. Per-row projection or the test
+on a weight whose rows are split (``Shard(1)``) is refused before anything changes.
+
 Where we follow the authors' code (github.com/clovaai/AdamP, also shipped by timm) rather than the paper's
 pseudo-code: weight decay is decoupled (``w ← w(1 − η λ r)``, ``r = wd_ratio`` on projected tensors, 1
 elsewhere) and for SGDP divided by ``1 − momentum``; SGDP's momentum buffer starts at zero and, without

@@ -30,6 +30,12 @@ largest weight, which also serves the row dot products; ``1/‖w‖`` is folded 
 instead of normalizing ``w`` in a pass of its own; ‖h‖ comes from the Gram identity. Adam-G's bias
 corrections are computed in float64 (``1 − 0.99`` keeps 17 bits in float32).
 
+Sharded models (FSDP2 ``fully_shard``, DTensor ``Shard(0)`` / ``Replicate()``): every row lies whole on one
+rank, so the row math runs on the local shards, with no communication; the state (τ, m, v) is made of
+DTensors placed like the parameter (``torch.distributed.checkpoint`` saves it sharded). The ω term needs
+``YᵀY`` over all rows (``YYᵀY = Y·YᵀY``): each shard's ``n × n`` part, one all_reduce per group for all its
+tensors. A Grassmann weight whose rows are split (``Shard(1)``) is refused before the step.
+
 Non-finite gradients: ``nonfinite="propagate" | "skip" | "raise"`` (see :class:`SGDG`).
 ``foreach=True`` (default on accelerators) concatenates the rows of all tensors of equal row length and runs
 one batch per length. Under ``torch.compile`` the same formulas run in a functional form that inductor fuses
@@ -932,6 +938,20 @@ def orthogonality_penalty(
         )
         pairs = [(p, omega) for p in params]
     total: Tensor | None = None
+    sharded = [(p, om) for p, om in pairs if is_dtensor(p)]
+    if sharded:
+        check_rows_local("orthogonality_penalty", [p for p, _ in sharded])
+        # ‖YYᵀ − I‖² = ‖YᵀY‖² − 2 tr(YᵀY) + rows, with YᵀY (n × n) summed over the shards: one all_reduce
+        grams = []
+        for p, _ in sharded:
+            rows = local(p.detach())
+            rows = rows.reshape(rows.shape[0], -1).to(torch.promote_types(rows.dtype, torch.float32))
+            y = rows * _safe_inverse(torch.linalg.vector_norm(rows, dim=1, keepdim=True))
+            grams.append(y.T @ y)
+        for (p, om), gram in zip(sharded, reduce_partials_each(grams, [p for p, _ in sharded], "sum")):
+            term = (gram.square().sum() - 2.0 * gram.diagonal().sum() + p.shape[0]) * (0.5 * om)
+            total = term if total is None else total + term.to(total.device)
+        pairs = [(p, om) for p, om in pairs if not is_dtensor(p)]
     for p, om in pairs:
         rows = p.detach().reshape(p.shape[0], -1)
         rows = rows.to(torch.promote_types(rows.dtype, torch.float32))

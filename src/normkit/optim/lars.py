@@ -9,6 +9,10 @@ mode) and LAMB (You et al., ICLR 2020, arXiv 1904.00962).
 * LAMB (paper Algorithm 2, φ the identity): Adam's ``r = m̂/(√v̂ + ε)``, ``u = r + βw``,
   ``w ← w − γ (‖w‖/‖u‖) u``.
 
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters of any placement): the step runs on the local
+shards; the squared norms of a group's adapted tensors (``‖w‖`` and ``‖g‖`` for LARS, ``‖w‖`` and ``‖u‖``
+for LAMB) go through one all_reduce per group. Momentum buffers are DTensors placed like the parameters.
+
 The ratio is 1 when ``‖w‖ = 0`` or the denominator is 0 (chosen on the device with ``torch.where``: no
 host synchronisation). Tensors with one dimension (biases, normalization weights) are excluded from
 adaptation and weight decay by default (``exclude_1d``): they take the plain SGD-with-momentum / Adam step.

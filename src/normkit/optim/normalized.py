@@ -22,6 +22,13 @@ The wrappers *are* optimizers and share ``param_groups``, ``state`` and ``defaul
 an LR scheduler built on the wrapper drives the inner learning rate, and ``GradScaler.unscale_`` /
 ``GradScaler.step`` see the same gradients.
 
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters): the norms come from the local shards. A unit
+(row of a matrix sharded on dim 0) is whole on a rank: no communication. Blocks spanning ranks (a sharded
+tensor, a layer, all gradients, a vector's one unit) merge each shard's statistics exactly: every block of
+the step in **one** all_reduce (SUM for the l1/l2/std families, MAX for ``max`` / ``min_max``; AGC's
+weight norms ride along). A custom norm needs the whole block and is refused on a block split across ranks
+(built-in norms, or ``"unit"``, work); rows split across ranks (``Shard(1)``) are refused under ``"unit"``.
+
 Non-finite gradients (``nonfinite=``): ``"propagate"`` (default) transforms and steps as given — one NaN
 makes its whole block NaN (with ``"global"``, every gradient); ``"skip"`` leaves parameters, gradients and the
 inner optimizer's state untouched for that step and counts it in ``skipped_steps``; ``"raise"`` raises

@@ -10,6 +10,10 @@ weights back on their sphere after it:
 * after the inner step, each unit is rescaled to its norm before the step (``radius=None``, so weight decay
   and the radial part of momentum cannot change it) or to a fixed ``radius`` (e.g. 1).
 
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters): row units (``Shard(0)`` / ``Replicate()``) are
+handled on the local shards with no communication; whole-tensor units need two all_reduce per step (the
+norms, with ``project_grad`` the radial parts, before the inner step; the norms after it).
+
 A unit is a row ``w.reshape(out, -1)`` (an output channel: weights feeding a per-channel normalization) or
 a whole tensor (weights feeding LayerNorm / GroupNorm). Given a ``model``, the units come from
 :func:`normkit.optim.scale_invariant_weights` (the graph); or pass ``rows=`` / ``tensors=`` explicitly. A
