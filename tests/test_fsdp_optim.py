@@ -10,6 +10,7 @@ all_reduce count of its sharded steps; the tests below read that table.
 
 from __future__ import annotations
 
+import math
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -98,6 +99,8 @@ def configs() -> dict[str, tuple[Factory, int | None]]:
         "sgdg_clip_omega": (lambda ps, m: SGDG(_groups(ps, grass), grad_clip=0.1, omega=0.1), 1),
         "sgdg_skip": (lambda ps, m: SGDG(_groups(ps, grass), omega=0.1, nonfinite="skip"), 2),
         "adamg": (lambda ps, m: AdamG(_groups(ps, grass), lr=0.05), 0),
+        "sgdg_foreach": (lambda ps, m: SGDG(_groups(ps, grass), momentum=0.9, foreach=True), 0),
+        "adamg_foreach": (lambda ps, m: AdamG(_groups(ps, grass), lr=0.05, foreach=True), 0),
         "adamg_clip_omega": (lambda ps, m: AdamG(_groups(ps, grass), lr=0.05, grad_clip=0.1, omega=0.1), 1),
     }
     for norm in NORMS:
@@ -371,6 +374,21 @@ def _worker(rank: int, world: int, folder: str) -> dict[str, Any]:
                 except Exception:
                     errors[key] = traceback.format_exc()
         errors.update(_shard1_refusals(world))
+        try:  # a NaN in one rank's shard: every rank skips the step (the verdict is reduced)
+            model = _fsdp_model()
+            opt = ClippedOptimizer(_sgd(list(model.parameters())), "l2", 1.0, nonfinite="skip")
+            x, y = _batches(rank, world)[0]
+            nn.functional.mse_loss(model(x), y).backward()
+            before = [_full(p.detach()).clone() for p in model.parameters()]
+            if rank == 0:
+                next(iter(model.parameters())).grad.to_local()[0, 0] = math.nan
+            opt.step()
+            after = [_full(p.detach()) for p in model.parameters()]
+            if opt.skipped_steps != 1 or not all(torch.equal(a, b) for a, b in zip(after, before)):
+                raise AssertionError(f"skipped_steps={opt.skipped_steps}, weights changed")
+            errors["nonfinite skip"] = None
+        except Exception:
+            errors["nonfinite skip"] = traceback.format_exc()
         try:  # the ω regularizer's value for logging, from the shards (YᵀY reduced once)
             grass = [([0, 3], {"grassmann": True, "lr": 0.2}), ([1, 2, 4, 5], {"lr": 0.05})]
             ref_model, model = make_model(), _fsdp_model()
@@ -433,8 +451,13 @@ def test_plain_dtensor_shard0_and_replicate(results: list[dict[str, Any]]) -> No
 
 def test_rows_split_across_ranks_are_refused(results: list[dict[str, Any]]) -> None:
     """Shard(1) under row-wise math and a custom norm on a sharded block: clear errors, nothing changed;
-    also the ω regularizer's logged value from the shards."""
-    bad = {**_errors(results, "shard1_"), **_errors(results, "custom_norm"), **_errors(results, "penalty")}
+    also the ω regularizer's logged value from the shards, and a NaN on one rank skipping the step on all."""
+    bad = {
+        **_errors(results, "shard1_"),
+        **_errors(results, "custom_norm"),
+        **_errors(results, "penalty"),
+        **_errors(results, "nonfinite"),
+    }
     assert "shard1_sgdg" in results[0]["errors"]
     assert not bad, "\n".join(f"{k}:\n{v}" for k, v in bad.items())
 
