@@ -94,9 +94,11 @@ Factory = Callable[[list[Tensor], "nn.Module | None"], torch.optim.Optimizer]
 def configs() -> dict[str, tuple[Factory, int | None]]:
     """name → (factory(params, model), all_reduce calls per sharded step expected; None: not checked)."""
     grass = [([0, 3], {"grassmann": True, "lr": 0.2}), ([1, 2, 4, 5], {"lr": 0.05, "weight_decay": 1e-3})]
+    split = [([0], {"grassmann": True, "lr": 0.2}), ([3], {"grassmann": True, "lr": 0.1}), grass[1]]
     out: dict[str, tuple[Factory, int | None]] = {
         "sgdg": (lambda ps, m: SGDG(_groups(ps, grass), momentum=0.9), 0),
         "sgdg_clip_omega": (lambda ps, m: SGDG(_groups(ps, grass), grad_clip=0.1, omega=0.1), 1),
+        "sgdg_two_groups_omega": (lambda ps, m: SGDG(_groups(ps, split), omega=0.1), 1),
         "sgdg_skip": (lambda ps, m: SGDG(_groups(ps, grass), omega=0.1, nonfinite="skip"), 2),
         "adamg": (lambda ps, m: AdamG(_groups(ps, grass), lr=0.05), 0),
         "sgdg_foreach": (lambda ps, m: SGDG(_groups(ps, grass), momentum=0.9, foreach=True), 0),
@@ -141,6 +143,11 @@ def configs() -> dict[str, tuple[Factory, int | None]]:
     out["adamp_graph"] = (lambda ps, m: AdamP(_groups(ps, graph), lr=0.01), 0)
     out["sgdp_graph_test_others"] = (lambda ps, m: SGDP(_groups(ps, test_others), lr=0.05, momentum=0.9), 2)
     out["adamp_tensor"] = (lambda ps, m: AdamP(_groups(ps, tensor_mode), lr=0.01, weight_decay=1e-2), 1)
+    three = [([0, 3], {"weight_decay": 1e-2}), ([4], {"lr": 0.02}), ([1, 2, 5], {"projection": "none"})]
+    out["adamp_three_groups"] = (lambda ps, m: AdamP(_groups(ps, three), lr=0.01), 2)
+    two = [([0, 3], {}), ([4], {"lr": 0.1}), ([1, 2, 5], {"adapt": False})]
+    out["lars_three_groups"] = (lambda ps, m: LARS(_groups(ps, two), lr=0.5, trust_coefficient=0.02), 1)
+    out["lamb_three_groups"] = (lambda ps, m: LAMB(_groups(ps, two), lr=0.01, weight_decay=1e-3), 1)
     trust = _graph_spec("trust")
     out["lars"] = (lambda ps, m: LARS(ps, lr=0.5, weight_decay=1e-3, trust_coefficient=0.02), 1)
     out["lars_nesterov_clip"] = (

@@ -14,7 +14,7 @@ reduction: compute every tensor's partial result on its local shard, stack them,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any, cast
 
 import torch
@@ -180,3 +180,50 @@ def zeros_rows(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
         shape=torch.Size([tensor.shape[0]]),
         stride=(1,),
     )
+
+
+Request = dict[str, tuple[torch.Tensor, list[torch.Tensor]]]  # op → (partials (k, ...), their k sources)
+Reply = dict[str, torch.Tensor]
+
+
+def drive(tasks: Sequence[Generator[Request, Reply, Any]]) -> list[Any]:
+    """Run computations that pause for reductions across the mesh, batching their reductions.
+
+    Each task is a generator (e.g. one optimizer step per parameter group) that yields a request
+    ``{op: (partials, sources)}`` (``op`` in ``"sum"``, ``"max"``, ``"min"``; ``partials`` of shape
+    ``(k, ...)`` for ``k`` sources, see :func:`reduce_partials`) and receives ``{op: reduced partials}``.
+    The requests of all tasks paused at the same round are concatenated and reduced together: one
+    ``all_reduce`` per op per round for the whole step, however many tasks (groups) there are. Returns
+    the tasks' return values. A task that never yields (plain tensors) just runs to its end.
+    """
+    results: list[Any] = [None] * len(tasks)
+    pending: dict[int, Request] = {}
+
+    def advance(i: int, reply: Reply | None) -> None:
+        try:
+            pending[i] = tasks[i].send(reply)  # type: ignore[arg-type]
+        except StopIteration as stop:
+            results[i] = stop.value
+
+    for i in range(len(tasks)):
+        advance(i, None)
+    while pending:
+        requests, pending_now = dict(pending), sorted(pending)
+        pending.clear()
+        replies: dict[int, Reply] = {i: {} for i in pending_now}
+        ops = sorted({op for r in requests.values() for op in r})
+        for op in ops:
+            users = [i for i in pending_now if op in requests[i]]
+            parts = [requests[i][op][0] for i in users]
+            sources = [s for i in users for s in requests[i][op][1]]
+            reduced = reduce_partials(torch.cat(parts), sources, op)
+            for i, piece in zip(users, reduced.split([p.shape[0] for p in parts])):
+                replies[i][op] = piece
+        for i in pending_now:
+            advance(i, replies[i])
+    return results
+
+
+def run(task: Generator[Request, Reply, Any]) -> Any:
+    """Run one task of :func:`drive` (its reductions unbatched with any other)."""
+    return drive([task])[0]

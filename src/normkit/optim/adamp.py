@@ -19,10 +19,11 @@ Which weights are projected, per parameter group (``projection``):
 * ``"none"`` — never projected: the plain Adam (decoupled weight decay) / SGD step of the authors' code.
 
 Sharded models (FSDP2 ``fully_shard``, DTensor ``Shard(0)`` / ``Replicate()``): the step runs on the local
-shards; the per-layer sums (``‖w‖²``, ``⟨w, q⟩``, ``⟨g, w⟩``, ``‖g‖²``) of a group's tensors take one SUM
-all_reduce and the cosine test's per-layer ``max cos`` one MAX all_reduce (``"row"`` and ``"none"`` groups:
-none; ``"tensor"``: the SUM only). The state is DTensors like the parameters. Per-row projection or the test
-on a weight whose rows are split (``Shard(1)``) is refused before anything changes.
+shards; the per-layer sums (``‖w‖²``, ``⟨w, q⟩``, ``⟨g, w⟩``, ``‖g‖²``) of the tensors of all groups take
+one SUM all_reduce per step and the cosine test's per-layer ``max cos`` one MAX all_reduce (none for
+``"row"`` and ``"none"`` groups; the SUM only for ``"tensor"``). The state is DTensors like the
+parameters. Per-row projection or the test on a weight whose rows are split (``Shard(1)``) is refused
+before anything changes.
 
 Where we follow the authors' code (github.com/clovaai/AdamP, also shipped by timm) rather than the paper's
 pseudo-code: weight decay is decoupled (``w ← w(1 − η λ r)``, ``r = wd_ratio`` on projected tensors, 1
@@ -39,7 +40,7 @@ Adam's bias corrections into the step size); the cosine test adds one more of ea
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from normkit._dtensor import check_rows_local, is_dtensor, local, reduce_partials
+from normkit._dtensor import Reply, Request, check_rows_local, drive, is_dtensor, local, run
 from normkit.optim._adam import adam_moments_
 
 __all__ = ["SGDP", "AdamP", "scale_invariant_param_groups", "scale_invariant_weights"]
@@ -96,7 +97,7 @@ def projection_coefficients(
     per-layer sums and the channel test's maximum are then reduced across the mesh, every tensor's in one
     SUM and (``"auto"``) one MAX all_reduce."""
     if sources is not None:
-        return _sharded_projection_coefficients(params, grads, updates, modes, sources, delta, eps)
+        return run(_sharded_projection_coefficients(params, grads, updates, modes, sources, delta, eps))
     coefs: list[Tensor | None] = []
     projected: list[Tensor | bool] = []
     for w, g, q, mode in zip(params, grads, updates, modes):
@@ -139,10 +140,11 @@ def _sharded_projection_coefficients(
     sources: list[Tensor],
     delta: float,
     eps: float,
-) -> tuple[list[Tensor | None], list[Tensor | bool]]:
-    """:func:`projection_coefficients` on local shards: the row quantities are local; the layer sums
-    (``‖w‖²``, ``⟨w, q⟩``, ``⟨g, w⟩``, ``‖g‖²``) of all tensors go through one SUM all_reduce and the
-    channel test's ``max cos`` through one MAX all_reduce."""
+) -> Generator[Request, Reply, tuple[list[Tensor | None], list[Tensor | bool]]]:
+    """:func:`projection_coefficients` on local shards, as a task of :func:`normkit._dtensor.drive`: the row
+    quantities are local; it pauses once for the layer sums (``‖w‖²``, ``⟨w, q⟩``, ``⟨g, w⟩``, ``‖g‖²``,
+    SUM) and the channel test's ``max cos`` (MAX) of all its tensors, which ``drive`` reduces together
+    with the other groups'."""
     rows_of: list[tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None] = []
     sums: list[Tensor] = []
     maxima: list[Tensor] = []
@@ -168,15 +170,15 @@ def _sharded_projection_coefficients(
             sums.append(torch.stack(parts))
             reduced.append(i)
             summed_sources.append(sources[i])
-    layer: dict[int, Tensor] = {}
-    if sums:
-        total = reduce_partials(torch.stack(sums), summed_sources, "sum")
-        layer = dict(zip(reduced, total.unbind()))
     auto = [i for i, m in enumerate(modes) if rows_of[i] is not None and m == "auto"]
-    top: dict[int, Tensor] = {}
+    request: Request = {}
+    if sums:
+        request["sum"] = (torch.stack(sums), summed_sources)
     if auto:
-        peak = reduce_partials(torch.stack(maxima), [sources[i] for i in auto], "max")
-        top = dict(zip(auto, peak.unbind()))
+        request["max"] = (torch.stack(maxima), [sources[i] for i in auto])
+    reply: Reply = (yield request) if request else {}
+    layer = dict(zip(reduced, reply["sum"].unbind())) if sums else {}
+    top = dict(zip(auto, reply["max"].unbind())) if auto else {}
     coefs: list[Tensor | None] = []
     projected: list[Tensor | bool] = []
     for i, mode in enumerate(modes):
@@ -207,6 +209,22 @@ def _sharded_projection_coefficients(
         coefs.append(torch.where(channel_ok, row_coef, torch.where(layer_ok, layer_coef, zero)))
         projected.append(channel_ok | layer_ok)
     return coefs, projected
+
+
+def _coefficients(
+    params: list[Tensor],
+    grads: list[Tensor],
+    updates: list[Tensor],
+    modes: list[str],
+    delta: float,
+    eps: float,
+    sources: list[Tensor] | None,
+) -> Generator[Request, Reply, tuple[list[Tensor | None], list[Tensor | bool]]]:
+    if sources is not None:
+        return (
+            yield from _sharded_projection_coefficients(params, grads, updates, modes, sources, delta, eps)
+        )
+    return projection_coefficients(params, grads, updates, modes, delta=delta, eps=eps)
 
 
 def _localize(
@@ -296,6 +314,28 @@ def adamp(
 ) -> None:
     """One AdamP step on lists of tensors (``steps``: the step count of each tensor after this step).
     ``sources``: the DTensor parameters when the lists hold their local shards."""
+    run(_adamp_task(**locals()))
+
+
+def _adamp_task(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    modes: list[str],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    delta: float,
+    wd_ratio: float,
+    nesterov: bool,
+    sources: list[Tensor] | None = None,
+) -> Generator[Request, Reply, None]:
+    """:func:`adamp` as a task of :func:`normkit._dtensor.drive` (it pauses for the sharded sums)."""
     if not params:
         return
     denom, bc2_sqrt = adam_moments_(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
@@ -306,9 +346,7 @@ def adamp(
         torch._foreach_div_(updates, denom)
     else:
         updates = list(torch._foreach_div(exp_avgs, denom))
-    coefs, projected = projection_coefficients(
-        params, grads, updates, modes, delta=delta, eps=eps, sources=sources
-    )
+    coefs, projected = yield from _coefficients(params, grads, updates, modes, delta, eps, sources)
     decays = _decay_factors(params, projected, lr, weight_decay, wd_ratio)
     _step_(params, updates, coefs, decays, step_sizes)
 
@@ -331,6 +369,26 @@ def sgdp(
 ) -> None:
     """One SGDP step on lists of tensors (the authors' code: see the module docstring). ``sources``: the
     DTensor parameters when the lists hold their local shards."""
+    run(_sgdp_task(**locals()))
+
+
+def _sgdp_task(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    modes: list[str],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    eps: float,
+    delta: float,
+    wd_ratio: float,
+    sources: list[Tensor] | None = None,
+) -> Generator[Request, Reply, None]:
+    """:func:`sgdp` as a task of :func:`normkit._dtensor.drive` (it pauses for the sharded sums)."""
     if not params:
         return
     torch._foreach_mul_(momentum_buffers, momentum)
@@ -339,17 +397,13 @@ def sgdp(
     if nesterov:
         updates = list(torch._foreach_mul(momentum_buffers, momentum))
         torch._foreach_add_(updates, grads)
-        coefs, projected = projection_coefficients(
-            params, grads, updates, modes, delta=delta, eps=eps, sources=sources
-        )
+        coefs, projected = yield from _coefficients(params, grads, updates, modes, delta, eps, sources)
         _step_(
             params, updates, coefs, _decay_factors(params, projected, lr, wd, wd_ratio), [lr] * len(params)
         )
         return
     # the authors' code projects the buffer itself (it is the step)
-    coefs, projected = projection_coefficients(
-        params, grads, momentum_buffers, modes, delta=delta, eps=eps, sources=sources
-    )
+    coefs, projected = yield from _coefficients(params, grads, momentum_buffers, modes, delta, eps, sources)
     _project_(momentum_buffers, params, coefs)
     _scale_(params, _decay_factors(params, projected, lr, wd, wd_ratio))
     torch._foreach_add_(params, momentum_buffers, alpha=-lr)
@@ -500,6 +554,7 @@ class AdamP(_ProjectedBase):
                 loss = closure()
         _check_grads(self)
         self._check_placements()
+        tasks = []  # sharded groups: run together, their sums reduced in one all_reduce (per op) for all
         for group in self.param_groups:
             params, grads, modes, steps, exp_avgs, exp_avg_sqs = self._collect(
                 group, ("exp_avg", "exp_avg_sq")
@@ -508,7 +563,7 @@ class AdamP(_ProjectedBase):
                 params, params, grads, exp_avgs, exp_avg_sqs
             )
             beta1, beta2 = group["betas"]
-            adamp(
+            task = _adamp_task(
                 params,
                 grads,
                 exp_avgs,
@@ -525,6 +580,11 @@ class AdamP(_ProjectedBase):
                 nesterov=group["nesterov"],
                 sources=sources,
             )
+            if sources is None:
+                run(task)
+            else:
+                tasks.append(task)
+        drive(tasks)
         return loss
 
 
@@ -581,10 +641,11 @@ class SGDP(_ProjectedBase):
                 loss = closure()
         _check_grads(self)
         self._check_placements()
+        tasks = []  # sharded groups: run together, their sums reduced in one all_reduce (per op) for all
         for group in self.param_groups:
             params, grads, modes, _, buffers = self._collect(group, ("momentum_buffer",))
             sources, (params, grads, buffers) = _localize(params, params, grads, buffers)
-            sgdp(
+            task = _sgdp_task(
                 params,
                 grads,
                 buffers,
@@ -599,6 +660,11 @@ class SGDP(_ProjectedBase):
                 wd_ratio=group["wd_ratio"],
                 sources=sources,
             )
+            if sources is None:
+                run(task)
+            else:
+                tasks.append(task)
+        drive(tasks)
         return loss
 
 

@@ -33,8 +33,8 @@ corrections are computed in float64 (``1 − 0.99`` keeps 17 bits in float32).
 Sharded models (FSDP2 ``fully_shard``, DTensor ``Shard(0)`` / ``Replicate()``): every row lies whole on one
 rank, so the row math runs on the local shards, with no communication; the state (τ, m, v) is made of
 DTensors placed like the parameter (``torch.distributed.checkpoint`` saves it sharded). The ω term needs
-``YᵀY`` over all rows (``YYᵀY = Y·YᵀY``): each shard's ``n × n`` part, one all_reduce per group for all its
-tensors. A Grassmann weight whose rows are split (``Shard(1)``) is refused before the step.
+``YᵀY`` over all rows (``YYᵀY = Y·YᵀY``): each shard's ``n × n`` part, one all_reduce per step for all
+tensors of all groups. A Grassmann weight whose rows are split (``Shard(1)``) is refused before the step.
 
 Non-finite gradients: ``nonfinite="propagate" | "skip" | "raise"`` (see :class:`SGDG`).
 ``foreach=True`` (default on accelerators) concatenates the rows of all tensors of equal row length and runs
@@ -463,32 +463,41 @@ class _GrassmannBase(Optimizer):
         for group in self.param_groups:  # before anything changes: rows split across ranks cannot work
             if group["grassmann"]:
                 check_rows_local(type(self).__name__, group["params"], "Grassmann (row-wise) math")
+        grams = self._sharded_grams()
         for group in self.param_groups:
             if group["grassmann"]:
                 params = self._manifold_params(group)
                 if params:
                     foreach = group["foreach"] if group["foreach"] is not None else _auto_foreach(params)
-                    self._grassmann_step(group, params, foreach)
+                    self._grassmann_step(group, params, foreach, grams)
             else:
                 self._euclidean_step(group)
         return loss
 
-    @staticmethod
-    def _sharded_grams(slots: list[_Slot], params: list[Tensor], omega: float) -> list[Tensor] | None:
-        """For DTensor parameters with ω: each tensor's ``YᵀY`` (``n × n``, unit rows) summed over all its
-        rows — the local shard's, then one all_reduce for all tensors of the group. None for plain tensors
-        (they take the batched ``YYᵀ`` form) or without ω."""
-        if not omega or not any(is_dtensor(p) for p in params):
+    def _sharded_grams(self) -> dict[int, Tensor] | None:
+        """For DTensor manifold weights with ω: each tensor's ``YᵀY`` (``n × n``, unit rows, columns in the
+        row view's order) summed over all its rows — each shard's, then one all_reduce for every such tensor
+        of every group. None when there are none (plain tensors take the batched ``YYᵀ`` form)."""
+        params = [
+            p
+            for group in self.param_groups
+            if group["grassmann"] and group["omega"]
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not any(is_dtensor(p) for p in params):
             return None
         partial = []
-        for s in slots:
-            rows = s.target.rows
+        for p in params:
+            work = local(self._prepare(p, self.state[p])[0])
+            rows = _Rows(work, _memory_order(work)).rows
             y = rows * _safe_inverse(torch.linalg.vector_norm(rows, dim=1, keepdim=True))
             partial.append((y.T @ y).unsqueeze(0))
-        grams = reduce_partials_each(partial, params, "sum")
-        return grams
+        return {id(p): g for p, g in zip(params, reduce_partials_each(partial, params, "sum"))}
 
-    def _grassmann_step(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+    def _grassmann_step(
+        self, group: dict[str, Any], params: list[Tensor], foreach: bool, grams: dict[int, Tensor] | None
+    ) -> None:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
@@ -662,16 +671,18 @@ class SGDG(_GrassmannBase):
         )
         super().__init__(params, defaults, nonfinite)
 
-    def _grassmann_step(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+    def _grassmann_step(
+        self, group: dict[str, Any], params: list[Tensor], foreach: bool, grams: dict[int, Tensor] | None
+    ) -> None:
         slots = [_Slot(self, p, self._manifold_keys) for p in params]
         kwargs = dict(
             lr=group["lr"], momentum=group["momentum"], grad_clip=group["grad_clip"], omega=group["omega"]
         )
-        grams = self._sharded_grams(slots, params, group["omega"])
-        if foreach and grams is None:
+        mine = [grams[id(p)] for p in params] if grams is not None and group["omega"] else None
+        if foreach and mine is None:
             _multi_tensor_sgdg(slots, **kwargs)
         else:
-            _single_tensor_sgdg(self, slots, grams, **kwargs)
+            _single_tensor_sgdg(self, slots, mine, **kwargs)
         _commit(slots)
 
 
@@ -744,7 +755,9 @@ class AdamG(_GrassmannBase):
         if group["eps"] < 0:
             raise ValueError(f"AdamG: eps must be ≥ 0, got {group['eps']}.")
 
-    def _grassmann_step(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
+    def _grassmann_step(
+        self, group: dict[str, Any], params: list[Tensor], foreach: bool, grams: dict[int, Tensor] | None
+    ) -> None:
         steps, slots = [], []
         for p in params:
             st = self.state[p]
@@ -768,11 +781,11 @@ class AdamG(_GrassmannBase):
             grad_clip=group["grad_clip"],
             omega=group["omega"],
         )
-        grams = self._sharded_grams(slots, params, group["omega"])
-        if foreach and grams is None:
+        mine = [grams[id(p)] for p in params] if grams is not None and group["omega"] else None
+        if foreach and mine is None:
             _multi_tensor_adamg(self, slots, params, **kwargs)
         else:
-            _single_tensor_adamg(self, slots, params, grams, **kwargs)
+            _single_tensor_adamg(self, slots, params, mine, **kwargs)
         _commit(slots)
 
 

@@ -10,8 +10,9 @@ mode) and LAMB (You et al., ICLR 2020, arXiv 1904.00962).
   ``w ← w − γ (‖w‖/‖u‖) u``.
 
 Sharded models (FSDP2 ``fully_shard``, DTensor parameters of any placement): the step runs on the local
-shards; the squared norms of a group's adapted tensors (``‖w‖`` and ``‖g‖`` for LARS, ``‖w‖`` and ``‖u‖``
-for LAMB) go through one all_reduce per group. Momentum buffers are DTensors placed like the parameters.
+shards; the squared norms of the adapted tensors (``‖w‖`` and ``‖g‖`` for LARS, ``‖w‖`` and ``‖u‖`` for
+LAMB) of all groups go through one all_reduce per step. Momentum buffers are DTensors placed like the
+parameters.
 
 The ratio is 1 when ``‖w‖ = 0`` or the denominator is 0 (chosen on the device with ``torch.where``: no
 host synchronisation). Tensors with one dimension (biases, normalization weights) are excluded from
@@ -25,14 +26,14 @@ leaves Adam's bias corrections out of the ratio step (it does not depend on them
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from normkit._dtensor import is_dtensor, local, reduce_partials
+from normkit._dtensor import Reply, Request, drive, is_dtensor, local, run
 from normkit.optim._adam import adam_moments_
 from normkit.optim.adamp import _check_betas, _check_grads, _check_number, _CheckedOptimizer
 
@@ -43,15 +44,18 @@ def _norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors)) if tensors else torch.zeros(0)
 
 
-def _norm_pair(a: list[Tensor], b: list[Tensor], sources: list[Tensor] | None) -> tuple[Tensor, Tensor]:
-    """``‖a_i‖`` and ``‖b_i‖`` per tensor. ``sources``: the DTensors whose local shards ``a`` and ``b`` are
-    (``b_i`` placed like ``a_i``): the squared local norms of both lists go through one all_reduce."""
+def _norm_pair(
+    a: list[Tensor], b: list[Tensor], sources: list[Tensor] | None
+) -> Generator[Request, Reply, tuple[Tensor, Tensor]]:
+    """``‖a_i‖`` and ``‖b_i‖`` per tensor (a task of :func:`normkit._dtensor.drive`). ``sources``: the
+    DTensors whose local shards ``a`` and ``b`` are (``b_i`` placed like ``a_i``): it pauses once for the
+    sum of the squared local norms of both lists across the mesh."""
     if sources is None:
         na = _norms(a)
         return na, _norms(b).to(na.device)
     sq = torch.stack(torch._foreach_norm(a + b)).square_()
-    total = reduce_partials(sq, sources + sources, "sum")
-    na, nb = total.sqrt_().split(len(a))
+    reply = yield {"sum": (sq, sources + sources)}
+    na, nb = reply["sum"].sqrt().split(len(a))
     return na, nb
 
 
@@ -69,7 +73,21 @@ def lars_trust_ratios(
     """``η‖w‖/(‖g‖ + β‖w‖ + ε)`` per tensor (1 where ``‖w‖`` or ``‖g‖`` is 0); LARC: ``min(λ/γ, 1)``.
     ``sources``: the DTensor parameters when ``params`` / ``grads`` are their local shards (one
     all_reduce)."""
-    w, g = _norm_pair(params, grads, sources)
+    return run(_trust_ratios_task(**locals()))
+
+
+def _trust_ratios_task(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    lr: float,
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+    trust_clip: bool,
+    sources: list[Tensor] | None = None,
+) -> Generator[Request, Reply, list[Tensor]]:
+    w, g = yield from _norm_pair(params, grads, sources)
     ratio = trust_coefficient * w / (g + weight_decay * w + eps)
     ratio = torch.where((w > 0) & (g > 0), ratio, torch.ones_like(ratio))
     if trust_clip:
@@ -95,6 +113,25 @@ def lars(
     """One LARS step on lists of tensors; returns the momentum buffers (new ones where ``None`` was given).
     ``sources``: the DTensor parameters when the lists hold their local shards (the buffers must then all
     be given)."""
+    return run(_lars_task(**locals()))
+
+
+def _lars_task(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    adapt: list[bool],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    trust_clip: bool,
+    sources: list[Tensor] | None = None,
+) -> Generator[Request, Reply, list[Tensor]]:
+    """:func:`lars` as a task of :func:`normkit._dtensor.drive` (it pauses for the sharded norms)."""
     if not params:
         return []
     ia = [i for i, a in enumerate(adapt) if a]
@@ -102,7 +139,7 @@ def lars(
     ratios: list[Tensor] = []
     if ia:
         pa, ga = [params[i] for i in ia], [grads[i] for i in ia]
-        ratios = lars_trust_ratios(
+        ratios = yield from _trust_ratios_task(
             pa,
             ga,
             lr=lr,
@@ -160,6 +197,25 @@ def lamb(
 ) -> None:
     """One LAMB step on lists of tensors (``steps``: each tensor's step count after this step).
     ``sources``: the DTensor parameters when the lists hold their local shards (one all_reduce)."""
+    run(_lamb_task(**locals()))
+
+
+def _lamb_task(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    adapt: list[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    sources: list[Tensor] | None = None,
+) -> Generator[Request, Reply, None]:
+    """:func:`lamb` as a task of :func:`normkit._dtensor.drive` (it pauses for the sharded norms)."""
     if not params:
         return
     # r = m̂/(√v̂ + ε) = c·r' with r' = m/(√v + ε√(1 − β2ᵗ)), c = √(1 − β2ᵗ)/(1 − β1ᵗ); u = c·u' with
@@ -184,7 +240,7 @@ def lamb(
                 torch._foreach_add_(ua, pa, alpha=weight_decay / c[ia[0]])
             else:
                 torch._foreach_add_(ua, torch._foreach_mul(pa, [weight_decay / c[i] for i in ia]))
-        w, u = _norm_pair(pa, ua, None if sources is None else [sources[i] for i in ia])
+        w, u = yield from _norm_pair(pa, ua, None if sources is None else [sources[i] for i in ia])
         fallback = torch.tensor([c[i] for i in ia], dtype=w.dtype, device=w.device)
         ratio = torch.where((w > 0) & (u > 0), w / u.clamp_min(torch.finfo(u.dtype).tiny), fallback)
         scales = [r if r.dtype == p.dtype else r.to(p.dtype) for r, p in zip(ratio.mul_(-lr).unbind(), pa)]
@@ -255,6 +311,7 @@ class LARS(_TrustBase):
             with torch.enable_grad():
                 loss = closure()
         _check_grads(self)
+        tasks = []  # sharded groups: run together, all their norms reduced in one all_reduce
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
@@ -271,7 +328,7 @@ class LARS(_TrustBase):
                     bufs_in = [self.state[p]["momentum_buffer"] for p in params]
                 sources = params
                 bufs_in = [None if b is None else local(b) for b in bufs_in]
-            bufs = lars(
+            task = _lars_task(
                 [local(p) for p in params] if dt else params,
                 [local(g) for g in grads] if dt else grads,
                 bufs_in,
@@ -285,9 +342,14 @@ class LARS(_TrustBase):
                 trust_clip=group["trust_clip"],
                 sources=sources,
             )
-            if group["momentum"] and not dt:
+            if dt:  # the buffers exist (updated in place)
+                tasks.append(task)
+                continue
+            bufs = run(task)
+            if group["momentum"]:
                 for p, b in zip(params, bufs):
                     self.state[p]["momentum_buffer"] = b
+        drive(tasks)
         return loss
 
 
@@ -329,6 +391,7 @@ class LAMB(_TrustBase):
             with torch.enable_grad():
                 loss = closure()
         _check_grads(self)
+        tasks = []  # sharded groups: run together, all their norms reduced in one all_reduce
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             for p in group["params"]:
@@ -348,12 +411,12 @@ class LAMB(_TrustBase):
             beta1, beta2 = group["betas"]
             adapt = [self._adapt(group, p) for p in params]
             sources = None
-            if any(is_dtensor(p) for p in params):  # local shards, one all_reduce for the trust ratios
+            if any(is_dtensor(p) for p in params):  # local shards
                 sources = params
                 params, grads, exp_avgs, exp_avg_sqs = (
                     [local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
                 )
-            lamb(
+            task = _lamb_task(
                 params,
                 grads,
                 exp_avgs,
@@ -367,6 +430,11 @@ class LAMB(_TrustBase):
                 weight_decay=group["weight_decay"],
                 sources=sources,
             )
+            if sources is None:
+                run(task)
+            else:
+                tasks.append(task)
+        drive(tasks)
         return loss
 
 
