@@ -136,7 +136,7 @@ def reduce_partials(partials: torch.Tensor, sources: Sequence[torch.Tensor], op:
         if len(idx) == len(sources):
             _all_reduce_(out, mesh, dims, op)
             continue
-        index = torch.tensor(idx, device=out.device)
+        index = host_to_device(idx, torch.long, out.device)
         buf = out[index]
         _all_reduce_(buf, mesh, dims, op)
         out[index] = buf
@@ -162,6 +162,13 @@ def reduce_partials_each(
         for i, piece in zip(idx, flat.split([parts[i].numel() for i in idx])):
             result[i] = piece.view(parts[i].shape).to(parts[i].dtype)
     return result
+
+
+def host_to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers (indices, counts) as a tensor on ``device``, copied without waiting for the device
+    (``torch.tensor(..., device=cuda)`` would synchronise the stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 def zeros_rows(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

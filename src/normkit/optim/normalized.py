@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from normkit._dtensor import (
     check_rows_local,
+    host_to_device,
     is_dtensor,
     local,
     needs_reduction,
@@ -392,7 +393,7 @@ class _GradientTransform(OptimizerWrapper):
         norms_of: dict[Tensor, Tensor] = {}
         if whole_idx:
             scales = self._scales(block_norms[0], block_norms[1] if w_loc is not None else None)
-            per_tensor = scales[torch.tensor(seg, device=scales.device)]
+            per_tensor = scales[host_to_device(seg, torch.long, scales.device)]
             for k, (i, s) in enumerate(zip(whole_idx, seg)):
                 targets.append(g_loc[i])
                 factors.append(per_tensor[k].to(g_loc[i].device, g_loc[i].real.dtype))
@@ -613,7 +614,7 @@ def _sharded_block_norms(
         k = len(ts)
         nonempty = [j for j, t in enumerate(ts) if t.numel() > 0]
         st = tensor_stats([ts[j] for j in nonempty], needs, foreach=False) if nonempty else {}
-        idx = torch.tensor(nonempty, dtype=torch.long, device=home)
+        idx = host_to_device(nonempty, torch.long, home)
 
         def full(key: str, fill: float, st: Stats = st, idx: Tensor = idx, k: int = k) -> Tensor:
             out = torch.full((k,), fill, dtype=acc, device=home)
@@ -627,7 +628,7 @@ def _sharded_block_norms(
         if "l2" in needs:
             cols.append(full("l2", 0.0).square())
         if "mean" in needs:
-            n_loc = torch.tensor([float(t.numel()) for t in ts], dtype=acc, device=home)
+            n_loc = host_to_device([float(t.numel()) for t in ts], acc, home)
             s = full("mean", 0.0) * n_loc
             cols.append(s)
             cols.append(full("m2", 0.0) + torch.where(n_loc > 0, s.square() / n_loc.clamp_min(1.0), 0.0))
@@ -647,8 +648,8 @@ def _sharded_block_norms(
     if extremes:
         top = reduce_partials(torch.cat(extremes), all_sources, "max")
         extremes = list(top.split(len(sources)))
-    n = torch.tensor(counts, dtype=acc, device=home)
-    segments = torch.tensor(seg, dtype=torch.long, device=home)
+    n = host_to_device(counts, acc, home)
+    segments = host_to_device(seg, torch.long, home)
     out = []
     for j in range(len(tensor_sets)):
         stats: Stats = {}
