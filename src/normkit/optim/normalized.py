@@ -339,7 +339,8 @@ class _GradientTransform(OptimizerWrapper):
         each shard's statistics: the sums (``Σ|x|``, ``Σx²``, ``Σx`` and the spread) of every sharded tensor
         of the step in one ``all_reduce`` (SUM), ``max|x|`` and ``min|x|`` in one (MAX) — one collective per
         step for every built-in norm (``max`` and ``min_max`` use the MAX one, the others the SUM one), the
-        weights' norms of adaptive clipping included. No host synchronisation."""
+        weights' norms of adaptive clipping included. No host synchronisation. With ``return_norms`` a
+        tensor's unit norms are those of this rank's rows."""
         nrm = self.norm
         owner = type(self).__name__
         unit = self.granularity == "unit"
