@@ -573,3 +573,23 @@ def test_config_table_is_complete() -> None:
         "clipped_agc_unit",
     ):
         assert name in names
+
+
+def test_sharded_omega_form_equals_rows_form() -> None:
+    """The ω gradient from a mesh-wide YᵀY (sharded rows: Y(YᵀY − I)) equals the one-process YYᵀY − Y form,
+    in the eager and the functional (torch.compile) code, float64."""
+    from normkit.optim.grassmann import _compiled_tangent, _tangent_
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 7, dtype=torch.float64)
+    g = torch.randn(5, 7, dtype=torch.float64)
+    y = w / w.norm(dim=1, keepdim=True)
+    want = g * w.norm(dim=1, keepdim=True) + 0.2 * (y @ y.T @ y - y)  # ∂/∂y of f plus 2ω(YYᵀY − Y)
+    want = want - (want * y).sum(1, keepdim=True) * y
+    gram = (y.T @ y).unsqueeze(0)
+    _, h, _ = _compiled_tangent(w, g, 0.1, [(0, 1, 5)], None, [gram])
+    torch.testing.assert_close(h, want, rtol=1e-12, atol=1e-12)
+    w2 = w.clone()
+    src, a, b, h2, _ = _tangent_(w2, g, 0.1, [(0, 1, 5)], torch.empty_like(w), True, [gram])
+    torch.testing.assert_close(a * src + b * w2, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h2, (want * want).sum(1, keepdim=True), rtol=1e-10, atol=1e-12)

@@ -172,7 +172,12 @@ def _geodesic_(
 
 
 def _compiled_tangent(
-    w: Tensor, g: Tensor, omega: float, blocks: Sequence[_Block], grad_clip: float | None
+    w: Tensor,
+    g: Tensor,
+    omega: float,
+    blocks: Sequence[_Block],
+    grad_clip: float | None,
+    grams: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Functional form of the tangent gradient for torch.compile: ``(y, ĥ, ‖ĥ‖²)``."""
     r = torch.linalg.vector_norm(w, dim=1, keepdim=True)
@@ -181,8 +186,12 @@ def _compiled_tangent(
     if omega:
         n = w.shape[1]
         parts = []
-        for start, count, rows in blocks:
+        for b, (start, count, rows) in enumerate(blocks):
             ys = y[start : start + count * rows].view(count, rows, n)
+            if grams is not None:  # sharded rows: Y(YᵀY − I) with the mesh-wide YᵀY (see _tangent_)
+                cols = grams[b] - torch.eye(n, dtype=y.dtype, device=y.device)
+                parts.append(torch.bmm(ys, cols).reshape(count * rows, n))
+                continue
             gram = torch.bmm(ys, ys.transpose(1, 2)) - torch.eye(rows, dtype=y.dtype, device=y.device)
             parts.append(torch.bmm(gram, ys).reshape(count * rows, n))
         gy = gy + (2.0 * omega) * torch.cat(parts)
@@ -221,7 +230,7 @@ def sgdg_rows_(
         # generation fails on the in-place sequence below. One multi-tensor copy writes the results.
         # Reading the inputs through one stacked copy keeps inductor from aliasing reads and writes.
         w0, tau0 = torch.stack([w, tau]).unbind(0)
-        y, h, _ = _compiled_tangent(w0, g, omega, blocks, grad_clip)
+        y, h, _ = _compiled_tangent(w0, g, omega, blocks, grad_clip, grams)
         torch._foreach_copy_([w, tau], list(_compiled_geodesic(y, momentum * tau0 - lr * h, 1.0)))
         return
     scratch = torch.empty_like(w) if scratch is None else scratch
@@ -262,7 +271,7 @@ def adamg_rows_(
     bias = _bias_correction(step, beta1, beta2).mul_(-lr).to(w.dtype)
     if torch.compiler.is_compiling():  # see sgdg_rows_
         w0, m0 = torch.stack([w, exp_avg]).unbind(0)
-        y, h, h2 = _compiled_tangent(w0, g, omega, blocks, grad_clip)
+        y, h, h2 = _compiled_tangent(w0, g, omega, blocks, grad_clip, grams)
         m = beta1 * m0 + (1.0 - beta1) * h
         v = beta2 * exp_avg_sq + (1.0 - beta2) * h2
         new_w, new_m = _compiled_geodesic(y, m, bias * (v + eps).rsqrt())
