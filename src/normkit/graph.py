@@ -525,6 +525,18 @@ class _LayerTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        # Trace into an FSDP-wrapped block through its ``forward``, not its ``__call__``: FSDP's forward
+        # hooks would all-gather its weights and mark it as a root of its own, which breaks the next forward.
+        if _is_fsdp_module(m):
+            forward = m.forward
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    """An FSDP2 ``fully_shard`` module (matched by class name: the core does not import torch.distributed)."""
+    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
+
 
 def _node_shape(node: fx.Node | None) -> tuple[int, ...] | None:
     if node is None:
@@ -991,13 +1003,68 @@ def trace(
     if example_input is not None and not isinstance(example_input, dict):
         args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
         with inspection_mode(model):
-            ShapeProp(gm).propagate(*args)
+            if _has_dtensors(model):
+                _meta_shape_prop(model, gm, tuple(args))
+            else:
+                ShapeProp(gm).propagate(*args)
     built = _build_from_fx(model, gm)
     if functional:
         if example_input is None:
             raise ValueError("trace(functional=True) runs the model: pass example_input=")
         return add_functional_layers(built, example_input)
     return built
+
+
+def _has_dtensors(model: nn.Module) -> bool:
+    from normkit._dtensor import is_dtensor
+
+    return any(is_dtensor(t) for t in (*model.parameters(), *model.buffers()))
+
+
+class _HooklessShapeProp(ShapeProp):
+    """ShapeProp that calls FSDP-wrapped leaf modules' ``forward`` directly: their hooks would all-gather
+    the real weights (a collective) and put them back on the module in place of the meta ones."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        submod = self.fetch_attr(target)
+        if _is_fsdp_module(submod):
+            return submod.forward(*args, **kwargs)
+        return submod(*args, **kwargs)
+
+
+def _meta_shape_prop(model: nn.Module, gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
+    """Shape propagation for a model with DTensor parameters (FSDP2, tensor parallel): every parameter and
+    buffer is swapped for a meta tensor of its global shape for the run (restored after), the inputs are
+    moved to the meta device, so no DTensor meets a plain tensor, nothing is computed and no rank talks to
+    another. The shapes are those of the rank's own batch."""
+    from torch.utils._pytree import tree_map
+
+    def to_meta(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+        return t
+
+    swapped: list[tuple[dict[str, Any], str, Any]] = []  # (module._parameters or _buffers, name, tensor)
+    meta: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+        for store in stores:
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                swapped.append((store, name, t))
+                store[name] = meta.setdefault(id(t), to_meta(t))
+    try:
+        _HooklessShapeProp(gm).propagate(*tree_map(to_meta, args))
+    except Exception as exc:
+        raise UntraceableModelError(
+            f"shape propagation on the meta device failed for {type(model).__name__}, a model with DTensor "
+            f"parameters ({type(exc).__name__}: {exc}). Trace the unsharded model (before fully_shard) and "
+            "reuse its groups by parameter name, or trace without example_input."
+        ) from exc
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
 
 
 # --- channel bookkeeping along paths (used by ENorm; general structure) ----------------------------------

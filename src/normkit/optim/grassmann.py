@@ -800,6 +800,15 @@ def _select_weights(
 
 @torch.no_grad()
 def _unit_rows_(w: Tensor) -> None:
+    from normkit._dtensor import local, rows_are_local
+
+    if not rows_are_local(w):
+        raise ValueError(
+            f"unit_init needs each weight row whole on one rank; a weight is sharded as "
+            f"{tuple(w.placements)!r}. Use Shard(0) (fully_shard's default) or Replicate(), or "  # type: ignore[attr-defined]
+            "grassmann_param_groups(..., unit_init=False) and initialize before sharding."
+        )
+    w = local(w)  # Shard(0) / Replicate(): every row on this rank is whole, no communication
     rows = w.reshape(w.shape[0], -1)
     norm = torch.linalg.vector_norm(rows.float(), dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     w.div_(norm.view(-1, *([1] * (w.dim() - 1))).to(w.dtype))
