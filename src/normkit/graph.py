@@ -61,6 +61,7 @@ __all__ = [
     "trace",
     "unwrap_model",
     "weight_function_kind",
+    "weight_holders",
 ]
 
 
@@ -485,6 +486,31 @@ class ModelGraph:
                 f"({type(self.trace_error).__name__}: {self.trace_error}). Make the forward traceable "
                 "(no Python control flow on tensor values) or pass the structure explicitly."
             )
+
+
+def weight_holders(graph: ModelGraph, weight: torch.Tensor) -> list[str | None]:
+    """Every use of ``weight`` in the model: the name of each graph layer holding it as its weight (a tied /
+    shared weight has several), and None for any other use (another parameter slot, a module the forward
+    never calls, a direct read ``self.a.weight`` in the traced forward). A property of the weight, such as
+    scale invariance, holds only if it holds at every use."""
+    found: list[str | None] = []
+    for name, module in graph.model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p is not weight:
+                continue
+            layer = graph.layers.get(name)
+            found.append(name if layer is not None and layer.param == pname and layer.rows is None else None)
+    gm = graph.graph_module
+    if gm is not None:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                try:
+                    value = gm.get_parameter(str(node.target))
+                except AttributeError:
+                    continue
+                if value is weight:
+                    found.append(None)
+    return found
 
 
 def _cat_along_channels(op: Op) -> bool:

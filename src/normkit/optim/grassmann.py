@@ -770,15 +770,27 @@ def _select_weights(
     if select == "bn_input":
         g = G.trace(model, example_input)
         commuting = {G.OpKind.IDENTITY, G.OpKind.SCALE_COMMUTING}
+
+        def invariant(name: str) -> bool:
+            node = g[name]
+            return node.kind in (G.LayerKind.LINEAR, G.LayerKind.CONV) and (
+                g.feeds_normalization(name, per_channel=True)
+                # ReLU / pooling commute with a positive scale per channel, not once a bias is added first
+                or (
+                    getattr(node.module, "bias", None) is None
+                    and g.traced
+                    and g.feeds_normalization(name, per_channel=True, through=commuting)
+                )
+            )
+
         chosen = [
             node.module
             for node in g.execution_order((G.LayerKind.LINEAR, G.LayerKind.CONV))
-            if g.feeds_normalization(node.name, per_channel=True)
-            # ReLU / pooling commute with a positive scale per channel, but not once a bias is added first
-            or (
-                getattr(node.module, "bias", None) is None
-                and g.traced
-                and g.feeds_normalization(node.name, per_channel=True, through=commuting)
+            if invariant(node.name)
+            # a shared weight is scale invariant only if every one of its uses is
+            and all(
+                h is not None and invariant(h)
+                for h in G.weight_holders(g, getattr(node.module, "weight", None))  # type: ignore[arg-type]
             )
         ]
     elif select == "undercomplete":
@@ -830,7 +842,8 @@ def grassmann_param_groups(
 
     * ``select="bn_input"``: every conv/linear weight whose every output path goes straight into a per-channel
       normalization layer (BatchNorm, BatchRenorm, InstanceNorm), found by ``normkit.graph.trace`` — those
-      are exactly the scale-invariant ones. ``select="undercomplete"``: the reference code's rule, conv
+      are exactly the scale-invariant ones (a weight shared by several layers only if every use is).
+      ``select="undercomplete"``: the reference code's rule, conv
       weights with ``out < in·k·k`` (whatever follows them). Transposed convolutions are never chosen (their
       output units are columns, not rows).
     * Groups: the chosen weights (``grassmann=True``, ``lr=lr_g``, no weight decay, and ``grad_clip`` /
