@@ -49,9 +49,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -756,11 +757,42 @@ class ENorm:
             ``optimizer``; by default they are left alone and listed in :attr:`skipped`.
         pairs: ``[(producer, consumer), ...]`` by module names, instead of tracing the model.
         warn: warn once about the layers left alone for reasons other than normalization / model output.
+        optimizer_state: ``"rescale"`` (default): momentum / Adam moments follow the weights (what keeps the
+            optimizer's trajectory that of the unbalanced network); ``"keep"``: left alone, as the authors'
+            FC code does (their conv code rescales SGD momentum).
+        running_stats: ``"rescale"`` (default): with ``norm_layers="ignore"`` the running mean / variance of
+            a crossed normalization layer follow its input rows; ``"keep"``: left alone, as the authors' code
+            does (eval mode then sees the rescaled rows until the statistics catch up).
+            ``ENorm(..., norm_layers="ignore", **ENorm.AUTHORS_FC)`` is the authors' ``_step_fc`` exactly.
+        nonfinite: a unit whose norms are not finite (an inf / NaN weight) is always left alone (factor 1), so
+            one bad entry never spreads over its row and column. ``"skip"`` (default) does that silently
+            with no host synchronisation; ``"warn"`` also checks every cycle and warns, naming the tensors;
+            ``"raise"`` raises ``FloatingPointError`` before anything is rescaled (both cost one host sync).
+
+    DTensor parameters (FSDP2 ``fully_shard``, or ``Shard(0)`` / ``Replicate()`` on a 1-D mesh) are
+    balanced shard by shard: a unit's incoming row lies on one rank, its outgoing column is spread over all
+    ranks' rows, so each group needs the sum of one vector of 2 × (units) floats over the mesh: one
+    all-reduce per group per cycle with ``sweep="sequential"`` (a group's incoming norms depend on the
+    previous group's factors), one all-reduce per cycle with ``sweep="simultaneous"``; no host
+    synchronisation. Other placements (``Shard(1)``, 2-D meshes, a grouped convolution cut inside a group)
+    raise a ``ValueError`` naming the placement and the alternative.
 
     Attributes:
         groups: the :class:`ENormGroup` s balanced, in sweep order.
         skipped: ``(layers, reason)`` for every layer set left alone.
     """
+
+    #: The authors' FC code (facebookresearch/enorm, ``_step_fc``): ``ENorm(model, optimizer, c,
+    #: norm_layers="ignore", **ENorm.AUTHORS_FC)`` reproduces it step for step.
+    AUTHORS_FC: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {
+            "sweep": "simultaneous",
+            "skip_last": True,
+            "bias": "keep",
+            "optimizer_state": "keep",
+            "running_stats": "keep",
+        }
+    )
 
     def __init__(
         self,
