@@ -543,10 +543,12 @@ def discover_groups(
         graph = trace(inner, example_input, fallback=False)
     except UntraceableModelError as exc:
         raise ENormStructureError(
-            f"ENorm needs the traced graph to find which layers to balance, and {exc} "
+            f"ENorm needs the operations between layers, which only the torch.fx graph shows (a hooked "
+            f"forward pass sees the layers, not what lies between them), and {exc} "
             "Give the pairs explicitly by module names instead: "
             "ENorm(model, optimizer, pairs=[('fc1', 'fc2'), ('fc2', 'fc3')]) (each producer with every layer "
-            "its output feeds, through positively homogeneous operations only)."
+            "its output feeds, through positively homogeneous operations only); "
+            "print(normkit.graph.trace(model, example_input)) lists the layers in execution order."
         ) from exc
     groups: list[ENormGroup] = []
     skipped: list[Skipped] = []

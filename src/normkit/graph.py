@@ -483,8 +483,9 @@ class ModelGraph:
         if not self.traced:
             raise UntraceableModelError(
                 f"cannot {what}: torch.fx could not trace {type(self.model).__name__} "
-                f"({type(self.trace_error).__name__}: {self.trace_error}). Make the forward traceable "
-                "(no Python control flow on tensor values) or pass the structure explicitly."
+                f"({type(self.trace_error).__name__}: {self.trace_error}); the layer order came from a "
+                "hooked forward pass, which shows only direct layer-to-layer connections. Pass the structure "
+                "explicitly, or make the forward traceable by torch.fx."
             )
 
 
@@ -1023,7 +1024,9 @@ def trace(
             + (
                 "Pass example_input= to get the execution order from a hooked forward pass instead."
                 if fallback
-                else "Make the forward traceable (no Python control flow on tensor values)."
+                else "Symbolic tracing failed at the point named above (control flow on tensor values, "
+                "a signature or code torch.fx cannot read, ...); trace(model, example_input) still gives the "
+                "layer order from a hooked forward pass."
             )
         ) from exc
     if example_input is not None and not isinstance(example_input, dict):
@@ -1300,6 +1303,92 @@ def _through_cat(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
     return ChannelBlocks(blocks.dim, size, blocks.block, blocks.offset + offset)
 
 
+_PRODUCTS: set[Any] = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div, torch.true_divide}
+_PRODUCT_METHODS = {"mul", "mul_", "div", "div_", "true_divide"}
+_FACTOR_METHODS = {
+    "view",
+    "reshape",
+    "unsqueeze",
+    "to",
+    "type_as",
+    "expand_as",
+    "flatten",
+    "float",
+    "contiguous",
+}
+_SPLITS = {"getitem", "chunk", "split", "unbind", "tensor_split", "narrow", "select", "index_select"}
+_NOT_HOMOGENEOUS = {
+    "gelu", "silu", "sigmoid", "tanh", "softmax", "log_softmax", "elu", "selu", "celu", "mish", "hardswish",
+    "hardsigmoid", "hardtanh", "relu6", "softplus", "exp", "log", "sin", "cos", "layer_norm", "group_norm",
+    "rms_norm", "batch_norm", "instance_norm", "normalize", "GELU", "SiLU", "Sigmoid", "Tanh", "Softmax",
+    "LogSoftmax", "ELU", "SELU", "CELU", "Mish", "Hardswish", "Hardsigmoid", "Hardtanh", "ReLU6", "Softplus",
+}  # fmt: skip
+_MIXING = {"matmul", "bmm", "mm", "linear", "einsum", "baddbmm", "addmm", "conv1d", "conv2d", "conv3d"}
+
+
+def _is_fixed(arg: Any) -> bool:
+    """A number, or a tensor computed from model attributes alone (``self.gamma.reshape(1, -1, 1, 1)``)."""
+    if isinstance(arg, (int, float)):
+        return True
+    while isinstance(arg, fx.Node):
+        if arg.op == "get_attr":
+            return True
+        if arg.op == "call_method" and arg.target in _FACTOR_METHODS and arg.args:
+            arg = arg.args[0]
+            continue
+        return False
+    return False
+
+
+def _fixed_factor(op: Op) -> bool:
+    """A multiplication (or division) of the path's tensor by a factor that does not depend on the input:
+    a layer scale (timm ``LayerScale``, ConvNeXt's ``gamma``) or a constant."""
+    node = op.node
+    if node is None or len(node.args) != 2 or node.kwargs:
+        return False
+    if not (
+        (node.op == "call_function" and node.target in _PRODUCTS)
+        or (node.op == "call_method" and node.target in _PRODUCT_METHODS)
+    ):
+        return False
+    divides = "div" in getattr(node.target, "__name__", str(node.target))
+    mine = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and not _is_fixed(a)]
+    if len(mine) != 1 or (divides and mine[0] != 0):
+        return False
+    return _is_fixed(node.args[1 - mine[0]])
+
+
+def _refusal(op: Op) -> str:
+    """Why ``op`` stops a channel path, in words that say what is refused."""
+    node = op.node
+    name = (
+        op.target.__name__ if isinstance(op.target, type) else getattr(op.target, "__name__", str(op.target))
+    )
+    if name == "_patch_merging_pad":  # torchvision's Swin
+        return (
+            f"{op.name}: Swin's patch merging moves 2×2 neighbouring positions into the channel axis "
+            "(channel i lands at i, C+i, 2C+i, 3C+i); ENorm follows a channel only as one contiguous block"
+        )
+    if name in _SPLITS:
+        return (
+            f"{op.name}: {name} takes part of the tensor (indexing / chunk / split); ENorm does not follow "
+            "channels into the parts"
+        )
+    if name in _NOT_HOMOGENEOUS:
+        return f"{op.name}: {name} does not commute with a positive per-channel scale"
+    if name in _MIXING:
+        return f"{op.name}: {name} mixes the channels"
+    if node is not None and (node.target in _PRODUCTS or node.target in _PRODUCT_METHODS):
+        return (
+            f"{op.name}: {name} multiplies two input-dependent tensors (gating, attention): not positively "
+            "homogeneous per channel"
+        )
+    return (
+        f"{op.name}: {name} is not an operation ENorm knows to carry each channel unchanged (it may mix "
+        "channels, move them, or not be positively homogeneous), so the path is refused"
+    )
+
+
 def channel_path(graph: ModelGraph, edge: Edge, *, start: ChannelBlocks | None = None) -> ChannelPath:
     """Follow the source layer's output channels along ``edge`` to the destination layer's input channels.
 
@@ -1344,10 +1433,17 @@ def channel_path(graph: ModelGraph, edge: Edge, *, start: ChannelBlocks | None =
             has_scalar = any(not isinstance(a, fx.Node) for a in operands)
             adds.append(AddJoin(op.name, op.input_index, n_inputs, has_scalar, blocks))
             continue
-        raise ChannelPathError(
-            f"{op.name}: {getattr(op.target, '__name__', op.target)} does not commute with a positive "
-            "per-channel scale"
-        )
+        if _fixed_factor(op):
+            shape_in, shape_out = _input_shape(op), op.shape
+            if shape_in is None or shape_out is None:
+                raise ChannelPathError(
+                    f"{op.name}: a product with a fixed factor (a layer scale) needs tensor shapes to check "
+                    "that it keeps the channels where they are; trace with an example input"
+                )
+            if tuple(shape_in) != tuple(shape_out):
+                raise ChannelPathError(f"{op.name}: a product that broadcasts {shape_in} to {shape_out}")
+            continue  # (s·x)·g = s·(x·g) for a factor g that does not depend on the input
+        raise ChannelPathError(_refusal(op))
     if edge.dst is None:
         raise ChannelPathError(f"the path from {edge.src!r} reaches the model output")
     dst = graph[edge.dst]
