@@ -9,6 +9,12 @@ When fx cannot trace a model (data-dependent control flow, say) and an example i
 forward pass gives the execution order and the *direct* layer-to-layer edges (a layer whose input is the
 very tensor another layer returned); ``ModelGraph.traced`` is then False and questions that need the
 operations between layers raise :class:`UntraceableModelError`.
+
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters) are traced as they are: blocks wrapped by
+``fully_shard`` are traced through their ``forward`` (their hooks would all-gather), and shapes are
+propagated on the meta device with every parameter and buffer swapped for a meta tensor of its global shape,
+so no DTensor meets a plain tensor and no rank communicates. The hook-based fallback runs the real forward
+(a collective under FSDP: call it on every rank).
 """
 
 from __future__ import annotations
