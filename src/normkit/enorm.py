@@ -42,11 +42,11 @@ BatchNorm and so changed the output by several % per cycle):
 - the last hidden layer is balanced too (``skip_last=True`` restores the reference's behaviour);
 - optimizer state follows the gradients, which scale inversely to the weights: SGD momentum and Adam / AdamW
   ``exp_avg`` by ``1/d`` on the producer rows and ``d`` on the consumer columns, ``exp_avg_sq`` (and
-  ``max_exp_avg_sq``) by the squares. The authors' FC code leaves the momentum buffers and BatchNorm's running
-  statistics alone: ``ENorm.AUTHORS_FC`` (``optimizer_state="keep"``, ``running_stats="keep"`` and their sweep)
-  reproduces their ``_step_fc`` step for step;
+  ``max_exp_avg_sq``) by the squares. The authors' FC code leaves the momentum buffers and BatchNorm's
+  running statistics alone: ``ENorm.AUTHORS_FC`` (``optimizer_state="keep"``, ``running_stats="keep"`` and
+  their sweep) reproduces their ``_step_fc`` step for step;
 - a unit with a non-finite norm (an inf / NaN weight) is left alone, so one bad entry does not spread;
-- DTensor parameters (FSDP2) are balanced shard by shard with one all-reduce per group (see :meth:`ENorm.cycle`).
+- DTensor parameters (FSDP2) are balanced shard by shard, one all-reduce per group (see :meth:`ENorm.cycle`).
 """
 
 from __future__ import annotations
