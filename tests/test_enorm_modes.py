@@ -365,3 +365,65 @@ def test_harness_options_reach_enorm(tmp_path) -> None:  # type: ignore[no-untyp
         run({**cfg, "enorm_norm_layers": "affine"}, tmp_path / "affine", data=data, log=lambda _: None)
     with pytest.raises(ConfigError, match="enorm_norm_layers"):
         resolve_config(cfg, enorm_norm_layers="skip")
+
+
+# --- the authors' FC training, step for step (issue: optimizer state and running statistics) -----------
+
+
+def authors_step_fc_(weights: list[torch.Tensor], c: float, p: float = 2.0) -> None:
+    """In place, line by line after their ``ENorm._step_fc`` (enorm/enorm/enorm.py): BatchNorm weights
+    filtered out by name, no biases, ``C[i] = c``, ``alpha = 0.5``; nothing else (no momentum buffer, no
+    running statistics) is touched."""
+    left_norms = weights[0].norm(p=p, dim=1)
+    right_norms = weights[1].norm(p=p, dim=0)
+    for i in range(1, len(weights) - 1):
+        balancer = (right_norms / (left_norms * c)).pow(0.5)
+        left_norms = weights[i].norm(p=p, dim=1)
+        right_norms = weights[i + 1].norm(p=p, dim=0)
+        weights[i - 1].t_().mul_(balancer).t_()
+        weights[i].mul_(1 / balancer)
+
+
+def _authors_fc_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = SeedFullyConnected(n_layers=5, width=32, d_in=48).double()
+    for layer in model.layers:  # their reset_parameters
+        nn.init.kaiming_normal_(layer.weight)
+    return model
+
+
+@pytest.mark.parametrize("c", [1.0, 1.2])
+def test_authors_variant_follows_their_fc_training_with_momentum(c: float) -> None:
+    ours = _authors_fc_net(0)
+    theirs = copy.deepcopy(ours)
+    default = copy.deepcopy(ours)
+    opts = [
+        torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        for m in (ours, theirs, default)
+    ]
+    enorm = _quiet_enorm(ours, opts[0], c=c, norm_layers="ignore", **ENorm.AUTHORS_FC)
+    rescaling = _quiet_enorm(
+        default, opts[2], c=c, norm_layers="ignore", sweep="simultaneous", skip_last=True, bias="keep"
+    )
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        x = torch.randn(64, 48, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 10, (64,), generator=gen)
+        for model, opt in zip((ours, theirs, default), opts):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        enorm.step()
+        rescaling.step()
+        with torch.no_grad():
+            authors_step_fc_([layer.weight.data for layer in theirs.layers], c)
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(
+            opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"], rtol=1e-11, atol=1e-13
+        )
+    # the default (state and statistics rescaled) is a different training: the option is what matches
+    far = max(_rel(p, q) for p, q in zip(default.parameters(), theirs.parameters()))
+    assert far > 1e-2

@@ -42,22 +42,28 @@ BatchNorm and so changed the output by several % per cycle):
 - the last hidden layer is balanced too (``skip_last=True`` restores the reference's behaviour);
 - optimizer state follows the gradients, which scale inversely to the weights: SGD momentum and Adam / AdamW
   ``exp_avg`` by ``1/d`` on the producer rows and ``d`` on the consumer columns, ``exp_avg_sq`` (and
-  ``max_exp_avg_sq``) by the squares.
+  ``max_exp_avg_sq``) by the squares. The authors' FC code leaves the momentum buffers and BatchNorm's
+  running statistics alone: ``ENorm.AUTHORS_FC`` (``optimizer_state="keep"``, ``running_stats="keep"`` and
+  their sweep) reproduces their ``_step_fc`` step for step;
+- a unit with a non-finite norm (an inf / NaN weight) is left alone, so one bad entry does not spread;
+- DTensor parameters (FSDP2) are balanced shard by shard, one all-reduce per group (see :meth:`ENorm.cycle`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from normkit._dtensor import Replicate, Shard, is_dtensor, local
 from normkit.graph import (
     ChannelBlocks,
     ChannelPath,
@@ -91,6 +97,8 @@ _CHANNEL_KINDS = (LayerKind.LINEAR, LayerKind.CONV, LayerKind.CONV_TRANSPOSE)
 NORM_LAYER_MODES = ("stop", "ignore", "affine")
 BIAS_MODES = ("scale", "keep")
 SWEEPS = ("sequential", "simultaneous")
+STATE_MODES = ("rescale", "keep")
+NONFINITE_MODES = ("skip", "warn", "raise")
 _SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
@@ -135,9 +143,11 @@ def unit_norms(views: Sequence[Tensor], p: float = 2.0) -> Tensor:
 
 
 def balance_factors(incoming_pp: Tensor, outgoing_pp: Tensor, c: float = 1.0, p: float = 2.0) -> Tensor:
-    """d = (‖out‖ / (c·‖in‖))^{1/2} from the p-th powers of the norms; 1 for a unit with a zero side."""
-    ok = (incoming_pp * outgoing_pp) > 0
+    """d = (‖out‖ / (c·‖in‖))^{1/2} from the p-th powers of the norms; 1 for a unit with a zero side or a
+    non-finite one (an inf / NaN weight stays where it is instead of spreading over its row and column)."""
     d = (outgoing_pp / incoming_pp).mul_(c**-p).pow_(1.0 / (2.0 * p))
+    ok = (incoming_pp > 0) & (outgoing_pp > 0) & torch.isfinite(d) & (d > 0)
+    ok &= torch.isfinite(incoming_pp) & torch.isfinite(outgoing_pp)
     return d.masked_fill_(~ok, 1.0)
 
 
@@ -204,6 +214,12 @@ class _Slot:
     pre: tuple[int, ...]
     narrow: tuple[int, int, int] | None  # (dim, start, length) applied after ``pre``
     final: tuple[int, int, int, int]
+    # Where the tensor's dim 0 (the dim FSDP shards) lands in the unit view, for views of a shard:
+    # "units": rows offset + u*block ... are unit u's; "reduce": dim 0 is summed over (the A axis);
+    # "groups": dim 0 is (G, rows per group), ``block`` = rows per group.
+    dim0: str = "units"
+    offset: int = 0
+    block: int = 1
 
     def tensor(self) -> Tensor:
         return getattr(self.module, self.attr)  # type: ignore[no-any-return]
@@ -219,6 +235,43 @@ class _Slot:
         if self.narrow is not None:
             v = v.narrow(*self.narrow)
         return v.view(self.final)
+
+    def shard_view(self, t: Tensor, r0: int, where: str) -> tuple[Tensor, int, int]:
+        """The unit view of rows ``r0 ... r0 + len(t)`` of the tensor (a rank's ``Shard(0)`` piece) and the
+        range of units ``[u0, u1)`` it covers (all units when dim 0 is summed over: partial norms)."""
+        n = int(t.shape[0])
+        if not t.is_contiguous():
+            self.view(t)  # raises the contiguity error
+        if self.dim0 == "reduce":
+            v = t.view((n, *self.pre[1:]))
+            if self.narrow is not None:
+                v = v.narrow(*self.narrow)
+            return v.view(1, n, self.final[2], self.final[3]), 0, self.final[0] * self.final[2]
+        if self.dim0 == "groups":
+            rows = self.block
+            if r0 % rows or n % rows:
+                raise ValueError(
+                    f"ENorm: {where} is sharded (Shard(0)) across one of its {self.pre[0]} groups (rows "
+                    f"{r0}-{r0 + n - 1}, {rows} rows per group); grouped convolutions need whole groups per "
+                    "rank. Keep this layer replicated (leave it out of fully_shard, or Replicate()), or "
+                    "give it a size whose shards hold whole groups."
+                )
+            per = self.final[2]
+            return t.view(n // rows, *self.pre[1:]), (r0 // rows) * per, ((r0 + n) // rows) * per
+        first = max(self.offset, r0)
+        width = self.final[2] * self.block
+        last = min(self.offset + width, r0 + n)
+        if last <= first:
+            return t.new_empty((1, 1, 0, 1)), 0, 0  # no unit here: never used
+        if (first - self.offset) % self.block or (last - self.offset) % self.block:
+            raise ValueError(
+                f"ENorm: {where} is sharded (Shard(0)) through the middle of one unit's block of "
+                f"{self.block} rows; keep this layer replicated (leave it out of fully_shard, or "
+                "Replicate())."
+            )
+        u0, u1 = (first - self.offset) // self.block, (last - self.offset) // self.block
+        part = t.view(n, -1).narrow(0, first - r0, last - first)
+        return part.view(1, 1, u1 - u0, -1), u0, u1
 
 
 def _channels(module: nn.Module) -> int:
@@ -247,7 +300,10 @@ def _producer_slots(module: nn.Module) -> tuple[_Slot, _Slot | None]:
     if layer_kind(module) is LayerKind.CONV_TRANSPOSE:  # weight (in, out/groups, *k)
         g = int(module.groups)  # type: ignore[arg-type]
         shape = (g, w.shape[0] // g, w.shape[1], w[0, 0].numel())
-        weight = _Slot(module, "weight", shape, None, shape)
+        if g == 1:  # dim 0 (inputs) is summed over
+            weight = _Slot(module, "weight", shape[1:], None, shape, "reduce")
+        else:
+            weight = _Slot(module, "weight", shape, None, shape, "groups", 0, shape[1])
     else:  # weight (out, in/groups, *k)
         shape = (1, 1, n_out, w[0].numel())
         weight = _Slot(module, "weight", shape, None, shape)
@@ -263,19 +319,22 @@ def _consumer_slot(module: nn.Module, n_units: int, offset: int, block: int) -> 
     kind = layer_kind(module)
     width = n_units * block
     if kind is LayerKind.LINEAR:  # (out, in)
-        return _Slot(module, "weight", tuple(w.shape), (1, offset, width), (1, w.shape[0], n_units, block))
+        final = (1, w.shape[0], n_units, block)
+        return _Slot(module, "weight", tuple(w.shape), (1, offset, width), final, "reduce")
     if kind is LayerKind.CONV_TRANSPOSE:  # (in, out/groups, *k): inputs are rows
         rest = w[0].numel()
-        return _Slot(module, "weight", (w.shape[0], rest), (0, offset, width), (1, 1, n_units, block * rest))
+        final = (1, 1, n_units, block * rest)
+        return _Slot(module, "weight", (w.shape[0], rest), (0, offset, width), final, "units", offset, block)
     g = int(module.groups)  # type: ignore[arg-type]
     k = w[0, 0].numel()
     if g == 1:  # (out, in, *k)
         pre = (w.shape[0], w.shape[1], k)
-        return _Slot(module, "weight", pre, (1, offset, width), (1, w.shape[0], n_units, block * k))
+        final = (1, w.shape[0], n_units, block * k)
+        return _Slot(module, "weight", pre, (1, offset, width), final, "reduce")
     if offset != 0 or block != 1 or n_units != w.shape[1] * g:
         raise ChannelPathError(f"grouped convolution {type(module).__name__} fed by a part of its channels")
     pre4 = (g, w.shape[0] // g, w.shape[1], k)
-    return _Slot(module, "weight", pre4, None, pre4)
+    return _Slot(module, "weight", pre4, None, pre4, "groups", 0, pre4[1])
 
 
 # --- structure: which units are balanced together ---------------------------------------------------------
@@ -488,10 +547,12 @@ def discover_groups(
         graph = trace(inner, example_input, fallback=False)
     except UntraceableModelError as exc:
         raise ENormStructureError(
-            f"ENorm needs the traced graph to find which layers to balance, and {exc} "
+            f"ENorm needs the operations between layers, which only the torch.fx graph shows (a hooked "
+            f"forward pass sees the layers, not what lies between them), and {exc} "
             "Give the pairs explicitly by module names instead: "
             "ENorm(model, optimizer, pairs=[('fc1', 'fc2'), ('fc2', 'fc3')]) (each producer with every layer "
-            "its output feeds, through positively homogeneous operations only)."
+            "its output feeds, through positively homogeneous operations only); "
+            "print(normkit.graph.trace(model, example_input)) lists the layers in execution order."
         ) from exc
     groups: list[ENormGroup] = []
     skipped: list[Skipped] = []
@@ -542,6 +603,104 @@ def _groups_from_pairs(modules: dict[str, nn.Module], pairs: Sequence[tuple[str,
 
 
 # --- the object ------------------------------------------------------------------------------------------
+
+
+# --- DTensor parameters (FSDP2 ``fully_shard``, Shard(0) / Replicate() on a 1-D mesh) -------------------
+#
+# Row i of a producer's weight lies whole on one rank (Shard(0) splits dim 0, the output units); column i of
+# the consumer's weight is spread over every rank's rows. Each rank therefore computes, per group, a
+# zero-padded vector of the incoming norms of its own units and the partial sums of the outgoing norms over
+# its own rows; one all-reduce (sum) of both gives every rank the whole of both, so d is known everywhere
+# and each rank rescales its own shard. A replicated (or plain) tensor is counted on the mesh's rank 0 only.
+
+
+@dataclass
+class _Piece:
+    """A rank's unit view of (part of) a tensor: it covers units ``[u0, u1)`` of its group."""
+
+    view: Tensor
+    u0: int
+    u1: int
+    counted: bool  # adds its norms to the reduction (False on all ranks but one for a replicated tensor)
+
+
+@dataclass
+class _ShardedViews:
+    n: int  # units in the group
+    norm_in: list[_Piece]
+    norm_out: list[_Piece]
+    times_d: list[_Piece]
+    times_inv_d: list[_Piece]
+    times_d2: list[_Piece]
+    times_inv_d2: list[_Piece]
+
+
+class _Mesh:
+    """The one 1-D device mesh every DTensor of an ENorm lives on, and this rank's place on it."""
+
+    def __init__(self, tensors: Iterable[Tensor]) -> None:
+        self.mesh: Any = None
+        for t in tensors:
+            if is_dtensor(t):
+                self.mesh = t.device_mesh  # type: ignore[attr-defined]
+                break
+        self.group = self.mesh.get_group() if self.mesh is not None and self.mesh.ndim == 1 else None
+        self.first = self.mesh is None or self.mesh.ndim != 1 or self.mesh.get_local_rank() == 0
+
+    def piece(self, slot: _Slot, t: Tensor, where: str) -> _Piece:
+        if not is_dtensor(t):
+            v = slot.view(t)
+            return _Piece(v, 0, v.shape[0] * v.shape[2], self.first)
+        placements = tuple(t.placements)  # type: ignore[attr-defined]
+        mesh = t.device_mesh  # type: ignore[attr-defined]
+        if mesh.ndim != 1 or mesh != self.mesh:
+            raise ValueError(
+                f"ENorm: {where} is a DTensor on a {mesh.ndim}-D device mesh {tuple(mesh.shape)} with "
+                f"placements {placements}; ENorm handles DTensors on one 1-D mesh shared by all its weights "
+                "(FSDP2 fully_shard, Shard(0) / Replicate()). For HSDP / tensor-parallel layouts, "
+                "redistribute the weights to one 1-D mesh or balance the unwrapped model."
+            )
+        placement = placements[0]
+        if isinstance(placement, Replicate):
+            v = slot.view(t.to_local())  # type: ignore[attr-defined]
+            return _Piece(v, 0, v.shape[0] * v.shape[2], self.first)
+        if not (isinstance(placement, Shard) and placement.dim == 0):
+            raise ValueError(
+                f"ENorm: {where} is sharded as {placement!r}; ENorm needs each unit's weights whole on one "
+                "rank: Shard(0) (fully_shard's default) or Replicate(). Redistribute it first: "
+                "param.redistribute(mesh, [Shard(0)])."
+            )
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+        v, u0, u1 = slot.shard_view(t.to_local(), int(offset[0]) if len(offset) else 0, where)  # type: ignore[attr-defined]
+        return _Piece(v, u0, u1, True)
+
+
+def _piece_norms(pieces: Sequence[_Piece], n: int, p: float, like: Tensor) -> Tensor:
+    """This rank's share of Σ‖unit‖_p^p over ``pieces``: a length-``n`` vector, zero where it has none."""
+    total = torch.zeros(n, dtype=_acc_dtype(like), device=like.device)
+    for piece in pieces:
+        if piece.counted and piece.u1 > piece.u0:
+            total[piece.u0 : piece.u1] += unit_norms([piece.view], p).to(total.dtype)
+    return total
+
+
+def _scale_pieces_(pieces: Sequence[_Piece], s: Tensor) -> None:
+    for piece in pieces:
+        if piece.u1 > piece.u0:
+            v = piece.view
+            v.mul_(s[piece.u0 : piece.u1].view(v.shape[0], 1, v.shape[2], 1).to(v.dtype))
+
+
+def _apply_pieces_(d: Tensor, views: _ShardedViews) -> None:
+    inv = d.reciprocal()
+    _scale_pieces_(views.times_d, d)
+    _scale_pieces_(views.times_inv_d, inv)
+    if views.times_d2:
+        _scale_pieces_(views.times_d2, d.square())
+    if views.times_inv_d2:
+        _scale_pieces_(views.times_inv_d2, inv.square())
 
 
 @dataclass
@@ -604,11 +763,42 @@ class ENorm:
             ``optimizer``; by default they are left alone and listed in :attr:`skipped`.
         pairs: ``[(producer, consumer), ...]`` by module names, instead of tracing the model.
         warn: warn once about the layers left alone for reasons other than normalization / model output.
+        optimizer_state: ``"rescale"`` (default): momentum / Adam moments follow the weights (what keeps the
+            optimizer's trajectory that of the unbalanced network); ``"keep"``: left alone, as the authors'
+            FC code does (their conv code rescales SGD momentum).
+        running_stats: ``"rescale"`` (default): with ``norm_layers="ignore"`` the running mean / variance of
+            a crossed normalization layer follow its input rows; ``"keep"``: left alone, as the authors' code
+            does (eval mode then sees the rescaled rows until the statistics catch up).
+            ``ENorm(..., norm_layers="ignore", **ENorm.AUTHORS_FC)`` is the authors' ``_step_fc`` exactly.
+        nonfinite: a unit whose norms are not finite (an inf / NaN weight) is always left alone (factor 1), so
+            one bad entry never spreads over its row and column. ``"skip"`` (default) does that silently
+            with no host synchronisation; ``"warn"`` also checks every cycle and warns, naming the tensors;
+            ``"raise"`` raises ``FloatingPointError`` before anything is rescaled (both cost one host sync).
+
+    DTensor parameters (FSDP2 ``fully_shard``, or ``Shard(0)`` / ``Replicate()`` on a 1-D mesh) are
+    balanced shard by shard: a unit's incoming row lies on one rank, its outgoing column is spread over all
+    ranks' rows, so each group needs the sum of one vector of 2 × (units) floats over the mesh: one
+    all-reduce per group per cycle with ``sweep="sequential"`` (a group's incoming norms depend on the
+    previous group's factors), one all-reduce per cycle with ``sweep="simultaneous"``; no host
+    synchronisation. Other placements (``Shard(1)``, 2-D meshes, a grouped convolution cut inside a group)
+    raise a ``ValueError`` naming the placement and the alternative.
 
     Attributes:
         groups: the :class:`ENormGroup` s balanced, in sweep order.
         skipped: ``(layers, reason)`` for every layer set left alone.
     """
+
+    #: The authors' FC code (facebookresearch/enorm, ``_step_fc``): ``ENorm(model, optimizer, c,
+    #: norm_layers="ignore", **ENorm.AUTHORS_FC)`` reproduces it step for step.
+    AUTHORS_FC: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {
+            "sweep": "simultaneous",
+            "skip_last": True,
+            "bias": "keep",
+            "optimizer_state": "keep",
+            "running_stats": "keep",
+        }
+    )
 
     def __init__(
         self,
@@ -628,11 +818,17 @@ class ENorm:
         include_frozen: bool = False,
         pairs: Sequence[tuple[str, str]] | None = None,
         warn: bool = True,
+        optimizer_state: str = "rescale",
+        running_stats: str = "rescale",
+        nonfinite: str = "skip",
     ) -> None:
         for name, value, choices in (
             ("bias", bias, BIAS_MODES),
             ("norm_layers", norm_layers, NORM_LAYER_MODES),
             ("sweep", sweep, SWEEPS),
+            ("optimizer_state", optimizer_state, STATE_MODES),
+            ("running_stats", running_stats, STATE_MODES),
+            ("nonfinite", nonfinite, NONFINITE_MODES),
         ):
             if value not in choices:
                 raise ValueError(
@@ -658,6 +854,7 @@ class ENorm:
         self.c, self.p, self.every, self.cycles = float(c), float(p), int(every), int(cycles)
         self.include_bias = include_bias
         self.bias, self.norm_layers, self.sweep = bias, norm_layers, sweep
+        self.optimizer_state, self.running_stats, self.nonfinite = optimizer_state, running_stats, nonfinite
         groups, skipped = discover_groups(model, example_input, pairs=pairs, norm_layers=norm_layers)
         if skip_last and groups:
             skipped.append(Skipped(groups[-1].producers, "skip_last=True", True))
@@ -670,7 +867,9 @@ class ENorm:
         slots = (s for g in groups for s in (*g.incoming, *self._biases(g), *g.outgoing, *g.stats))
         self._slots = list({(id(s.module), s.attr): s for s in slots}.values())
         self._views_key: tuple[int, ...] | None = None
-        self._views_cache: list[_GroupViews] = []
+        self._views_cache: list[Any] = []
+        self._mesh = _Mesh(s.tensor() for s in self._slots)
+        self._names = {id(m): n for n, m in unwrap_model(model).named_modules()}
         noisy = [s for s in skipped if not s.expected]
         if warn and noisy:
             lines = "; ".join(f"{', '.join(s.layers)}: {s.reason}" for s in noisy)
@@ -748,8 +947,17 @@ class ENorm:
     @torch.no_grad()
     def cycle(self) -> None:
         """One sweep over the groups in execution order: Gauss-Seidel (each group uses the previous groups'
-        rescalings) or, with ``sweep="simultaneous"``, every factor from the norms at the start."""
+        rescalings) or, with ``sweep="simultaneous"``, every factor from the norms at the start.
+
+        On DTensor weights (FSDP2): one all-reduce per group with ``"sequential"`` (a group's incoming norms
+        depend on the previous group's factors, which only now are known everywhere), one per cycle with
+        ``"simultaneous"``; no host synchronisation (unless ``nonfinite`` is ``"warn"`` / ``"raise"``)."""
+        if self.nonfinite != "skip":
+            self._check_finite()
         all_views = self._views()
+        if self._mesh.mesh is not None:
+            self._cycle_sharded(all_views)
+            return
         if self.sweep == "sequential":
             for views in all_views:
                 balance_(
@@ -770,22 +978,79 @@ class ENorm:
         for v, d in zip(all_views, factors):
             _apply_(d, v.times_d, v.times_inv_d, v.times_d2, v.times_inv_d2)
 
-    def _views(self) -> list[_GroupViews]:
+    def _cycle_sharded(self, all_views: list[_ShardedViews]) -> None:
+        import torch.distributed as dist
+
+        like = self._slots[0].tensor() if self._slots else torch.zeros(())
+        like = local(like)
+
+        def norms(v: _ShardedViews) -> Tensor:
+            return torch.cat(
+                [_piece_norms(v.norm_in, v.n, self.p, like), _piece_norms(v.norm_out, v.n, self.p, like)]
+            )
+
+        if self.sweep == "sequential":
+            for v in all_views:
+                both = norms(v)
+                dist.all_reduce(both, group=self._mesh.group)
+                _apply_pieces_(balance_factors(both[: v.n], both[v.n :], self.c, self.p), v)
+            return
+        if not all_views:
+            return
+        flat = torch.cat([norms(v) for v in all_views])
+        dist.all_reduce(flat, group=self._mesh.group)
+        start = 0
+        for v in all_views:
+            both = flat[start : start + 2 * v.n]
+            start += 2 * v.n
+            _apply_pieces_(balance_factors(both[: v.n], both[v.n :], self.c, self.p), v)
+
+    def _check_finite(self) -> None:
+        """Refuse (or report) non-finite weights before anything changes: one host synchronisation."""
+        slots = [s for s in self._slots if s.attr in ("weight", "bias")]
+        if not slots:
+            return
+        bad = torch.stack([~torch.isfinite(local(s.tensor())).all() for s in slots]).to(torch.float32)
+        if self._mesh.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, group=self._mesh.group)
+        flags = bad.tolist()
+        names = [f"{self._names.get(id(s.module), '?')}.{s.attr}" for s, f in zip(slots, flags) if f > 0]
+        if not names:
+            return
+        message = (
+            f"ENorm: non-finite values (inf / NaN) in {', '.join(names)}; the training step that produced "
+            "them diverged (lower the learning rate, clip gradients, or skip non-finite steps)"
+        )
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message + ". Nothing was rescaled.")
+        warnings.warn(message + ". The units they touch are left alone this cycle.", stacklevel=3)
+
+    def _views(self) -> list[Any]:
         """The unit views of every group's weights and optimizer state, rebuilt only when a tensor changed
         (a parameter replaced, state created or loaded): building them is most of a small network's cycle."""
-        state = self.optimizer.state if self.optimizer is not None else {}
+        state = self._state()
         key: list[int] = []
         for t in self._tensors():
-            key += (id(t), t.data_ptr())
+            key += (id(t), local(t).data_ptr())
             st = state.get(t)
             if st:
-                key.extend(st[k].data_ptr() for k in (*_GRAD_LIKE, *_SQUARE_LIKE) if st.get(k) is not None)
+                key.extend(
+                    local(st[k]).data_ptr() for k in (*_GRAD_LIKE, *_SQUARE_LIKE) if st.get(k) is not None
+                )
             key.append(-1)
         signature = tuple(key)
         if signature != self._views_key:
-            self._views_cache = [self._group_views(group, state) for group in self.groups]
+            build = self._group_views if self._mesh.mesh is None else self._sharded_views
+            self._views_cache = [build(group, state) for group in self.groups]
             self._views_key = signature
         return self._views_cache
+
+    def _state(self) -> Any:
+        if self.optimizer is None or self.optimizer_state == "keep":
+            return {}
+        return self.optimizer.state
 
     def _tensors(self) -> list[Tensor]:
         return [s.tensor() for s in self._slots]
@@ -794,10 +1059,11 @@ class ENorm:
         w_in = [s.view(s.tensor()) for s in group.incoming]
         b_in = [s.view(s.tensor()) for s in self._biases(group)]
         w_out = [s.view(s.tensor()) for s in group.outgoing]
-        means = [s.view(s.tensor()) for s in group.stats]
+        stats = group.stats if self.running_stats == "rescale" else ()
+        means = [s.view(s.tensor()) for s in stats]
         variances = [
             s.view(s.module.running_var)  # type: ignore[arg-type]
-            for s in group.stats
+            for s in stats
         ]
         gl_in: list[Tensor] = []
         gl_out: list[Tensor] = []
@@ -814,6 +1080,37 @@ class ENorm:
                 gl.extend(s.view(st[k]) for k in _GRAD_LIKE if st.get(k) is not None)
                 sq.extend(s.view(st[k]) for k in _SQUARE_LIKE if st.get(k) is not None)
         return _GroupViews(
+            norm_in=[*w_in, *b_in] if self.include_bias else w_in,
+            norm_out=w_out,
+            times_d=[*w_in, *b_in, *gl_out, *means],
+            times_inv_d=[*w_out, *gl_in],
+            times_d2=[*sq_out, *variances],
+            times_inv_d2=sq_in,
+        )
+
+    def _sharded_views(self, group: ENormGroup, state: Any) -> _ShardedViews:
+        def pieces(slots: Iterable[_Slot], key: str | None = None) -> list[_Piece]:
+            found = []
+            for s in slots:
+                t = s.tensor() if key is None else state.get(s.tensor(), {}).get(key)
+                if t is None:
+                    continue
+                where = f"{self._names.get(id(s.module), '?')}.{s.attr}" + (f" ({key})" if key else "")
+                found.append(self._mesh.piece(s, t, where))
+            return found
+
+        ins = (*group.incoming, *self._biases(group))
+        stats = group.stats if self.running_stats == "rescale" else ()
+        w_in, b_in = pieces(group.incoming), pieces(self._biases(group))
+        w_out = pieces(group.outgoing)
+        means = [self._mesh.piece(s, s.tensor(), "running_mean") for s in stats]
+        variances = [self._mesh.piece(s, s.module.running_var, "running_var") for s in stats]  # type: ignore[arg-type]
+        gl_in = [x for k in _GRAD_LIKE for x in pieces(ins, k)]
+        sq_in = [x for k in _SQUARE_LIKE for x in pieces(ins, k)]
+        gl_out = [x for k in _GRAD_LIKE for x in pieces(group.outgoing, k)]
+        sq_out = [x for k in _SQUARE_LIKE for x in pieces(group.outgoing, k)]
+        return _ShardedViews(
+            n=group.incoming[0].final[0] * group.incoming[0].final[2],
             norm_in=[*w_in, *b_in] if self.include_bias else w_in,
             norm_out=w_out,
             times_d=[*w_in, *b_in, *gl_out, *means],

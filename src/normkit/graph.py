@@ -9,6 +9,12 @@ When fx cannot trace a model (data-dependent control flow, say) and an example i
 forward pass gives the execution order and the *direct* layer-to-layer edges (a layer whose input is the
 very tensor another layer returned); ``ModelGraph.traced`` is then False and questions that need the
 operations between layers raise :class:`UntraceableModelError`.
+
+Sharded models (FSDP2 ``fully_shard``, DTensor parameters) are traced as they are: blocks wrapped by
+``fully_shard`` are traced through their ``forward`` (their hooks would all-gather), and shapes are
+propagated on the meta device with every parameter and buffer swapped for a meta tensor of its global shape,
+so no DTensor meets a plain tensor and no rank communicates. The hook-based fallback runs the real forward
+(a collective under FSDP: call it on every rank).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ __all__ = [
     "trace",
     "unwrap_model",
     "weight_function_kind",
+    "weight_holders",
 ]
 
 
@@ -482,9 +489,35 @@ class ModelGraph:
         if not self.traced:
             raise UntraceableModelError(
                 f"cannot {what}: torch.fx could not trace {type(self.model).__name__} "
-                f"({type(self.trace_error).__name__}: {self.trace_error}). Make the forward traceable "
-                "(no Python control flow on tensor values) or pass the structure explicitly."
+                f"({type(self.trace_error).__name__}: {self.trace_error}); the layer order came from a "
+                "hooked forward pass, which shows only direct layer-to-layer connections. Pass the structure "
+                "explicitly, or make the forward traceable by torch.fx."
             )
+
+
+def weight_holders(graph: ModelGraph, weight: torch.Tensor) -> list[str | None]:
+    """Every use of ``weight`` in the model: the name of each graph layer holding it as its weight (a tied /
+    shared weight has several), and None for any other use (another parameter slot, a module the forward
+    never calls, a direct read ``self.a.weight`` in the traced forward). A property of the weight, such as
+    scale invariance, holds only if it holds at every use."""
+    found: list[str | None] = []
+    for name, module in graph.model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p is not weight:
+                continue
+            layer = graph.layers.get(name)
+            found.append(name if layer is not None and layer.param == pname and layer.rows is None else None)
+    gm = graph.graph_module
+    if gm is not None:
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                try:
+                    value = gm.get_parameter(str(node.target))
+                except AttributeError:
+                    continue
+                if value is weight:
+                    found.append(None)
+    return found
 
 
 def _cat_along_channels(op: Op) -> bool:
@@ -524,6 +557,18 @@ class _LayerTracer(fx.Tracer):
         if isinstance(m, self.extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        # Trace into an FSDP-wrapped block through its ``forward``, not its ``__call__``: FSDP's forward
+        # hooks would all-gather its weights and mark it as a root of its own, which breaks the next forward.
+        if _is_fsdp_module(m):
+            forward = m.forward
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    """An FSDP2 ``fully_shard`` module (matched by class name: the core does not import torch.distributed)."""
+    return any(cls.__name__ == "FSDPModule" for cls in type(module).__mro__)
 
 
 def _node_shape(node: fx.Node | None) -> tuple[int, ...] | None:
@@ -985,19 +1030,76 @@ def trace(
             + (
                 "Pass example_input= to get the execution order from a hooked forward pass instead."
                 if fallback
-                else "Make the forward traceable (no Python control flow on tensor values)."
+                else "Symbolic tracing failed at the point named above (control flow on tensor values, "
+                "a signature or code torch.fx cannot read, ...); trace(model, example_input) still gives the "
+                "layer order from a hooked forward pass."
             )
         ) from exc
     if example_input is not None and not isinstance(example_input, dict):
         args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
         with inspection_mode(model):
-            ShapeProp(gm).propagate(*args)
+            if _has_dtensors(model):
+                _meta_shape_prop(model, gm, tuple(args))
+            else:
+                ShapeProp(gm).propagate(*args)
     built = _build_from_fx(model, gm)
     if functional:
         if example_input is None:
             raise ValueError("trace(functional=True) runs the model: pass example_input=")
         return add_functional_layers(built, example_input)
     return built
+
+
+def _has_dtensors(model: nn.Module) -> bool:
+    from normkit._dtensor import is_dtensor
+
+    return any(is_dtensor(t) for t in (*model.parameters(), *model.buffers()))
+
+
+class _HooklessShapeProp(ShapeProp):
+    """ShapeProp that calls FSDP-wrapped leaf modules' ``forward`` directly: their hooks would all-gather
+    the real weights (a collective) and put them back on the module in place of the meta ones."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        submod = self.fetch_attr(target)
+        if _is_fsdp_module(submod):
+            return submod.forward(*args, **kwargs)
+        return submod(*args, **kwargs)
+
+
+def _meta_shape_prop(model: nn.Module, gm: fx.GraphModule, args: tuple[Any, ...]) -> None:
+    """Shape propagation for a model with DTensor parameters (FSDP2, tensor parallel): every parameter and
+    buffer is swapped for a meta tensor of its global shape for the run (restored after), the inputs are
+    moved to the meta device, so no DTensor meets a plain tensor, nothing is computed and no rank talks to
+    another. The shapes are those of the rank's own batch."""
+    from torch.utils._pytree import tree_map
+
+    def to_meta(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+        return t
+
+    swapped: list[tuple[dict[str, Any], str, Any]] = []  # (module._parameters or _buffers, name, tensor)
+    meta: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        stores: tuple[dict[str, Any], ...] = (module._parameters, module._buffers)
+        for store in stores:
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                swapped.append((store, name, t))
+                store[name] = meta.setdefault(id(t), to_meta(t))
+    try:
+        _HooklessShapeProp(gm).propagate(*tree_map(to_meta, args))
+    except Exception as exc:
+        raise UntraceableModelError(
+            f"shape propagation on the meta device failed for {type(model).__name__}, a model with DTensor "
+            f"parameters ({type(exc).__name__}: {exc}). Trace the unsharded model (before fully_shard) and "
+            "reuse its groups by parameter name, or trace without example_input."
+        ) from exc
+    finally:
+        for store, name, t in reversed(swapped):
+            store[name] = t
 
 
 # --- channel bookkeeping along paths (used by ENorm; general structure) ----------------------------------
@@ -1207,6 +1309,92 @@ def _through_cat(blocks: ChannelBlocks, op: Op) -> ChannelBlocks:
     return ChannelBlocks(blocks.dim, size, blocks.block, blocks.offset + offset)
 
 
+_PRODUCTS: set[Any] = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div, torch.true_divide}
+_PRODUCT_METHODS = {"mul", "mul_", "div", "div_", "true_divide"}
+_FACTOR_METHODS = {
+    "view",
+    "reshape",
+    "unsqueeze",
+    "to",
+    "type_as",
+    "expand_as",
+    "flatten",
+    "float",
+    "contiguous",
+}
+_SPLITS = {"getitem", "chunk", "split", "unbind", "tensor_split", "narrow", "select", "index_select"}
+_NOT_HOMOGENEOUS = {
+    "gelu", "silu", "sigmoid", "tanh", "softmax", "log_softmax", "elu", "selu", "celu", "mish", "hardswish",
+    "hardsigmoid", "hardtanh", "relu6", "softplus", "exp", "log", "sin", "cos", "layer_norm", "group_norm",
+    "rms_norm", "batch_norm", "instance_norm", "normalize", "GELU", "SiLU", "Sigmoid", "Tanh", "Softmax",
+    "LogSoftmax", "ELU", "SELU", "CELU", "Mish", "Hardswish", "Hardsigmoid", "Hardtanh", "ReLU6", "Softplus",
+}  # fmt: skip
+_MIXING = {"matmul", "bmm", "mm", "linear", "einsum", "baddbmm", "addmm", "conv1d", "conv2d", "conv3d"}
+
+
+def _is_fixed(arg: Any) -> bool:
+    """A number, or a tensor computed from model attributes alone (``self.gamma.reshape(1, -1, 1, 1)``)."""
+    if isinstance(arg, (int, float)):
+        return True
+    while isinstance(arg, fx.Node):
+        if arg.op == "get_attr":
+            return True
+        if arg.op == "call_method" and arg.target in _FACTOR_METHODS and arg.args:
+            arg = arg.args[0]
+            continue
+        return False
+    return False
+
+
+def _fixed_factor(op: Op) -> bool:
+    """A multiplication (or division) of the path's tensor by a factor that does not depend on the input:
+    a layer scale (timm ``LayerScale``, ConvNeXt's ``gamma``) or a constant."""
+    node = op.node
+    if node is None or len(node.args) != 2 or node.kwargs:
+        return False
+    if not (
+        (node.op == "call_function" and node.target in _PRODUCTS)
+        or (node.op == "call_method" and node.target in _PRODUCT_METHODS)
+    ):
+        return False
+    divides = "div" in getattr(node.target, "__name__", str(node.target))
+    mine = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and not _is_fixed(a)]
+    if len(mine) != 1 or (divides and mine[0] != 0):
+        return False
+    return _is_fixed(node.args[1 - mine[0]])
+
+
+def _refusal(op: Op) -> str:
+    """Why ``op`` stops a channel path, in words that say what is refused."""
+    node = op.node
+    name = (
+        op.target.__name__ if isinstance(op.target, type) else getattr(op.target, "__name__", str(op.target))
+    )
+    if name == "_patch_merging_pad":  # torchvision's Swin
+        return (
+            f"{op.name}: Swin's patch merging moves 2×2 neighbouring positions into the channel axis "
+            "(channel i lands at i, C+i, 2C+i, 3C+i); ENorm follows a channel only as one contiguous block"
+        )
+    if name in _SPLITS:
+        return (
+            f"{op.name}: {name} takes part of the tensor (indexing / chunk / split); ENorm does not follow "
+            "channels into the parts"
+        )
+    if name in _NOT_HOMOGENEOUS:
+        return f"{op.name}: {name} does not commute with a positive per-channel scale"
+    if name in _MIXING:
+        return f"{op.name}: {name} mixes the channels"
+    if node is not None and (node.target in _PRODUCTS or node.target in _PRODUCT_METHODS):
+        return (
+            f"{op.name}: {name} multiplies two input-dependent tensors (gating, attention): not positively "
+            "homogeneous per channel"
+        )
+    return (
+        f"{op.name}: {name} is not an operation ENorm knows to carry each channel unchanged (it may mix "
+        "channels, move them, or not be positively homogeneous), so the path is refused"
+    )
+
+
 def channel_path(graph: ModelGraph, edge: Edge, *, start: ChannelBlocks | None = None) -> ChannelPath:
     """Follow the source layer's output channels along ``edge`` to the destination layer's input channels.
 
@@ -1251,10 +1439,17 @@ def channel_path(graph: ModelGraph, edge: Edge, *, start: ChannelBlocks | None =
             has_scalar = any(not isinstance(a, fx.Node) for a in operands)
             adds.append(AddJoin(op.name, op.input_index, n_inputs, has_scalar, blocks))
             continue
-        raise ChannelPathError(
-            f"{op.name}: {getattr(op.target, '__name__', op.target)} does not commute with a positive "
-            "per-channel scale"
-        )
+        if _fixed_factor(op):
+            shape_in, shape_out = _input_shape(op), op.shape
+            if shape_in is None or shape_out is None:
+                raise ChannelPathError(
+                    f"{op.name}: a product with a fixed factor (a layer scale) needs tensor shapes to check "
+                    "that it keeps the channels where they are; trace with an example input"
+                )
+            if tuple(shape_in) != tuple(shape_out):
+                raise ChannelPathError(f"{op.name}: a product that broadcasts {shape_in} to {shape_out}")
+            continue  # (s·x)·g = s·(x·g) for a factor g that does not depend on the input
+        raise ChannelPathError(_refusal(op))
     if edge.dst is None:
         raise ChannelPathError(f"the path from {edge.src!r} reaches the model output")
     dst = graph[edge.dst]

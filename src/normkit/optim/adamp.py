@@ -683,7 +683,8 @@ def scale_invariant_weights(
     * per tensor: every output path goes into any normalization (LayerNorm, GroupNorm, RMSNorm ...), the
       layer has no bias — then only a common rescaling of the whole weight is invisible.
 
-    Transposed convolutions (their output units are columns) and shared weights used elsewhere are left out.
+    Transposed convolutions (their output units are columns) are left out; a weight shared by several layers
+    (or read directly by the forward) is kept only if it is invariant at every use.
     """
     from normkit import graph as G
 
@@ -692,18 +693,28 @@ def scale_invariant_weights(
     commuting = (G.OpKind.IDENTITY, G.OpKind.SCALE_COMMUTING)
     rows: list[nn.Parameter] = []
     tensors: list[nn.Parameter] = []
+
+    def invariance(name: str | None) -> str | None:
+        """ "row", "tensor" or None: how the weight of layer ``name`` may be rescaled unseen."""
+        if name is None or g[name].kind not in (G.LayerKind.LINEAR, G.LayerKind.CONV):
+            return None
+        bias_free = getattr(g[name].module, "bias", None) is None
+        through = commuting if bias_free and g.traced else (G.OpKind.IDENTITY,)
+        if g.feeds_normalization(name, per_channel=True, through=through):
+            return "row"
+        if bias_free and g.feeds_normalization(name, through=through):
+            return "tensor"
+        return None
+
     for node in g.execution_order((G.LayerKind.LINEAR, G.LayerKind.CONV)):
         w = getattr(node.module, "weight", None)
         if not isinstance(w, nn.Parameter) or not w.requires_grad:
             continue
-        bias_free = getattr(node.module, "bias", None) is None
-        through = commuting if bias_free and g.traced else (G.OpKind.IDENTITY,)
-        if g.feeds_normalization(node.name, per_channel=True, through=through):
-            target = rows
-        elif bias_free and g.feeds_normalization(node.name, through=through):
-            target = tensors
-        else:
+        # a shared weight is invariant only as far as it is at every use (rows only if rows everywhere)
+        kinds = {invariance(h) for h in G.weight_holders(g, w)}
+        if None in kinds:
             continue
+        target = rows if kinds == {"row"} else tensors
         if all(w is not x for x in rows + tensors):
             target.append(w)
     return rows, tensors

@@ -846,15 +846,27 @@ def _select_weights(
     if select == "bn_input":
         g = G.trace(model, example_input)
         commuting = {G.OpKind.IDENTITY, G.OpKind.SCALE_COMMUTING}
+
+        def invariant(name: str) -> bool:
+            node = g[name]
+            return node.kind in (G.LayerKind.LINEAR, G.LayerKind.CONV) and (
+                g.feeds_normalization(name, per_channel=True)
+                # ReLU / pooling commute with a positive scale per channel, not once a bias is added first
+                or (
+                    getattr(node.module, "bias", None) is None
+                    and g.traced
+                    and g.feeds_normalization(name, per_channel=True, through=commuting)
+                )
+            )
+
         chosen = [
             node.module
             for node in g.execution_order((G.LayerKind.LINEAR, G.LayerKind.CONV))
-            if g.feeds_normalization(node.name, per_channel=True)
-            # ReLU / pooling commute with a positive scale per channel, but not once a bias is added first
-            or (
-                getattr(node.module, "bias", None) is None
-                and g.traced
-                and g.feeds_normalization(node.name, per_channel=True, through=commuting)
+            if invariant(node.name)
+            # a shared weight is scale invariant only if every one of its uses is
+            and all(
+                h is not None and invariant(h)
+                for h in G.weight_holders(g, getattr(node.module, "weight", None))  # type: ignore[arg-type]
             )
         ]
     elif select == "undercomplete":
@@ -876,6 +888,15 @@ def _select_weights(
 
 @torch.no_grad()
 def _unit_rows_(w: Tensor) -> None:
+    from normkit._dtensor import local, rows_are_local
+
+    if not rows_are_local(w):
+        raise ValueError(
+            f"unit_init needs each weight row whole on one rank; a weight is sharded as "
+            f"{tuple(w.placements)!r}. Use Shard(0) (fully_shard's default) or Replicate(), or "  # type: ignore[attr-defined]
+            "grassmann_param_groups(..., unit_init=False) and initialize before sharding."
+        )
+    w = local(w)  # Shard(0) / Replicate(): every row on this rank is whole, no communication
     rows = w.reshape(w.shape[0], -1)
     norm = torch.linalg.vector_norm(rows.float(), dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     w.div_(norm.view(-1, *([1] * (w.dim() - 1))).to(w.dtype))
@@ -897,7 +918,8 @@ def grassmann_param_groups(
 
     * ``select="bn_input"``: every conv/linear weight whose every output path goes straight into a per-channel
       normalization layer (BatchNorm, BatchRenorm, InstanceNorm), found by ``normkit.graph.trace`` — those
-      are exactly the scale-invariant ones. ``select="undercomplete"``: the reference code's rule, conv
+      are exactly the scale-invariant ones (a weight shared by several layers only if every use is).
+      ``select="undercomplete"``: the reference code's rule, conv
       weights with ``out < in·k·k`` (whatever follows them). Transposed convolutions are never chosen (their
       output units are columns, not rows).
     * Groups: the chosen weights (``grassmann=True``, ``lr=lr_g``, no weight decay, and ``grad_clip`` /

@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "clip": NORMS,
     "enorm_norm_layers": ("stop", "ignore", "affine"),
     "enorm_bias": ("scale", "keep"),
+    "enorm_variant": ("normkit", "authors"),
     "brn_schedule": ("scaled", "paper"),
     "projection": ("auto", "graph"),
 }
@@ -107,6 +108,10 @@ class TrainConfig:
     enorm_every: int = 1
     enorm_norm_layers: str = "stop"
     enorm_bias: str = "scale"
+    # "authors": the arithmetic of the authors' FC code (facebookresearch/enorm ``_step_fc``): every factor
+    # from the norms at the start of the cycle, the last hidden layer and biases left alone, optimizer state
+    # and normalization running statistics untouched
+    enorm_variant: str = "normkit"
     normalize: str | None = None
     clip: str | None = None
     clipnorm: float | None = None

@@ -386,6 +386,9 @@ class Trainer:
             from normkit.enorm import ENorm
 
             example = self.data.prepare(self.data.x_train[:2])
+            options: dict[str, Any] = {"bias": cfg.enorm_bias}
+            if cfg.enorm_variant == "authors":
+                options = dict(ENorm.AUTHORS_FC)  # their _step_fc arithmetic (biases left alone too)
             self.enorm = ENorm(
                 model,
                 self.inner_optimizer,
@@ -393,7 +396,7 @@ class Trainer:
                 every=cfg.enorm_every,
                 example_input=example,
                 norm_layers=cfg.enorm_norm_layers,
-                bias=cfg.enorm_bias,
+                **options,
             )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)

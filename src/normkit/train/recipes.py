@@ -154,6 +154,7 @@ _ENORM_FC = {
     "val_size": 9040,
     "decay_norm_and_bias": True,  # their SGD decays every parameter
     "enorm_norm_layers": "ignore",  # the authors balance across BatchNorm (off when enorm = 0)
+    "enorm_variant": "authors",  # with their _step_fc arithmetic (running statistics untouched)
 }
 _ENORM_CONV = {
     "model": "enorm-conv",
