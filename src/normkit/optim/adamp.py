@@ -42,6 +42,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from normkit.optim._adam import adam_moments_
+from normkit.optim._checks import check_betas, check_lr, check_number, missing_lr_message
+from normkit.optim._wrapper import PicklableOptimizer
 
 __all__ = ["SGDP", "AdamP", "scale_invariant_param_groups", "scale_invariant_weights"]
 
@@ -246,14 +248,6 @@ def sgdp(
 # --- optimizers ---------------------------------------------------------------------------------------
 
 
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
-
-
 def _check_grads(opt: Optimizer) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
@@ -264,18 +258,19 @@ def _check_grads(opt: Optimizer) -> None:
                 )
 
 
-def _check_betas(betas: Any) -> None:
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-    _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+class _CheckedOptimizer(PicklableOptimizer):
+    """An optimizer whose parameter groups are validated (``_check_group``, with the shared checks of
+    :mod:`normkit.optim._checks`) before one is added. ``lr=None`` in the constructor means no default: then
+    every group must set its own (``torch.optim``'s rule for a required argument)."""
 
-
-class _CheckedOptimizer(Optimizer):
-    """An optimizer whose parameter groups are validated (``_check_group``) before one is added."""
+    def _check_defaults(self, defaults: dict[str, Any]) -> None:
+        """The constructor's settings, before anything is built (``lr=None``: every group sets its own)."""
+        self._check_group({**defaults, "lr": 0.0} if defaults["lr"] is None else defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        if merged.get("lr") is None:
+            raise ValueError(missing_lr_message(type(self).__name__))
         self._check_group(merged)
         super().add_param_group(param_group)
 
@@ -285,11 +280,12 @@ class _CheckedOptimizer(Optimizer):
 
 class _ProjectedBase(_CheckedOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
-        _check_number("lr", group["lr"], 0.0)
-        _check_number("eps", group["eps"], 0.0)
-        _check_number("weight_decay", group["weight_decay"], 0.0)
-        _check_number("delta", group["delta"], 0.0)
-        _check_number("wd_ratio", group["wd_ratio"], 0.0, 1.0)
+        name = type(self).__name__
+        check_lr(name, group["lr"])
+        check_number(name, "eps", group["eps"])
+        check_number(name, "weight_decay", group["weight_decay"])
+        check_number(name, "delta", group["delta"])
+        check_number(name, "wd_ratio", group["wd_ratio"], 0.0, 1.0)
         if group.get("projection", "auto") not in PROJECTIONS:
             raise ValueError(
                 f"projection must be one of {PROJECTIONS}, got {group.get('projection')!r} "
@@ -339,7 +335,7 @@ class AdamP(_ProjectedBase):
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -357,12 +353,12 @@ class AdamP(_ProjectedBase):
             nesterov=nesterov,
             projection="auto",
         )
-        self._check_group(defaults)
+        self._check_defaults(defaults)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_betas(group["betas"])
+        check_betas(type(self).__name__, group["betas"])
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0)
@@ -412,7 +408,7 @@ class SGDP(_ProjectedBase):
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float | Tensor | None = None,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
@@ -432,13 +428,13 @@ class SGDP(_ProjectedBase):
             wd_ratio=wd_ratio,
             projection="auto",
         )
-        self._check_group(defaults)
+        self._check_defaults(defaults)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        _check_number("dampening", group["dampening"], 0.0, 1.0)
+        check_number("SGDP", "momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_number("SGDP", "dampening", group["dampening"], 0.0, 1.0)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 

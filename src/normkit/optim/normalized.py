@@ -32,13 +32,13 @@ fused reduction over the gradients and one host synchronisation per step; ``"pro
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from normkit.optim._checks import check_number
 from normkit.optim._nonfinite import check_policy, nonfinite_verdict
 from normkit.optim._wrapper import OptimizerWrapper, check_wrappable
 from normkit.optim.norms import (
@@ -140,6 +140,16 @@ class _Plan:
         return all(grads[i].device == d and grads[i].dtype == t for i, d, t in self.checks)
 
 
+def _layer_index(model: nn.Module | None) -> dict[int, int]:
+    """``id(parameter)`` → position of the first module of ``model`` that owns it (the "layer" blocks)."""
+    layer_of: dict[int, int] = {}
+    if model is not None:
+        for index, module in enumerate(model.modules()):
+            for p in module.parameters(recurse=False):
+                layer_of.setdefault(id(p), index)
+    return layer_of
+
+
 class _GradientTransform(OptimizerWrapper):
     """Common machinery of :class:`NormalizedOptimizer` and :class:`ClippedOptimizer`."""
 
@@ -163,15 +173,17 @@ class _GradientTransform(OptimizerWrapper):
             raise ValueError(
                 'granularity="layer" needs the model: pass model=... (its modules are the blocks)'
             )
-        if not (eps > 0.0 and math.isfinite(eps)):
-            raise ValueError(
-                f"eps must be a finite number > 0, got {eps}: it is added to every block's norm, and a block "
-                "of zeros has norm 0 (with eps = 0 its gradient would become 0/0 = NaN)"
-            )
+        check_number(
+            type(self).__name__,
+            "eps",
+            eps,
+            low_open=True,
+            why="it is added to every block's norm, and a block of zeros has norm 0 (with eps = 0 its "
+            "gradient would become 0/0 = NaN)",
+        )
         self.nonfinite = check_policy(type(self).__name__, nonfinite)
         self.skipped_steps = 0
         self.norm: Norm = get_norm(normalization)
-        self._normalization_arg = normalization
         self.granularity: str = granularity
         self.eps = float(eps)
         self.foreach = True if foreach is None else bool(foreach)
@@ -186,17 +198,33 @@ class _GradientTransform(OptimizerWrapper):
                 self._excluded.add(id(item))
             else:
                 raise TypeError(f"exclude takes parameters or modules, got {type(item).__name__}")
-        self._layer_of: dict[int, int] = {}
-        if model is not None:
-            for index, module in enumerate(model.modules()):
-                for p in module.parameters(recurse=False):
-                    self._layer_of.setdefault(id(p), index)
+        self._layer_of = _layer_index(model)
+        self._reset_caches()
+        self._candidates_version = 0
+        self._wrap(optimizer)
+
+    # caches of the step (rebuilt on demand): never pickled or copied
+    _transient = ("_plan", "_plan_key", "_candidates_key", "_candidates_list")
+
+    def _reset_caches(self) -> None:
         self._plan: _Plan | None = None
         self._plan_key: tuple[Any, ...] | None = None
         self._candidates_key: tuple[tuple[int, int], ...] | None = None
         self._candidates_list: list[Tensor] = []
-        self._candidates_version = 0
-        self._wrap(optimizer)
+
+    def _unique_params(self) -> list[Tensor]:
+        return list({id(p): p for group in self.param_groups for p in group["params"]}.values())
+
+    def _getstate_extra(self) -> dict[str, Any]:
+        # ``_excluded`` and ``_layer_of`` hold id()s, which a copy does not keep: save positions instead
+        position = {id(p): i for i, p in enumerate(self._unique_params())}
+        return {"_excluded": sorted(position[i] for i in self._excluded if i in position), "_layer_of": None}
+
+    def _setstate_extra(self) -> None:
+        unique = self._unique_params()
+        self._excluded = {id(unique[i]) for i in self.__dict__["_excluded"]}
+        self._layer_of = _layer_index(self.model)
+        self._reset_caches()
 
     def _settings_repr(self) -> str:
         out = f"normalization={self.norm.name!r}, granularity={self.granularity!r}, eps={self.eps:g}"
@@ -426,8 +454,7 @@ class _GradientTransform(OptimizerWrapper):
         self.eps = float(settings["eps"])
         self.foreach = bool(settings["foreach"])
         self.return_norms = bool(settings["return_norms"])
-        params = [p for group in self.param_groups for p in group["params"]]
-        unique = list({id(p): p for p in params}.values())
+        unique = self._unique_params()
         self._excluded = {id(unique[i]) for i in settings["exclude"]}
         self._plan, self._plan_key, self._candidates_key = None, None, None
 
@@ -553,10 +580,17 @@ class ClippedOptimizer(_GradientTransform):
         if relative:
             if clipnorm is not None:
                 raise ValueError("give either clipnorm (absolute clipping) or relative=True, not both")
-            if not clip_factor > 0.0:
-                raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
-        elif clipnorm is None or not (clipnorm > 0.0 and math.isfinite(clipnorm)):
-            raise ValueError(f"clipnorm must be a finite number > 0 (or use relative=True), got {clipnorm}")
+            check_number("ClippedOptimizer", "clip_factor", clip_factor, low_open=True)
+            check_number(
+                "ClippedOptimizer",
+                "weight_eps",
+                weight_eps,
+                why="the floor of the weights' norm, so that zero-initialised weights can move",
+            )
+        elif clipnorm is None:
+            raise ValueError("ClippedOptimizer: give clipnorm=c (a finite number > 0) or relative=True")
+        else:
+            check_number("ClippedOptimizer", "clipnorm", clipnorm, low_open=True, why="or use relative=True")
         super().__init__(
             optimizer,
             normalization,
