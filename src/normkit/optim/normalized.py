@@ -25,8 +25,10 @@ an LR scheduler built on the wrapper drives the inner learning rate, and ``GradS
 Non-finite gradients (``nonfinite=``): ``"propagate"`` (default) transforms and steps as given — one NaN
 makes its whole block NaN (with ``"global"``, every gradient); ``"skip"`` leaves parameters, gradients and the
 inner optimizer's state untouched for that step and counts it in ``skipped_steps``; ``"raise"`` raises
-:class:`~normkit.optim.NonFiniteGradientError` before anything changes. ``"skip"`` and ``"raise"`` cost one
-fused reduction over the gradients and one host synchronisation per step; ``"propagate"`` none.
+:class:`~normkit.optim.NonFiniteGradientError` before anything changes. The same policy applies to a block
+whose *norm* is NaN or inf although its gradients are finite (a custom norm can return one, a float32 sum can
+overflow): it is checked before any gradient is scaled. ``"skip"`` and ``"raise"`` cost two fused reductions
+(the gradients, then the norms) and two host synchronisations per step; ``"propagate"`` none.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit.optim._checks import check_number
-from normkit.optim._nonfinite import check_policy, nonfinite_verdict
+from normkit.optim._nonfinite import check_policy, nonfinite_norms_verdict, nonfinite_verdict
 from normkit.optim._wrapper import OptimizerWrapper, check_wrappable
 from normkit.optim.norms import (
     Norm,
@@ -248,7 +250,9 @@ class _GradientTransform(OptimizerWrapper):
                 self.skipped_steps += 1
                 return loss
         with torch.no_grad():
-            self._transform()
+            if not self._transform():
+                self.skipped_steps += 1
+                return loss
         self.inner.step()
         return loss
 
@@ -299,27 +303,33 @@ class _GradientTransform(OptimizerWrapper):
             self._plan_key = full_key
         return self._plan
 
-    def _transform(self) -> None:
+    def _transform(self) -> bool:
+        """Transform the gradients in place; False when the nonfinite policy refuses the step (a block's
+        norm is NaN/inf: a custom norm can return one for finite gradients) and nothing was changed."""
         params, grads, key = self._collect()
         if not grads:
             self.last_norms = {}
-            return
+            return True
         plan = self._get_plan(params, grads, key)
         weights = [p.detach() for p in params] if self._needs_param_norms() else None
         if plan.granularity == "unit":
-            norms = []
+            norms = [self._unit_norms(plan, k, [grads[i] for i in idx]) for k, idx in enumerate(plan.groups)]
+            wnorms = (
+                [self._unit_norms(plan, k, [weights[i] for i in idx]) for k, idx in enumerate(plan.groups)]
+                if weights is not None
+                else None
+            )
+            if self._refuse_norms(norms + (wnorms or [])):
+                return False
             for k, idx in enumerate(plan.groups):
-                unit_norms = self._unit_norms(plan, k, [grads[i] for i in idx])
-                w_norms = (
-                    self._unit_norms(plan, k, [weights[i] for i in idx]) if weights is not None else None
-                )
-                s = self._scales(unit_norms, w_norms)
+                s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
                 scales = [v.view(shape) for v, shape in zip(s.split(plan.units[k]), plan.scale_shapes[k])]
                 torch._foreach_mul_([grads[i] for i in idx], scales)
-                norms.append(unit_norms)
         else:
             norms = self._grouped_norms(plan, grads)
             wnorms = self._grouped_norms(plan, weights) if weights is not None else None
+            if self._refuse_norms(norms + (wnorms or [])):
+                return False
             for k, idx in enumerate(plan.groups):
                 s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
                 if plan.complex[k]:
@@ -336,6 +346,15 @@ class _GradientTransform(OptimizerWrapper):
                 self.last_norms = {
                     params[i]: n for k, idx in enumerate(plan.groups) for i, n in zip(idx, norms[k].unbind())
                 }
+        return True
+
+    def _refuse_norms(self, norms: list[Tensor]) -> bool:
+        """The nonfinite policy applied to the blocks' norms (a custom norm may return NaN for finite
+        gradients): True when the step must be skipped. Nothing to check, and no synchronisation, under
+        ``"propagate"``."""
+        if self.nonfinite == "propagate" or not norms:
+            return False
+        return nonfinite_norms_verdict(type(self).__name__, self.nonfinite, self.norm.name, norms)
 
     def _unit_norms(self, plan: _Plan, k: int, tensors: list[Tensor]) -> Tensor:
         """The norm of every unit of group ``k``'s tensors, concatenated (tensors of one small shape
