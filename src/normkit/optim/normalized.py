@@ -228,6 +228,14 @@ class _GradientTransform(OptimizerWrapper):
         self._layer_of = _layer_index(self.model)
         self._reset_caches()
 
+    def _kind(self) -> str:
+        """The wrapper's name in a ``state_dict``: the public class a subclass (e.g. timm's
+        ``NormalizedSGD``) derives from, so that either loads the other's state."""
+        for cls in type(self).__mro__:
+            if cls.__name__ in ("NormalizedOptimizer", "ClippedOptimizer") and cls.__module__ == __name__:
+                return cls.__name__
+        return type(self).__name__
+
     def _settings_repr(self) -> str:
         out = f"normalization={self.norm.name!r}, granularity={self.granularity!r}, eps={self.eps:g}"
         return out + (f", nonfinite={self.nonfinite!r}" if self.nonfinite != "propagate" else "")
@@ -438,7 +446,7 @@ class _GradientTransform(OptimizerWrapper):
         if self.norm.needs is None and not _is_registered(self.norm):
             name = None  # an anonymous callable: cannot be named in a state_dict
         return {
-            "wrapper": type(self).__name__,
+            "wrapper": self._kind(),
             "normalization": name,
             "granularity": self.granularity,
             "eps": self.eps,
@@ -504,10 +512,8 @@ class _GradientTransform(OptimizerWrapper):
         settings = state_dict.pop(_STATE_KEY, None)
         backup = copy.copy(self.__dict__)
         if settings is not None:
-            if settings.get("wrapper") != type(self).__name__:
-                raise ValueError(
-                    f"the state_dict is of a {settings.get('wrapper')}, not a {type(self).__name__}"
-                )
+            if settings.get("wrapper") != self._kind():
+                raise ValueError(f"the state_dict is of a {settings.get('wrapper')}, not a {self._kind()}")
             inner_settings = settings.get("inner")
             if inner_settings is not None:
                 if not isinstance(self.inner, _GradientTransform):
