@@ -37,8 +37,9 @@ class PicklableOptimizer(torch.optim.Optimizer):
     ``torch.optim.Optimizer.__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups`` (it is
     written for optimizers whose settings all live in the groups): an SGD-G copy lost its ``nonfinite`` policy
     and failed at its first step. Here every instance attribute is kept except, as in torch, the hook
-    registries (hooks are often closures or bound methods of other objects; a copy starts without them) and
-    the caches a subclass names in ``_transient`` (rebuilt on demand). Subclasses that key anything by
+    registries and methods patched on the instance (hooks are often closures or bound methods of other
+    objects, an LR scheduler wraps ``step``; a copy starts without them) and the caches a subclass names in
+    ``_transient`` (rebuilt on demand). Subclasses that key anything by
     ``id(tensor)`` translate it in :meth:`_getstate_extra` / :meth:`_setstate_extra` (ids change in a copy).
     """
 
@@ -46,6 +47,10 @@ class PicklableOptimizer(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         skip = set(_HOOK_REGISTRIES) | set(self._transient)
+        # an instance attribute that shadows a method is a patch by someone else (an LR scheduler wraps
+        # ``step`` in place): like the hooks it belongs to its owner, and torch drops it too
+        cls = type(self)
+        skip |= {k for k, v in self.__dict__.items() if callable(v) and callable(getattr(cls, k, None))}
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         state.update(self._getstate_extra())
         return state
