@@ -322,7 +322,8 @@ class AdamP(_ProjectedBase):
     Args:
         params: parameters or groups; a group may set ``projection`` to ``"auto"`` (the paper's cosine test,
             default), ``"row"``, ``"tensor"`` (known scale-invariant: no test) or ``"none"``.
-        lr, betas, eps: as in ``torch.optim.Adam`` (``eps`` also guards the norms of the projection).
+        lr, betas, eps: as in ``torch.optim.Adam`` (``lr`` a number or a one-element tensor; ``eps`` also
+            guards the norms of the projection).
         weight_decay: decoupled weight decay ``λ`` (``w ← w(1 − η λ r)``), ``r = wd_ratio`` on projected
             tensors.
         delta: the threshold ``δ`` of the cosine test, ``cos < δ/√(dim)``.
@@ -402,7 +403,8 @@ class SGDP(_ProjectedBase):
     Follows the authors' code (see the module docstring): the buffer starts at zero and accumulates
     ``(1 − dampening) g``; without Nesterov the buffer itself is projected; weight decay is decoupled and
     divided by ``1 − momentum`` (``wd_ratio`` on projected tensors). ``projection`` per group as in
-    :class:`AdamP`.
+    :class:`AdamP`. ``lr`` may be a one-element tensor (as in ``torch.optim``); without a default
+    (``lr=None``) every parameter group must set its own.
     """
 
     def __init__(
