@@ -282,7 +282,14 @@ class _ProjectedBase(_CheckedOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         name = type(self).__name__
         check_lr(name, group["lr"])
-        check_number(name, "eps", group["eps"])
+        check_number(
+            name,
+            "eps",
+            group["eps"],
+            low_open=True,
+            why="it keeps a denominator away from zero: with eps = 0 a gradient entry or weight row of "
+            "zeros gives 0/0 = NaN",
+        )
         check_number(name, "weight_decay", group["weight_decay"])
         check_number(name, "delta", group["delta"])
         check_number(name, "wd_ratio", group["wd_ratio"], 0.0, 1.0)

@@ -688,7 +688,14 @@ class AdamG(_GrassmannBase):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_betas("AdamG", group["betas"])
-        check_number("AdamG", "eps", group["eps"])
+        check_number(
+            "AdamG",
+            "eps",
+            group["eps"],
+            low_open=True,
+            why="it keeps a denominator away from zero: with eps = 0 a gradient entry or weight row of "
+            "zeros gives 0/0 = NaN",
+        )
 
     def _grassmann_step(self, group: dict[str, Any], params: list[Tensor], foreach: bool) -> None:
         steps, slots = [], []

@@ -286,7 +286,14 @@ class LAMB(_TrustBase):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_lr("LAMB", group["lr"])
-        check_number("LAMB", "eps", group["eps"])
+        check_number(
+            "LAMB",
+            "eps",
+            group["eps"],
+            low_open=True,
+            why="it keeps a denominator away from zero: with eps = 0 a gradient entry or weight row of "
+            "zeros gives 0/0 = NaN",
+        )
         check_number("LAMB", "weight_decay", group["weight_decay"])
         check_betas("LAMB", group["betas"])
 
