@@ -20,8 +20,8 @@ After :func:`register`, ``create_optimizer_v2`` (and timm's ``train.py --opt``) 
   clip_factor=...``.
 
 The registry holds optimizer *classes*, as timm expects: :class:`~normkit.optim.SGDG`,
-:class:`~normkit.optim.AdamG` and :class:`NormalizedSGD` … :class:`ClippedAdamW` here, whose signatures are the
-inner ``torch.optim`` class's plus the wrapper's options (so timm passes ``eps`` / ``betas`` / ``momentum``
+:class:`~normkit.optim.AdamG` and :class:`NormalizedSGD` … :class:`ClippedAdamW` here, whose signatures are
+the inner ``torch.optim`` class's plus the wrapper's options (so timm passes ``eps`` / ``betas`` / ``momentum``
 exactly where the class takes them). ``sgdg`` / ``adamg`` need weights that feed BatchNorm: on a model
 without any they refuse with that reason, before the model is touched.
 
