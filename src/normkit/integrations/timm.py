@@ -22,8 +22,8 @@ After :func:`register`, ``create_optimizer_v2`` (and timm's ``train.py --opt``) 
 The registry holds optimizer *classes*, as timm expects: :class:`~normkit.optim.SGDG`,
 :class:`~normkit.optim.AdamG` and :class:`NormalizedSGD` … :class:`ClippedAdamW` here, whose signatures are
 the inner ``torch.optim`` class's plus the wrapper's options (so timm passes ``eps`` / ``betas`` /
-``momentum`` exactly where the class takes them). ``sgdg`` / ``adamg`` need weights that feed BatchNorm: on a model
-without any they refuse with that reason, before the model is touched.
+``momentum`` exactly where the class takes them). ``sgdg`` / ``adamg`` need weights that feed BatchNorm:
+on a model without any they refuse with that reason, before the model is touched.
 
 timm reads an optimizer name ``a_b`` as "optimizer ``b``" (``lookahead_b`` as Lookahead around ``b``), so a
 name with an underscore would silently build plain ``b``. The optimizers are therefore registered with hyphens
