@@ -19,6 +19,12 @@ After :func:`register`, ``create_optimizer_v2`` (and timm's ``train.py --opt``) 
   ``relative=True`` defaults to "unit"), ``norm_eps``; for clipping ``clipnorm`` or ``relative=True,
   clip_factor=...``.
 
+The registry holds optimizer *classes*, as timm expects: :class:`~normkit.optim.SGDG`,
+:class:`~normkit.optim.AdamG` and :class:`NormalizedSGD` … :class:`ClippedAdamW` here, whose signatures are
+the inner ``torch.optim`` class's plus the wrapper's options (so timm passes ``eps`` / ``betas`` /
+``momentum`` exactly where the class takes them). ``sgdg`` / ``adamg`` need weights that feed BatchNorm:
+on a model without any they refuse with that reason, before the model is touched.
+
 timm reads an optimizer name ``a_b`` as "optimizer ``b``" (``lookahead_b`` as Lookahead around ``b``), so a
 name with an underscore would silently build plain ``b``. The optimizers are therefore registered with hyphens
 (``normalized-sgd``), and :func:`register` makes ``create_optimizer`` accept the underscore spellings too; the
@@ -28,13 +34,28 @@ name with an underscore would silently build plain ``b``. The optimizers are the
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["NAMES", "register", "unregister"]
+from normkit.optim import SGDG, AdamG, ClippedOptimizer, NormalizedOptimizer
+from normkit.optim.grassmann import _unit_rows_
+
+__all__ = [
+    "CLASSES",
+    "NAMES",
+    "ClippedAdam",
+    "ClippedAdamW",
+    "ClippedSGD",
+    "NormalizedAdam",
+    "NormalizedAdamW",
+    "NormalizedSGD",
+    "register",
+    "unregister",
+]
 
 # Paper defaults (Cho & Lee 2017, CIFAR): lr_e 0.01, lr_g 0.2 (SGD-G) / 0.05 (Adam-G).
 _DEFAULT_LR = 0.01
@@ -59,65 +80,160 @@ def _timm_optim() -> Any:
     return factory
 
 
-def _grassmann(kind: str) -> Callable[..., torch.optim.Optimizer]:
-    def build(params: Any, **options: Any) -> torch.optim.Optimizer:
-        from normkit.optim import SGDG, AdamG
+class _TimmWrapper:
+    """What the timm-facing wrapper classes share: the inner ``torch.optim`` class and a signature that
+    shows the inner optimizer's own arguments (timm and its users inspect it, e.g. for ``eps``)."""
 
-        groups = list(params)
-        if not any(isinstance(g, dict) and g.get("grassmann") for g in groups):
-            raise ValueError(
-                f"{kind}: no parameter group is marked grassmann=True. Pass the model itself to "
-                "create_optimizer_v2 (the weights that feed normalization layers are then found from its "
-                "graph), or groups from normkit.optim.grassmann_param_groups(model, ...)"
-            )
-        cls = SGDG if kind == "sgdg" else AdamG
-        return cls(groups, **options)
+    inner_class: type[torch.optim.Optimizer]
+    _wrapper_options: tuple[inspect.Parameter, ...] = ()
 
-    build.__name__ = kind.upper()
-    return build
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "inner_class" not in cls.__dict__:
+            return
+        inner = [
+            p for p in inspect.signature(cls.inner_class).parameters.values() if p.kind is not p.VAR_KEYWORD
+        ]
+        names = {p.name for p in inner}
+        own = [p for p in cls._wrapper_options if p.name not in names]
+        cls.__signature__ = inspect.Signature([*inner, *own])  # type: ignore[attr-defined]
 
 
-def _wrapped(kind: str, inner: str) -> Callable[..., torch.optim.Optimizer]:
-    def build(
+def _kw(name: str, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+
+
+_COMMON = (
+    _kw("normalization", "l2"),
+    _kw("granularity", None),
+    _kw("norm_eps", 1e-7),
+    _kw("model", None),
+    _kw("exclude", ()),
+    _kw("nonfinite", "propagate"),
+)
+
+
+class _NormalizedForTimm(_TimmWrapper, NormalizedOptimizer):
+    """:class:`~normkit.optim.NormalizedOptimizer` around ``inner_class`` built from the same arguments."""
+
+    _wrapper_options = _COMMON
+
+    def __init__(
+        self,
         params: Any,
-        *,
+        *inner_args: Any,
         normalization: str = "l2",
         granularity: Any = None,
         norm_eps: float = 1e-7,
         model: nn.Module | None = None,
+        exclude: Any = (),
+        nonfinite: str = "propagate",
+        **inner_options: Any,
+    ) -> None:
+        super().__init__(
+            self.inner_class(params, *inner_args, **inner_options),
+            normalization,
+            granularity or "tensor",
+            norm_eps,
+            model=model,
+            exclude=exclude,
+            nonfinite=nonfinite,
+        )
+
+
+class _ClippedForTimm(_TimmWrapper, ClippedOptimizer):
+    """:class:`~normkit.optim.ClippedOptimizer` around ``inner_class`` built from the same arguments."""
+
+    _wrapper_options = (
+        *_COMMON,
+        _kw("clipnorm", None),
+        _kw("relative", False),
+        _kw("clip_factor", 0.01),
+        _kw("weight_eps", 1e-3),
+    )
+
+    def __init__(
+        self,
+        params: Any,
+        *inner_args: Any,
+        normalization: str = "l2",
+        granularity: Any = None,
+        norm_eps: float = 1e-7,
+        model: nn.Module | None = None,
+        exclude: Any = (),
+        nonfinite: str = "propagate",
         clipnorm: float | None = None,
         relative: bool = False,
         clip_factor: float = 0.01,
+        weight_eps: float = 1e-3,
         **inner_options: Any,
-    ) -> torch.optim.Optimizer:
-        from normkit.optim import ClippedOptimizer, NormalizedOptimizer
-
-        base = _INNER[inner](params, **inner_options)
-        if kind == "normalized":
-            if clipnorm is not None or relative:
-                raise ValueError("clipnorm / relative apply to the clipped_* optimizers, not normalized_*")
-            return NormalizedOptimizer(
-                base,
-                normalization=normalization,
-                granularity=granularity or "tensor",
-                eps=norm_eps,
-                model=model,
-            )
+    ) -> None:
         if clipnorm is None and not relative:
-            raise ValueError(f"clipped_{inner} needs clipnorm=X (or relative=True, clip_factor=...)")
-        return ClippedOptimizer(
-            base,
-            normalization=normalization,
+            raise ValueError(
+                f"{type(self).__name__} needs clipnorm=c (absolute clipping) or relative=True, "
+                "clip_factor=... (adaptive gradient clipping)"
+            )
+        super().__init__(
+            self.inner_class(params, *inner_args, **inner_options),
+            normalization,
+            clipnorm,
+            norm_eps,
             granularity=granularity,
-            eps=norm_eps,
-            model=model,
-            clipnorm=clipnorm,
             relative=relative,
             clip_factor=clip_factor,
+            weight_eps=weight_eps,
+            model=model,
+            exclude=exclude,
+            nonfinite=nonfinite,
         )
 
-    build.__name__ = f"{kind}_{inner}"
-    return build
+
+class NormalizedSGD(_NormalizedForTimm):
+    """``torch.optim.SGD`` on block-normalized gradients (timm name ``normalized-sgd``)."""
+
+    inner_class = torch.optim.SGD
+
+
+class NormalizedAdam(_NormalizedForTimm):
+    """``torch.optim.Adam`` on block-normalized gradients (timm name ``normalized-adam``)."""
+
+    inner_class = torch.optim.Adam
+
+
+class NormalizedAdamW(_NormalizedForTimm):
+    """``torch.optim.AdamW`` on block-normalized gradients (timm name ``normalized-adamw``)."""
+
+    inner_class = torch.optim.AdamW
+
+
+class ClippedSGD(_ClippedForTimm):
+    """``torch.optim.SGD`` on clipped gradients (timm name ``clipped-sgd``)."""
+
+    inner_class = torch.optim.SGD
+
+
+class ClippedAdam(_ClippedForTimm):
+    """``torch.optim.Adam`` on clipped gradients (timm name ``clipped-adam``)."""
+
+    inner_class = torch.optim.Adam
+
+
+class ClippedAdamW(_ClippedForTimm):
+    """``torch.optim.AdamW`` on clipped gradients (timm name ``clipped-adamw``)."""
+
+    inner_class = torch.optim.AdamW
+
+
+CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "sgdg": SGDG,
+    "adamg": AdamG,
+    "normalized-sgd": NormalizedSGD,
+    "normalized-adam": NormalizedAdam,
+    "normalized-adamw": NormalizedAdamW,
+    "clipped-sgd": ClippedSGD,
+    "clipped-adam": ClippedAdam,
+    "clipped-adamw": ClippedAdamW,
+}
 
 
 def _infos() -> list[Any]:
@@ -125,7 +241,7 @@ def _infos() -> list[Any]:
     infos = [
         OptimInfo(
             "sgdg",
-            _grassmann("sgdg"),
+            SGDG,
             "SGD-G on the Grassmann manifold for BN-input weights (normkit), SGD for the rest",
             has_eps=False,
             has_momentum=True,
@@ -133,7 +249,7 @@ def _infos() -> list[Any]:
         ),
         OptimInfo(
             "adamg",
-            _grassmann("adamg"),
+            AdamG,
             "Adam-G: Adam on the Grassmann manifold for BN-input weights (normkit), SGD for the rest",
             has_momentum=True,
             has_betas=True,
@@ -142,17 +258,40 @@ def _infos() -> list[Any]:
     ]
     for kind in ("normalized", "clipped"):
         for inner in _INNER:
+            cls = CLASSES[f"{kind}-{inner}"]
             infos.append(
                 OptimInfo(
                     f"{kind}-{inner}",
-                    _wrapped(kind, inner),
+                    cls,
                     f"{inner} on {kind} gradients per block (normkit)",
-                    has_eps=inner != "sgd",
-                    has_momentum=inner == "sgd",
-                    has_betas=inner != "sgd",
+                    has_eps="eps" in inspect.signature(cls).parameters,
+                    has_momentum="momentum" in inspect.signature(cls).parameters,
+                    has_betas="betas" in inspect.signature(cls).parameters,
                 )
             )
     return infos
+
+
+def _no_grassmann_group(name: str, model: nn.Module | None, select: str) -> ValueError:
+    """The refusal when SGD-G / Adam-G would have nothing to put on the manifold."""
+    if model is None:
+        return ValueError(
+            f"{name}: no parameter group is marked grassmann=True. Pass the model itself to "
+            "create_optimizer_v2 (the weights that feed normalization layers are then found from its graph), "
+            "or groups from normkit.optim.grassmann_param_groups(model, ...)"
+        )
+    what = (
+        "no conv/linear weight of this model feeds a per-channel normalization layer (BatchNorm, "
+        "BatchRenorm, InstanceNorm) directly"
+        if select == "bn_input"
+        else "no conv weight of this model is undercomplete (out < in·k·k)"
+    )
+    return ValueError(
+        f"{name}: {what}, so SGD-G/Adam-G has no scale-invariant weight to keep on the Grassmann manifold "
+        "(the method needs weights whose scale the network ignores). Use 'sgd' / 'adamw' for this model, "
+        "'sgdp' / 'adamp' if some weights feed other normalizations (LayerNorm, GroupNorm), or add "
+        "BatchNorm after the layers; for a model torch.fx cannot trace pass example_input=..."
+    )
 
 
 def _canonical(opt: str) -> tuple[str, str]:
@@ -179,22 +318,45 @@ def _create_optimizer(
         lr_g = kwargs.pop("lr_g", _DEFAULT_LR_G[name])
         select = kwargs.pop("select", "bn_input")
         example_input = kwargs.pop("example_input", None)
-        if model is not None and kwargs.get("param_group_fn") is None:
-            weight_decay = kwargs.get("weight_decay", 0.0)
+        group_fn = kwargs.get("param_group_fn")
+        if model is not None and group_fn is None:
             from normkit.optim import grassmann_param_groups
 
-            kwargs["param_group_fn"] = functools.partial(
-                grassmann_param_groups,
+            weight_decay = kwargs.get("weight_decay", 0.0)
+            # the groups are built (and checked) here, before timm builds anything
+            groups = grassmann_param_groups(
+                model,
                 lr=lr,
                 lr_g=lr_g,
                 weight_decay=weight_decay,
                 select=select,
+                unit_init=False,
                 example_input=example_input,
             )
+            if not any(g.get("grassmann") for g in groups):
+                raise _no_grassmann_group(name, model, select)
+            _unit_rows(groups)  # the paper's initialization, once the choice is known to be usable
+            kwargs["param_group_fn"] = lambda _model: groups
             kwargs["weight_decay"] = weight_decay  # the groups carry their own; this is the default
+        else:
+            params = group_fn(model) if group_fn is not None else model_or_params
+            params = list(params)
+            if not any(isinstance(g, dict) and g.get("grassmann") for g in params):
+                raise _no_grassmann_group(name, None, select)
+            if group_fn is None:
+                model_or_params = params
+            else:
+                kwargs["param_group_fn"] = lambda _model: params
     elif model is not None:
         kwargs.setdefault("model", model)
     return original(model_or_params, prefix + name, **kwargs)
+
+
+def _unit_rows(groups: list[dict[str, Any]]) -> None:
+    for group in groups:
+        if group.get("grassmann"):
+            for w in group["params"]:
+                _unit_rows_(w)
 
 
 _ORIGINAL_ATTR = "_normkit_original_create_optimizer"

@@ -24,7 +24,13 @@ from torch import Tensor
 
 from normkit._dtensor import is_dtensor, local, reduce_partials
 
-__all__ = ["NONFINITE_POLICIES", "NonFiniteGradientError", "check_policy", "nonfinite_verdict"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "NonFiniteGradientError",
+    "check_policy",
+    "nonfinite_norms_verdict",
+    "nonfinite_verdict",
+]
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -94,4 +100,24 @@ def nonfinite_verdict(owner: str, policy: str, params: Sequence[Tensor], grads: 
         f"{bad[:5]}{' ...' if len(bad) > 5 else ''}); nothing was changed. Find the source (e.g. "
         "torch.autograd.set_detect_anomaly(True)), or build the optimizer with nonfinite='skip' to skip such "
         "steps."
+    )
+
+
+def nonfinite_norms_verdict(owner: str, policy: str, norm_name: str, norms: Sequence[Tensor]) -> bool:
+    """Apply ``policy`` to the block norms a wrapper computed from finite gradients (``norms``: 1-D tensors,
+    any devices): True when the step must be skipped. A custom norm can return NaN or inf where the
+    gradients are finite; ``"skip"`` / ``"raise"`` must catch that before any gradient is scaled by it.
+    One fused check and one host read (the caller has already paid one for the gradients)."""
+    if policy == "propagate" or not norms:
+        return False
+    home = norms[0].device
+    ok = torch.stack([n.isfinite().all().to(home) for n in norms]).all()
+    if bool(ok):
+        return False
+    if policy == "skip":
+        return True
+    raise NonFiniteGradientError(
+        f"{owner}: the norm {norm_name!r} is NaN or inf for a block whose gradients are finite; nothing was "
+        "changed. Check the norm function (a custom norm must return a finite number ≥ 0 for every finite "
+        "block, including a block of zeros), or build the optimizer with nonfinite='skip' to skip such steps."
     )

@@ -21,7 +21,52 @@ def check_wrappable(wrapper: str, optimizer: object) -> None:
         raise TypeError(f"{wrapper} cannot wrap LBFGS: its step re-evaluates the closure")
 
 
-class OptimizerWrapper(torch.optim.Optimizer):
+_HOOK_REGISTRIES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class PicklableOptimizer(torch.optim.Optimizer):
+    """An optimizer whose ``copy.deepcopy`` / ``pickle`` / ``torch.save`` keep the attributes it adds.
+
+    ``torch.optim.Optimizer.__getstate__`` keeps only ``defaults``, ``state`` and ``param_groups`` (it is
+    written for optimizers whose settings all live in the groups): an SGD-G copy lost its ``nonfinite`` policy
+    and failed at its first step. Here every instance attribute is kept except, as in torch, the hook
+    registries and methods patched on the instance (hooks are often closures or bound methods of other
+    objects, an LR scheduler wraps ``step``; a copy starts without them) and the caches a subclass names in
+    ``_transient`` (rebuilt on demand). Subclasses that key anything by
+    ``id(tensor)`` translate it in :meth:`_getstate_extra` / :meth:`_setstate_extra` (ids change in a copy).
+    """
+
+    _transient: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        skip = set(_HOOK_REGISTRIES) | set(self._transient)
+        # an instance attribute that shadows a method is a patch by someone else (an LR scheduler wraps
+        # ``step`` in place): like the hooks it belongs to its owner, and torch drops it too
+        cls = type(self)
+        skip |= {k for k, v in self.__dict__.items() if callable(v) and callable(getattr(cls, k, None))}
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        state.update(self._getstate_extra())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # torch's: fresh hook registries, the step profiling patch
+        self._setstate_extra()
+
+    def _getstate_extra(self) -> dict[str, Any]:
+        return {}
+
+    def _setstate_extra(self) -> None:
+        pass
+
+
+class OptimizerWrapper(PicklableOptimizer):
     """An optimizer around ``inner``: the parameter groups, state and defaults *are* the inner optimizer's, so
     LR schedulers, ``GradScaler`` and optimizer hooks see one optimizer. ``torch.optim.Optimizer.__init__`` is
     not called (the groups already exist); only its hook registries are set up. Subclasses call
@@ -65,13 +110,6 @@ class OptimizerWrapper(torch.optim.Optimizer):
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
         self.inner.defaults = value
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._patch_step_function()
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.inner).splitlines())

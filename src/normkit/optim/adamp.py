@@ -50,6 +50,8 @@ from torch.optim import Optimizer
 
 from normkit._dtensor import Reply, Request, check_rows_local, drive, is_dtensor, local, run
 from normkit.optim._adam import adam_moments_
+from normkit.optim._checks import check_betas, check_lr, check_number, missing_lr_message
+from normkit.optim._wrapper import PicklableOptimizer
 
 __all__ = ["SGDP", "AdamP", "scale_invariant_param_groups", "scale_invariant_weights"]
 
@@ -412,14 +414,6 @@ def _sgdp_task(
 # --- optimizers ---------------------------------------------------------------------------------------
 
 
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
-    ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
-
-
 def _check_grads(opt: Optimizer) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
@@ -430,18 +424,19 @@ def _check_grads(opt: Optimizer) -> None:
                 )
 
 
-def _check_betas(betas: Any) -> None:
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    _check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-    _check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+class _CheckedOptimizer(PicklableOptimizer):
+    """An optimizer whose parameter groups are validated (``_check_group``, with the shared checks of
+    :mod:`normkit.optim._checks`) before one is added. ``lr=None`` in the constructor means no default: then
+    every group must set its own (``torch.optim``'s rule for a required argument)."""
 
-
-class _CheckedOptimizer(Optimizer):
-    """An optimizer whose parameter groups are validated (``_check_group``) before one is added."""
+    def _check_defaults(self, defaults: dict[str, Any]) -> None:
+        """The constructor's settings, before anything is built (``lr=None``: every group sets its own)."""
+        self._check_group({**defaults, "lr": 0.0} if defaults["lr"] is None else defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        if merged.get("lr") is None:
+            raise ValueError(missing_lr_message(type(self).__name__))
         self._check_group(merged)
         super().add_param_group(param_group)
 
@@ -451,11 +446,19 @@ class _CheckedOptimizer(Optimizer):
 
 class _ProjectedBase(_CheckedOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
-        _check_number("lr", group["lr"], 0.0)
-        _check_number("eps", group["eps"], 0.0)
-        _check_number("weight_decay", group["weight_decay"], 0.0)
-        _check_number("delta", group["delta"], 0.0)
-        _check_number("wd_ratio", group["wd_ratio"], 0.0, 1.0)
+        name = type(self).__name__
+        check_lr(name, group["lr"])
+        check_number(
+            name,
+            "eps",
+            group["eps"],
+            low_open=True,
+            why="it keeps a denominator away from zero: with eps = 0 a gradient entry or weight row of "
+            "zeros gives 0/0 = NaN",
+        )
+        check_number(name, "weight_decay", group["weight_decay"])
+        check_number(name, "delta", group["delta"])
+        check_number(name, "wd_ratio", group["wd_ratio"], 0.0, 1.0)
         if group.get("projection", "auto") not in PROJECTIONS:
             raise ValueError(
                 f"projection must be one of {PROJECTIONS}, got {group.get('projection')!r} "
@@ -503,7 +506,8 @@ class AdamP(_ProjectedBase):
     Args:
         params: parameters or groups; a group may set ``projection`` to ``"auto"`` (the paper's cosine test,
             default), ``"row"``, ``"tensor"`` (known scale-invariant: no test) or ``"none"``.
-        lr, betas, eps: as in ``torch.optim.Adam`` (``eps`` also guards the norms of the projection).
+        lr, betas, eps: as in ``torch.optim.Adam`` (``lr`` a number or a one-element tensor; ``eps`` also
+            guards the norms of the projection).
         weight_decay: decoupled weight decay ``λ`` (``w ← w(1 − η λ r)``), ``r = wd_ratio`` on projected
             tensors.
         delta: the threshold ``δ`` of the cosine test, ``cos < δ/√(dim)``.
@@ -516,7 +520,7 @@ class AdamP(_ProjectedBase):
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -534,12 +538,12 @@ class AdamP(_ProjectedBase):
             nesterov=nesterov,
             projection="auto",
         )
-        self._check_group(defaults)
+        self._check_defaults(defaults)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_betas(group["betas"])
+        check_betas(type(self).__name__, group["betas"])
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0)
@@ -594,13 +598,14 @@ class SGDP(_ProjectedBase):
     Follows the authors' code (see the module docstring): the buffer starts at zero and accumulates
     ``(1 − dampening) g``; without Nesterov the buffer itself is projected; weight decay is decoupled and
     divided by ``1 − momentum`` (``wd_ratio`` on projected tensors). ``projection`` per group as in
-    :class:`AdamP`.
+    :class:`AdamP`. ``lr`` may be a one-element tensor (as in ``torch.optim``); without a default
+    (``lr=None``) every parameter group must set its own.
     """
 
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float | Tensor | None = None,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
@@ -620,13 +625,13 @@ class SGDP(_ProjectedBase):
             wd_ratio=wd_ratio,
             projection="auto",
         )
-        self._check_group(defaults)
+        self._check_defaults(defaults)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        _check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        _check_number("dampening", group["dampening"], 0.0, 1.0)
+        check_number("SGDP", "momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_number("SGDP", "dampening", group["dampening"], 0.0, 1.0)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 

@@ -55,7 +55,9 @@ from torch.optim import Optimizer
 from torch.optim.sgd import sgd as _torch_sgd
 
 from normkit._dtensor import check_rows_local, is_dtensor, local, reduce_partials_each, zeros_rows
+from normkit.optim._checks import check_betas, check_lr, check_number
 from normkit.optim._nonfinite import check_policy, nonfinite_verdict
+from normkit.optim._wrapper import PicklableOptimizer
 
 __all__ = ["SGDG", "AdamG", "grassmann_param_groups", "orthogonality_penalty"]
 
@@ -333,14 +335,16 @@ def _auto_foreach(params: list[Tensor]) -> bool:
     return bool(params) and all(p.device.type != "cpu" for p in params)
 
 
-class _GrassmannBase(Optimizer):
+class _GrassmannBase(PicklableOptimizer):
     """Shared by SGD-G and Adam-G: group validation, the Euclidean (SGD) groups, fp32 state, state loading."""
 
     _manifold_keys: tuple[str, ...] = ()
+    _transient = ("_work",)  # the scratch buffer of the single-tensor path: rebuilt on demand, never saved
 
     def __init__(self, params: Any, defaults: dict[str, Any], nonfinite: str = "propagate") -> None:
         if defaults.get("maximize"):
             raise ValueError("maximize=True is not supported: minimize the negated objective instead.")
+        self._check_group({**defaults, "params": []})  # the defaults, as torch.optim checks them up front
         self.nonfinite = check_policy(type(self).__name__, nonfinite)
         self.skipped_steps = 0
         super().__init__(params, defaults)
@@ -362,18 +366,14 @@ class _GrassmannBase(Optimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         name = type(self).__name__
-        lr = group["lr"]
-        if not isinstance(lr, Tensor) and lr < 0:
-            raise ValueError(f"{name}: invalid learning rate {lr}; it must be ≥ 0.")
+        check_lr(name, group["lr"])
         if group.get("maximize"):
             raise ValueError(
                 f"{name}: maximize=True is not supported: minimize the negated objective instead."
             )
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"{name}: momentum must be in [0, 1), got {group['momentum']}.")
+        check_number(name, "momentum", group["momentum"], 0.0, 1.0, high_open=True)
         if not group["grassmann"]:
-            if group["weight_decay"] < 0:
-                raise ValueError(f"{name}: weight_decay must be ≥ 0, got {group['weight_decay']}.")
+            check_number(name, "weight_decay", group["weight_decay"])
             if group["nesterov"] and group["momentum"] <= 0:
                 raise ValueError(f"{name}: nesterov=True needs momentum > 0 (Euclidean group).")
             return
@@ -384,11 +384,9 @@ class _GrassmannBase(Optimizer):
                 "are kept at unit norm), so the paper uses none: set weight_decay=0 on that group "
                 "(grassmann_param_groups does) and keep weight decay for the Euclidean groups."
             )
-        clip = group["grad_clip"]
-        if clip is not None and not clip > 0:
-            raise ValueError(f"{name}: grad_clip (ν) must be > 0 or None (off), got {clip}.")
-        if group["omega"] < 0:
-            raise ValueError(f"{name}: omega (ω) must be ≥ 0 (0 = off), got {group['omega']}.")
+        if group["grad_clip"] is not None:
+            check_number(name, "grad_clip (ν)", group["grad_clip"], low_open=True, why="None turns it off")
+        check_number(name, "omega (ω)", group["omega"], why="0 turns the regularizer off")
         for p in group["params"]:
             if p.dim() < 2:
                 raise ValueError(
@@ -758,11 +756,15 @@ class AdamG(_GrassmannBase):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        b1, b2 = group["betas"]
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"AdamG: betas must be in [0, 1), got {group['betas']}.")
-        if group["eps"] < 0:
-            raise ValueError(f"AdamG: eps must be ≥ 0, got {group['eps']}.")
+        check_betas("AdamG", group["betas"])
+        check_number(
+            "AdamG",
+            "eps",
+            group["eps"],
+            low_open=True,
+            why="it keeps a denominator away from zero: with eps = 0 a gradient entry or weight row of "
+            "zeros gives 0/0 = NaN",
+        )
 
     def _grassmann_step(
         self, group: dict[str, Any], params: list[Tensor], foreach: bool, grams: dict[int, Tensor] | None

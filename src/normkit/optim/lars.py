@@ -35,7 +35,8 @@ from torch import Tensor
 
 from normkit._dtensor import Reply, Request, drive, is_dtensor, local, run
 from normkit.optim._adam import adam_moments_
-from normkit.optim.adamp import _check_betas, _check_grads, _check_number, _CheckedOptimizer
+from normkit.optim._checks import check_betas, check_lr, check_number
+from normkit.optim.adamp import _check_grads, _CheckedOptimizer
 
 __all__ = ["LAMB", "LARS", "trust_ratio_param_groups"]
 
@@ -260,7 +261,8 @@ class LARS(_TrustBase):
 
     Args:
         params: parameters or groups (a group may set ``adapt=False``: no trust ratio, no weight decay).
-        lr: the global rate ``γ``.
+        lr: the global rate ``γ``: a number or a one-element tensor (as ``torch.optim``); ``None``: no
+            default, every group sets its own.
         momentum, nesterov: as in ``torch.optim.SGD``.
         weight_decay: ``β``, added to the gradient of adapted tensors and to the ratio's denominator.
         trust_coefficient: ``η`` (0.001 in the paper).
@@ -272,7 +274,7 @@ class LARS(_TrustBase):
     def __init__(
         self,
         params: Any,
-        lr: float,
+        lr: float | Tensor | None = None,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         trust_coefficient: float = 0.001,
@@ -292,15 +294,21 @@ class LARS(_TrustBase):
             exclude_1d=exclude_1d,
             adapt=None,
         )
-        self._check_group(defaults)
+        self._check_defaults(defaults)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        _check_number("lr", group["lr"], 0.0)
-        _check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
-        _check_number("weight_decay", group["weight_decay"], 0.0)
-        _check_number("trust_coefficient", group["trust_coefficient"], 0.0)
-        _check_number("eps", group["eps"], 0.0)
+        check_lr("LARS", group["lr"])
+        check_number("LARS", "momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        check_number("LARS", "weight_decay", group["weight_decay"])
+        check_number(
+            "LARS",
+            "trust_coefficient",
+            group["trust_coefficient"],
+            low_open=True,
+            why="the trust ratio is proportional to it: with 0 the adapted weights would never move",
+        )
+        check_number("LARS", "eps", group["eps"])
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("nesterov=True needs momentum > 0")
 
@@ -366,7 +374,7 @@ class LAMB(_TrustBase):
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
@@ -375,14 +383,21 @@ class LAMB(_TrustBase):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, exclude_1d=exclude_1d, adapt=None
         )
-        self._check_group(defaults)
+        self._check_defaults(defaults)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        _check_number("lr", group["lr"], 0.0)
-        _check_number("eps", group["eps"], 0.0)
-        _check_number("weight_decay", group["weight_decay"], 0.0)
-        _check_betas(group["betas"])
+        check_lr("LAMB", group["lr"])
+        check_number(
+            "LAMB",
+            "eps",
+            group["eps"],
+            low_open=True,
+            why="it keeps a denominator away from zero: with eps = 0 a gradient entry or weight row of "
+            "zeros gives 0/0 = NaN",
+        )
+        check_number("LAMB", "weight_decay", group["weight_decay"])
+        check_betas("LAMB", group["betas"])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

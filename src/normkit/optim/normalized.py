@@ -32,8 +32,10 @@ weight norms ride along). A custom norm needs the whole block and is refused on 
 Non-finite gradients (``nonfinite=``): ``"propagate"`` (default) transforms and steps as given — one NaN
 makes its whole block NaN (with ``"global"``, every gradient); ``"skip"`` leaves parameters, gradients and the
 inner optimizer's state untouched for that step and counts it in ``skipped_steps``; ``"raise"`` raises
-:class:`~normkit.optim.NonFiniteGradientError` before anything changes. ``"skip"`` and ``"raise"`` cost one
-fused reduction over the gradients and one host synchronisation per step; ``"propagate"`` none.
+:class:`~normkit.optim.NonFiniteGradientError` before anything changes. The same policy applies to a block
+whose *norm* is NaN or inf although its gradients are finite (a custom norm can return one, a float32 sum can
+overflow): it is checked before any gradient is scaled. ``"skip"`` and ``"raise"`` cost two fused reductions
+(the gradients, then the norms) and two host synchronisations per step; ``"propagate"`` none.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ from normkit._dtensor import (
     placement_error,
     reduce_partials,
 )
-from normkit.optim._nonfinite import check_policy, nonfinite_verdict
+from normkit.optim._checks import check_number
+from normkit.optim._nonfinite import check_policy, nonfinite_norms_verdict, nonfinite_verdict
 from normkit.optim._wrapper import OptimizerWrapper, check_wrappable
 from normkit.optim.norms import (
     Norm,
@@ -159,6 +162,16 @@ class _Plan:
         return all(grads[i].device == d and grads[i].dtype == t for i, d, t in self.checks)
 
 
+def _layer_index(model: nn.Module | None) -> dict[int, int]:
+    """``id(parameter)`` → position of the first module of ``model`` that owns it (the "layer" blocks)."""
+    layer_of: dict[int, int] = {}
+    if model is not None:
+        for index, module in enumerate(model.modules()):
+            for p in module.parameters(recurse=False):
+                layer_of.setdefault(id(p), index)
+    return layer_of
+
+
 class _GradientTransform(OptimizerWrapper):
     """Common machinery of :class:`NormalizedOptimizer` and :class:`ClippedOptimizer`."""
 
@@ -182,15 +195,17 @@ class _GradientTransform(OptimizerWrapper):
             raise ValueError(
                 'granularity="layer" needs the model: pass model=... (its modules are the blocks)'
             )
-        if not (eps > 0.0 and math.isfinite(eps)):
-            raise ValueError(
-                f"eps must be a finite number > 0, got {eps}: it is added to every block's norm, and a block "
-                "of zeros has norm 0 (with eps = 0 its gradient would become 0/0 = NaN)"
-            )
+        check_number(
+            type(self).__name__,
+            "eps",
+            eps,
+            low_open=True,
+            why="it is added to every block's norm, and a block of zeros has norm 0 (with eps = 0 its "
+            "gradient would become 0/0 = NaN)",
+        )
         self.nonfinite = check_policy(type(self).__name__, nonfinite)
         self.skipped_steps = 0
         self.norm: Norm = get_norm(normalization)
-        self._normalization_arg = normalization
         self.granularity: str = granularity
         self.eps = float(eps)
         self.foreach = True if foreach is None else bool(foreach)
@@ -205,17 +220,41 @@ class _GradientTransform(OptimizerWrapper):
                 self._excluded.add(id(item))
             else:
                 raise TypeError(f"exclude takes parameters or modules, got {type(item).__name__}")
-        self._layer_of: dict[int, int] = {}
-        if model is not None:
-            for index, module in enumerate(model.modules()):
-                for p in module.parameters(recurse=False):
-                    self._layer_of.setdefault(id(p), index)
+        self._layer_of = _layer_index(model)
+        self._reset_caches()
+        self._candidates_version = 0
+        self._wrap(optimizer)
+
+    # caches of the step (rebuilt on demand): never pickled or copied
+    _transient = ("_plan", "_plan_key", "_candidates_key", "_candidates_list")
+
+    def _reset_caches(self) -> None:
         self._plan: _Plan | None = None
         self._plan_key: tuple[Any, ...] | None = None
         self._candidates_key: tuple[tuple[int, int], ...] | None = None
         self._candidates_list: list[Tensor] = []
-        self._candidates_version = 0
-        self._wrap(optimizer)
+
+    def _unique_params(self) -> list[Tensor]:
+        return list({id(p): p for group in self.param_groups for p in group["params"]}.values())
+
+    def _getstate_extra(self) -> dict[str, Any]:
+        # ``_excluded`` and ``_layer_of`` hold id()s, which a copy does not keep: save positions instead
+        position = {id(p): i for i, p in enumerate(self._unique_params())}
+        return {"_excluded": sorted(position[i] for i in self._excluded if i in position), "_layer_of": None}
+
+    def _setstate_extra(self) -> None:
+        unique = self._unique_params()
+        self._excluded = {id(unique[i]) for i in self.__dict__["_excluded"]}
+        self._layer_of = _layer_index(self.model)
+        self._reset_caches()
+
+    def _kind(self) -> str:
+        """The wrapper's name in a ``state_dict``: the public class a subclass (e.g. timm's
+        ``NormalizedSGD``) derives from, so that either loads the other's state."""
+        for cls in type(self).__mro__:
+            if cls.__name__ in ("NormalizedOptimizer", "ClippedOptimizer") and cls.__module__ == __name__:
+                return cls.__name__
+        return type(self).__name__
 
     def _settings_repr(self) -> str:
         out = f"normalization={self.norm.name!r}, granularity={self.granularity!r}, eps={self.eps:g}"
@@ -239,7 +278,9 @@ class _GradientTransform(OptimizerWrapper):
                 self.skipped_steps += 1
                 return loss
         with torch.no_grad():
-            self._transform()
+            if not self._transform():
+                self.skipped_steps += 1
+                return loss
         self.inner.step()
         return loss
 
@@ -290,30 +331,35 @@ class _GradientTransform(OptimizerWrapper):
             self._plan_key = full_key
         return self._plan
 
-    def _transform(self) -> None:
+    def _transform(self) -> bool:
+        """Transform the gradients in place; False when the nonfinite policy refuses the step (a block's
+        norm is NaN/inf: a custom norm can return one for finite gradients) and nothing was changed."""
         params, grads, key = self._collect()
         if not grads:
             self.last_norms = {}
-            return
+            return True
         plan = self._get_plan(params, grads, key)
         if plan.dtensor:
-            self._transform_dtensor(params, grads)
-            return
+            return self._transform_dtensor(params, grads)
         weights = [p.detach() for p in params] if self._needs_param_norms() else None
         if plan.granularity == "unit":
-            norms = []
+            norms = [self._unit_norms(plan, k, [grads[i] for i in idx]) for k, idx in enumerate(plan.groups)]
+            wnorms = (
+                [self._unit_norms(plan, k, [weights[i] for i in idx]) for k, idx in enumerate(plan.groups)]
+                if weights is not None
+                else None
+            )
+            if self._refuse_norms(norms + (wnorms or [])):
+                return False
             for k, idx in enumerate(plan.groups):
-                unit_norms = self._unit_norms(plan, k, [grads[i] for i in idx])
-                w_norms = (
-                    self._unit_norms(plan, k, [weights[i] for i in idx]) if weights is not None else None
-                )
-                s = self._scales(unit_norms, w_norms)
+                s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
                 scales = [v.view(shape) for v, shape in zip(s.split(plan.units[k]), plan.scale_shapes[k])]
                 torch._foreach_mul_([grads[i] for i in idx], scales)
-                norms.append(unit_norms)
         else:
             norms = self._grouped_norms(plan, grads)
             wnorms = self._grouped_norms(plan, weights) if weights is not None else None
+            if self._refuse_norms(norms + (wnorms or [])):
+                return False
             for k, idx in enumerate(plan.groups):
                 s = self._scales(norms[k], wnorms[k] if wnorms is not None else None)
                 if plan.complex[k]:
@@ -330,8 +376,17 @@ class _GradientTransform(OptimizerWrapper):
                 self.last_norms = {
                     params[i]: n for k, idx in enumerate(plan.groups) for i, n in zip(idx, norms[k].unbind())
                 }
+        return True
 
-    def _transform_dtensor(self, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _refuse_norms(self, norms: list[Tensor]) -> bool:
+        """The nonfinite policy applied to the blocks' norms (a custom norm may return NaN for finite
+        gradients): True when the step must be skipped. Nothing to check, and no synchronisation, under
+        ``"propagate"``."""
+        if self.nonfinite == "propagate" or not norms:
+            return False
+        return nonfinite_norms_verdict(type(self).__name__, self.nonfinite, self.norm.name, norms)
+
+    def _transform_dtensor(self, params: list[Tensor], grads: list[Tensor]) -> bool:
         """The transform on DTensor parameters (FSDP2, tensor parallel): every norm from the local shards.
 
         A row (``"unit"``) is whole on a rank under ``Shard(0)`` / ``Replicate()``: its norm is local. A block
@@ -408,9 +463,12 @@ class _GradientTransform(OptimizerWrapper):
             targets.append(x)
             factors.append(unit_scales.view((-1,) + (1,) * (x.ndim - 1)).to(x.real.dtype))
             norms_of[params[i]] = unit_norms
+        if self._refuse_norms(block_norms + list(norms_of.values())):
+            return False
         if targets:
             torch._foreach_mul_(targets, factors)
         self.last_norms = norms_of if self.return_norms else {}
+        return True
 
     def _local_row_norms(self, x: Tensor, n_row: float) -> Tensor:
         """The norm of every row of a local shard whose rows are whole (``n_row`` elements each)."""
@@ -504,7 +562,7 @@ class _GradientTransform(OptimizerWrapper):
         if self.norm.needs is None and not _is_registered(self.norm):
             name = None  # an anonymous callable: cannot be named in a state_dict
         return {
-            "wrapper": type(self).__name__,
+            "wrapper": self._kind(),
             "normalization": name,
             "granularity": self.granularity,
             "eps": self.eps,
@@ -539,8 +597,7 @@ class _GradientTransform(OptimizerWrapper):
         self.eps = float(settings["eps"])
         self.foreach = bool(settings["foreach"])
         self.return_norms = bool(settings["return_norms"])
-        params = [p for group in self.param_groups for p in group["params"]]
-        unique = list({id(p): p for p in params}.values())
+        unique = self._unique_params()
         self._excluded = {id(unique[i]) for i in settings["exclude"]}
         self._plan, self._plan_key, self._candidates_key = None, None, None
 
@@ -571,10 +628,8 @@ class _GradientTransform(OptimizerWrapper):
         settings = state_dict.pop(_STATE_KEY, None)
         backup = copy.copy(self.__dict__)
         if settings is not None:
-            if settings.get("wrapper") != type(self).__name__:
-                raise ValueError(
-                    f"the state_dict is of a {settings.get('wrapper')}, not a {type(self).__name__}"
-                )
+            if settings.get("wrapper") != self._kind():
+                raise ValueError(f"the state_dict is of a {settings.get('wrapper')}, not a {self._kind()}")
             inner_settings = settings.get("inner")
             if inner_settings is not None:
                 if not isinstance(self.inner, _GradientTransform):
@@ -748,10 +803,17 @@ class ClippedOptimizer(_GradientTransform):
         if relative:
             if clipnorm is not None:
                 raise ValueError("give either clipnorm (absolute clipping) or relative=True, not both")
-            if not clip_factor > 0.0:
-                raise ValueError(f"clip_factor must be > 0, got {clip_factor}")
-        elif clipnorm is None or not (clipnorm > 0.0 and math.isfinite(clipnorm)):
-            raise ValueError(f"clipnorm must be a finite number > 0 (or use relative=True), got {clipnorm}")
+            check_number("ClippedOptimizer", "clip_factor", clip_factor, low_open=True)
+            check_number(
+                "ClippedOptimizer",
+                "weight_eps",
+                weight_eps,
+                why="the floor of the weights' norm, so that zero-initialised weights can move",
+            )
+        elif clipnorm is None:
+            raise ValueError("ClippedOptimizer: give clipnorm=c (a finite number > 0) or relative=True")
+        else:
+            check_number("ClippedOptimizer", "clipnorm", clipnorm, low_open=True, why="or use relative=True")
         super().__init__(
             optimizer,
             normalization,

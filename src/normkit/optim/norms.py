@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -133,15 +134,25 @@ def _std_or_size(m2: Tensor, mean: Tensor, n: Tensor | float) -> Tensor:
     return torch.where(std <= tol * size, size, std)
 
 
-def _single_builtin(name: str) -> NormFn:
-    """The single-tensor formula of a built-in norm (statistics of the whole tensor, then :func:`finish`)."""
+class _BuiltinNorm:
+    """The single-tensor formula of a built-in norm (statistics of the whole tensor, then :func:`finish`).
 
-    def fn(x: Tensor) -> Tensor:
-        stats = {k: v[0] for k, v in tensor_stats([x], _NEEDS[name], foreach=False).items()}
-        return finish(name, stats, float(x.numel()))
+    A module-level class, not a closure, so that an optimizer holding it can be pickled (``torch.save``)."""
 
-    fn.__name__ = f"{name}_norm"
-    return fn
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.__name__ = f"{name}_norm"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        stats = {k: v[0] for k, v in tensor_stats([x], _NEEDS[self.name], foreach=False).items()}
+        return finish(self.name, stats, float(x.numel()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_builtin_fn, (self.name,))  # the registry's own instance: ``fn is`` checks keep holding
+
+
+def _builtin_fn(name: str) -> NormFn:
+    return _REGISTRY[name].fn
 
 
 @dataclass(frozen=True)
@@ -159,10 +170,15 @@ class Norm:
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A norm of the registry is saved by name and is the registered one again when loaded (register a
+        # custom norm before loading, as for load_state_dict); a plain callable is pickled as itself.
+        if _REGISTRY.get(self.name) is self:
+            return (get_norm, (self.name,))
+        return (Norm, (self.name, self.fn, self.needs))
 
-_REGISTRY: dict[str, Norm] = {
-    name: Norm(name, _single_builtin(name), needs) for name, needs in _NEEDS.items()
-}
+
+_REGISTRY: dict[str, Norm] = {name: Norm(name, _BuiltinNorm(name), needs) for name, needs in _NEEDS.items()}
 
 
 def register_norm(name: str, fn: NormFn, *, overwrite: bool = False) -> None:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from normkit._dtensor import check_rows_local, is_dtensor, local, reduce_partials
+from normkit.optim._checks import check_number
 from normkit.optim._wrapper import OptimizerWrapper, check_wrappable
 
 __all__ = ["SphereProjection"]
@@ -147,8 +148,14 @@ class SphereProjection(OptimizerWrapper):
         example_input: Any = None,
     ) -> None:
         check_wrappable("SphereProjection", optimizer)
-        if radius is not None and not (isinstance(radius, (int, float)) and radius > 0):
-            raise ValueError(f"radius must be None (keep each unit's norm) or a number > 0, got {radius!r}")
+        if radius is not None:
+            check_number(
+                "SphereProjection",
+                "radius",
+                radius,
+                low_open=True,
+                why="None keeps each unit's norm; an infinite radius would make every weight inf or NaN",
+            )
         if model is not None and (rows is not None or tensors is not None):
             raise ValueError("give either model= (units from the graph) or rows= / tensors=, not both")
         if model is None and rows is None and tensors is None:
