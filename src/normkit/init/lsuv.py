@@ -965,8 +965,11 @@ def _check_varies(x: Tensor, group: dist.ProcessGroup | None) -> None:
     if not x.is_floating_point() or x.numel() == 0:
         return
     with torch.no_grad():
-        spread = torch.stack([-x.amin(), x.amax()]).double()
-        if dist.is_available() and dist.is_initialized():
+        if is_dtensor(x):  # a global batch already: its reductions cover every rank
+            spread = torch.stack([-x.amin().full_tensor(), x.amax().full_tensor()]).double()  # type: ignore[attr-defined]
+        else:
+            spread = torch.stack([-x.amin(), x.amax()]).double()
+        if dist.is_available() and dist.is_initialized() and not is_dtensor(x):
             dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=group)
     if bool(spread[0] == -spread[1]):
         raise LSUVError(
