@@ -475,6 +475,17 @@ def measuring_mode(model: nn.Module, batch_statistics: bool = True) -> Iterator[
             m.training = flag
 
 
+def _ignores_scale(var: Tensor, new_var: Tensor, factor: Tensor) -> bool:
+    """Whether an output's variance followed a weight scale ``factor`` less than half-way (in log terms) from
+    ``var`` to the ``factor² · var`` of a layer linear in its weight: e.g. a weight-standardized conv, whose
+    output moves only through the ε of its standardization. Channels the factor hardly moved do not count."""
+    moved = (factor.square() - 1).abs() > 1e-3
+    if not bool(moved.any()):
+        return False
+    elasticity = torch.log(new_var / var) / torch.log(factor.square())
+    return bool((elasticity < 0.5)[moved].all())
+
+
 class _Engine:
     def __init__(
         self,
@@ -660,9 +671,8 @@ class _Engine:
             y_new = rerun()
             new_var = self._variance(*self._measure(layer, y_new, cdim))
             self._check_finite(layer, new_var)
-            moved = (factor.square() - 1).abs() > 1e-3
-            if iterations == 1 and not bool(((new_var - var).abs() > 1e-4 * var)[moved].any()):
-                # scaling the weight did not change the output: it is normalized inside the forward
+            if iterations == 1 and _ignores_scale(var, new_var, factor):
+                # the output barely follows the weight's scale: the forward normalizes the weight
                 layer.access.set(layer.saved)
                 layer.scale, total, iterations = None, torch.ones_like(var), 0
                 if layer.gain is None or layer.access is layer.gain:
@@ -695,8 +705,7 @@ class _Engine:
             layer.var_before = self._summary(var)
         self._check_finite(layer, var)
         if not layer.linear and layer.iterations == 1 and layer.last is not None:
-            moved = (layer.last[1].square() - 1).abs() > 1e-3
-            if not bool(((var - layer.last[0]).abs() > 1e-4 * layer.last[0])[moved].any()):
+            if _ignores_scale(layer.last[0], var, layer.last[1]):
                 self._leave(
                     layer,
                     layer.last[0],
