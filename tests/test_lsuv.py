@@ -678,7 +678,7 @@ def test_conv3d_and_transposed_conv1d_nets():
         assert torch.all((v - 1).abs() < 0.1), n
 
 
-# --- models people download: measured reports (issue 22) ---------------------------------------------------
+# --- models people download: measured reports --------------------------------------------------------------
 
 
 def assert_report_is_measured(model: nn.Module, x: torch.Tensor, report) -> dict[str, float]:
@@ -824,3 +824,71 @@ def test_constant_input_is_refused_before_anything_changes(value):
     with pytest.raises(LSUVError, match="the init batch is constant"):
         lsuv_init(model, torch.full((32, 10), value))
     assert_same_params(model, before)
+
+
+# --- Lightning: LSUVInit on a LightningModule without forward --------------------------------------------
+
+
+def _lightning_fit(select, with_forward: bool):
+    L = pytest.importorskip("lightning.pytorch")
+    from normkit.integrations.lightning import LSUVInit
+
+    class NoForward(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)  # lr 0: after fit, the weights are the init's
+
+    class WithForward(NoForward):
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    module = (WithForward if with_forward else NoForward)()
+    g = torch.Generator().manual_seed(1)
+    x, y = 3 * torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    callback = LSUVInit(select=select)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    before = params_of(module)
+    return trainer, module, data, callback, before, x
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's "few workers" notes
+def test_lightning_lsuv_init_select_by_name_and_clear_error_without_forward():
+    trainer, module, data, _, before, _ = _lightning_fit(None, with_forward=False)
+    with pytest.raises(RuntimeError, match=r"defines no forward\(\).*LSUVInit\(select='net'\)") as info:
+        trainer.fit(module, data)
+    assert info.value.__cause__ is None and info.value.__context__ is None  # one message, no chain
+    assert_same_params(module, before)
+
+    trainer, module, data, _, before, _ = _lightning_fit("nope", with_forward=False)
+    with pytest.raises(ValueError, match=r"no submodule of that name; its submodules are \['net'\]"):
+        trainer.fit(module, data)
+    assert_same_params(module, before)
+
+    for select in ("net", lambda m: m.net):
+        trainer, module, data, callback, _, x = _lightning_fit(select, with_forward=False)
+        trainer.fit(module, data)
+        assert [r.name for r in callback.report.initialized] == ["0", "2"]
+        measured = output_variances(module.net, x, ["0", "2"])
+        assert all(abs(v - 1) < 0.1 for v in measured.values()), measured
+    with pytest.raises(TypeError, match="name of a submodule"):
+        from normkit.integrations.lightning import LSUVInit
+
+        LSUVInit(select=3)  # type: ignore[arg-type]
