@@ -14,6 +14,7 @@ from normkit.nn import BatchRenorm2d, SyncBatchRenorm
 from tests.distributed import run_gloo
 
 pytest.importorskip("torch.distributed.fsdp")
+pytest.importorskip("timm")
 
 GLOBAL_BATCH = 12  # split 6 / 6 over 2 ranks
 
@@ -38,6 +39,28 @@ def convnet(norm: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
     )
 
 
+def std_convnet() -> nn.Module:
+    """timm's weight-standardized convs: LSUV's measured loop (reruns of the layer) under FSDP."""
+    from timm.layers import ScaledStdConv2d, StdConv2d
+
+    return nn.Sequential(
+        StdConv2d(3, 5, 3), nn.ReLU(), ScaledStdConv2d(5, 6, 3), nn.ReLU(), nn.Conv2d(6, 3, 1)
+    )
+
+
+class Twice(nn.Module):
+    """One Linear called twice per forward: LSUV's one-correction-per-pass loop, stopped mid-forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out = nn.Linear(10, 7), nn.Linear(7, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.mid(h))
+        return self.out(torch.relu(self.mid(h)))
+
+
 def _images(g: torch.Generator) -> torch.Tensor:
     return torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=g) * 2
 
@@ -50,12 +73,16 @@ CASES = {
     "conv": (lambda: convnet(BatchRenorm2d), _images),
     "conv_sync": (lambda: convnet(SyncBatchRenorm), _images),
     "conv_eval": (convnet, _images),
+    "std": (std_convnet, _images),
+    "twice": (Twice, lambda g: torch.randn(GLOBAL_BATCH, 10, generator=g) * 2),
 }
 SHARDED = (
     ("mlp", "mlp", {}),
     ("mlp_pc", "mlp", {"per_channel": True}),
     ("conv", "conv_sync", {}),
     ("conv_eval", "conv_eval", {"batch_statistics": False}),
+    ("std", "std", {}),
+    ("twice", "twice", {}),
 )
 
 
@@ -181,6 +208,11 @@ def test_fsdp_lsuv_equals_one_process_on_the_global_batch():
             _assert_rows(got_rows, want_rows)
         # LSUV did something: the report is not the identity
         assert any(r[1] == "initialized" and r[5] > 0 for r in want_rows)
+        status = {r[0]: r[1] for r in want_rows}
+        if case == "std":  # the standardized conv is kept, the scaled one's gain is set
+            assert status["0"] == "no effect" and status["2"] == "initialized"
+        if case == "twice":
+            assert status["mid"] == "initialized" and next(r for r in want_rows if r[0] == "mid")[5] > 0
 
     torch.manual_seed(0)
     ref = mlp()
