@@ -61,6 +61,15 @@ class Twice(nn.Module):
         return self.out(torch.relu(self.mid(h)))
 
 
+def blocknet(norm: type[nn.Module]) -> nn.Module:
+    """Blocks of layers, each block one fully_shard unit (as the harness shards): fx traces into them."""
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), norm(5), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(5, 6, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(6, 3, 3), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3)),
+    )
+
+
 def _images(g: torch.Generator) -> torch.Tensor:
     return torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=g) * 2
 
@@ -74,6 +83,8 @@ CASES = {
     "conv_sync": (lambda: convnet(SyncBatchRenorm), _images),
     "conv_eval": (convnet, _images),
     "std": (std_convnet, _images),
+    "blocks": (lambda: blocknet(BatchRenorm2d), _images),
+    "blocks_sync": (lambda: blocknet(SyncBatchRenorm), _images),
     "twice": (Twice, lambda g: torch.randn(GLOBAL_BATCH, 10, generator=g) * 2),
 }
 SHARDED = (
@@ -83,6 +94,7 @@ SHARDED = (
     ("conv_eval", "conv_eval", {"batch_statistics": False}),
     ("std", "std", {}),
     ("twice", "twice", {}),
+    ("blocks", "blocks_sync", {}),
 )
 
 
@@ -99,11 +111,11 @@ def _full(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _shard(model: nn.Module) -> nn.Module:
+def _shard(model: nn.Module, blocks: bool = False) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+    for m in model.children() if blocks else model.modules():
+        if blocks or isinstance(m, (nn.Linear, nn.Conv2d)):
             fully_shard(m)
     fully_shard(model)
     return model
@@ -130,7 +142,7 @@ def _sharded_worker(rank: int, world: int) -> dict:
     for case, built, options in SHARDED:
         build, data = CASES[built]
         torch.manual_seed(0)
-        model = _shard(build())
+        model = _shard(build(), blocks=case == "blocks")
         x = data(torch.Generator().manual_seed(1)).chunk(world)[rank]
         # ranks with different default generators: rank 0's stream must be the one used
         torch.manual_seed(2 if rank == 0 else 99)
@@ -157,6 +169,17 @@ def _sharded_worker(rank: int, world: int) -> dict:
         out["constant"] = str(exc)
     after = _full(model)
     out["constant_untouched"] = all(torch.equal(before[k], after[k]) for k in before)
+
+    # weights LSUV finds only by running the model (MultiheadAttention) cannot be followed sharded: refused
+    torch.manual_seed(0)
+    model = _shard(nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)))
+    before = _full(model)
+    try:
+        lsuv_init(model, torch.randn(2, 5, 8))
+    except LSUVError as exc:
+        out["attention"] = str(exc)
+    after = _full(model)
+    out["attention_untouched"] = all(torch.equal(before[k], after[k]) for k in before)
 
     # plain DTensor parameters (no FSDP), Replicate or Shard(0); the batch a DTensor sharded on dim 0
     mesh = init_device_mesh("cpu", (world,))
@@ -223,6 +246,7 @@ def test_fsdp_lsuv_equals_one_process_on_the_global_batch():
 
     for res in (r0, r1):
         assert "constant" in res["constant"] and res["constant_untouched"]
+        assert "before fully_shard" in res["attention"] and res["attention_untouched"]
 
     for key, options in (("dtensor_replicate", {}), ("dtensor_shard0", {"per_channel": True})):
         want_w, want_rows = _one_process("mlp", **options)

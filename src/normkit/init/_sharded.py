@@ -7,17 +7,22 @@ is scratch that the next forward replaces. Plain DTensor models keep their DTens
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from normkit._dtensor import Replicate, Shard, is_dtensor
 
 __all__ = [
     "dtensor_moments",
+    "fsdp_hooks_skip_tracing",
     "fsdp_modules",
     "local_channels",
     "local_indices",
@@ -167,3 +172,30 @@ def rewrap(local_value: Tensor, like: Tensor) -> Tensor:
         shape=like.shape,
         stride=like.stride(),
     )
+
+
+@contextlib.contextmanager
+def fsdp_hooks_skip_tracing(model: nn.Module) -> Iterator[None]:
+    """While ``torch.fx`` traces ``model``, FSDP2's forward hooks must not run on a wrapped block it traces
+    into (they would all-gather on proxies and lazily initialize that block as a root); a real forward pass
+    still runs them. Each FSDP2 forward hook is wrapped to step aside when its arguments hold an fx proxy."""
+    saved: list[tuple[dict[int, Any], int, Any]] = []
+
+    def skip_proxies(hook: Any) -> Any:
+        def wrapped(*args: Any) -> Any:
+            if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves(args[1:])):
+                return None
+            return hook(*args)
+
+        return wrapped
+
+    for module in fsdp_modules(model):
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                saved.append((hooks, key, hook))
+                hooks[key] = skip_proxies(hook)
+    try:
+        yield
+    finally:
+        for hooks, key, hook in saved:
+            hooks[key] = hook

@@ -68,7 +68,13 @@ from normkit.graph import (
     trace,
     unwrap_model,
 )
-from normkit.init._sharded import dtensor_moments, local_channels, reshard, rewrap
+from normkit.init._sharded import (
+    dtensor_moments,
+    fsdp_hooks_skip_tracing,
+    local_channels,
+    reshard,
+    rewrap,
+)
 from normkit.init._weights import WeightAccess, WeightAccessError
 from normkit.init.orthogonal import (
     Include,
@@ -968,6 +974,22 @@ def _sharers(
     return [n for n, m in owners.get(id(p), []) if m is not module]
 
 
+def _refuse_hidden_sharded(model: nn.Module, graph: Any) -> None:
+    """Weights found only by running the model (functional calls, MultiheadAttention) are matched by their
+    storage; FSDP2 passes gathered copies to those calls, so on a sharded model they cannot be followed."""
+    if not any(is_dtensor(p) for p in model.parameters()):
+        return
+    owned = {id(p) for layer in graph for p in layer.module.parameters()}
+    hidden = [n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in owned]
+    hidden += [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    raise LSUVError(
+        "LSUV: on a sharded (FSDP2 / DTensor) model it cannot follow the weights used by functional calls "
+        f"or inside nn.MultiheadAttention ({', '.join(hidden[:6])}{' ...' if len(hidden) > 6 else ''}). "
+        "Run lsuv_init on the model before fully_shard / parallelize_module (an init needs no sharding), "
+        "then shard it."
+    )
+
+
 def _check_varies(x: Tensor, group: dist.ProcessGroup | None) -> None:
     """Refuse a constant init batch (every element equal, over every rank's batch): the output variances
     would then say nothing about the data. One all-reduce under ``torch.distributed``."""
@@ -1068,15 +1090,17 @@ def lsuv_init(
     forward_count = [0]
 
     reshard(inner)  # FSDP2: the sharded parameters are the ones to write
-    try:
-        graph = trace(inner)
-    except UntraceableModelError:
-        forward_count[0] += 1  # the hooked fallback runs the model once
-        graph = trace(inner, _to_model(batches.first, inner))
-    if has_hidden_weights(graph):
-        # weights used by functional calls or inside modules fx keeps opaque: one run finds them
-        forward_count[0] += 1
-        graph = add_functional_layers(graph, _to_model(batches.first, inner))
+    with fsdp_hooks_skip_tracing(inner):
+        try:
+            graph = trace(inner)
+        except UntraceableModelError:
+            forward_count[0] += 1  # the hooked fallback runs the model once
+            graph = trace(inner, _to_model(batches.first, inner))
+        if has_hidden_weights(graph):
+            # weights used by functional calls or inside modules fx keeps opaque: one run finds them
+            _refuse_hidden_sharded(inner, graph)
+            forward_count[0] += 1
+            graph = add_functional_layers(graph, _to_model(batches.first, inner))
     reshard(inner)
     owners = _parameter_owners(inner)
 
