@@ -24,6 +24,17 @@ Where we differ from the paper, on purpose:
     ``out_proj`` (whose output is the module's output);
   * a layer whose output does not depend on its weight (all-zero input) keeps its weight (``NO_EFFECT``), and
     so does one whose correction would exceed ``max_scale`` (``OUT_OF_BOUNDS``) — never a 10⁸ scale;
+  * the in-hook prediction is used only where it is exact: torch's own Linear / Conv / ConvTranspose forwards
+    (also behind parametrizations, weight norm, FSDP2) and transformers' ``Conv1D`` (GPT-2; weight
+    ``(in, out)``). Any other forward (timm's weight-standardized ``StdConv2d`` / ``ScaledStdConv2d``, NFNets,
+    a custom subclass) runs the paper's loop for real inside the hook: scale, run the module again on the same
+    input, measure. If its output follows a weight scale less than half-way (the forward normalizes the
+    weight), its ``gain`` parameter is scaled instead when it has one (``ScaledStdConv2d``), else the weight
+    is kept (``NO_EFFECT``). Every variance in the report is a measured one;
+  * a weight registered by several modules (tied embedding ↔ LM head) is neither pre-initialized nor scaled
+    (scaling it would move the other modules, already measured): status ``SHARED``, its output variance
+    measured; a module holding only vectors (a norm layer LSUV does not know, a layer scale) is not listed;
+  * a constant init batch is refused before anything changes: it would calibrate every layer on nothing;
   * a module called several times per forward is scaled on the statistics of all its calls; its loop needs
     one forward pass per try (its later calls read tensors that depend on its first call's scale);
   * by default (``skip_normalized``) a layer whose output goes straight into a normalization layer keeps its
@@ -31,7 +42,20 @@ Where we differ from the paper, on purpose:
   * ``target_var`` generalizes the unit variance: W ← W·√(target_var / v), stop when |v − target_var| < tol;
   * ``per_channel=True`` scales each output channel on its own variance (the paper uses the whole blob);
   * variance is the unbiased variance over all elements of the output (batch, channels, positions), as
-    ``torch.var`` in the Torch reference; under ``torch.distributed``, the variance over every rank's batch.
+    ``torch.var`` in the Torch reference; under ``torch.distributed``, the variance over every rank's batch
+    (one all-gather of each rank's per-channel (count, mean, M2) per measurement, merged exactly).
+
+Sharded models. Under FSDP2 (``fully_shard``) each rank runs its slice of the batch; the moments are merged
+over the ranks, so every rank computes the same factors, and they are applied to each rank's shard of the
+weight (rows of a ``Shard(0)`` weight by their own factors with ``per_channel``). The hooks run first among a
+module's forward hooks, while FSDP2's gathered weight is still registered (a rerun of the module uses it);
+after every pass the modules are resharded. Plain DTensor models (``Replicate`` / ``Shard`` parameters, a
+DTensor batch) have DTensor outputs: their moments are taken over the whole DTensor (merged over the ranks
+holding other rows, concatenated over those holding other channels). The orthogonal pre-init builds every full
+matrix on every rank from rank 0's random stream and keeps the local shard (see
+:mod:`normkit.init.orthogonal`). Refused with a clear message: weights found only by running the model
+(``nn.MultiheadAttention``, ``F.linear`` on a module's weight) — run LSUV before sharding — and parametrized
+layers with sharded parameters.
 """
 
 from __future__ import annotations
@@ -1045,7 +1069,8 @@ def lsuv_init(
     """LSUV-initialize ``model`` in place (Mishkin & Matas 2016) and return the per-layer report.
 
     Args:
-        model: the network (DDP / DataParallel / torch.compile wrappers are looked through).
+        model: the network (DDP / DataParallel / torch.compile wrappers are looked through; FSDP2 and DTensor
+            models are initialized in place, shard by shard).
         data: a tensor batch, a tuple/list whose first element is the input, or an iterable / DataLoader of
             such batches (its first batch is used, or a fresh one per layer with ``fresh_batches``).
         tol, max_iters, target_var: stop a layer's loop when |Var(output) − target_var| < tol, or after
@@ -1053,7 +1078,7 @@ def lsuv_init(
         orthogonal: orthonormal pre-initialization (:func:`normkit.init.orthogonal_init`) of every layer LSUV
             touches first, as in the paper; False keeps the current weights and only rescales them.
         include: only these layers (names, modules, or a predicate on (name, module)); default all
-            ``nn.Linear``, ``nn.Conv*d``, ``nn.ConvTranspose*d`` layers.
+            ``nn.Linear``, ``nn.Conv*d``, ``nn.ConvTranspose*d`` layers and transformers' ``Conv1D``.
         skip_normalized: a layer whose output goes straight into a normalization layer (BatchNorm,
             BatchRenorm, GroupNorm, LayerNorm ...) keeps its orthogonal init; False scales it too.
         fresh_batches: draw a new batch from ``data`` for each layer (the paper's practice); costs one partial
@@ -1072,8 +1097,9 @@ def lsuv_init(
             whose output does not depend on its weight (all-zero input) keeps it too (``NO_EFFECT``).
 
     Raises:
-        LSUVError: a dead layer (zero-variance output) or a forward that does not match the traced structure;
-            ValueError / TypeError for bad arguments. In every case the model's weights are restored first.
+        LSUVError: a constant init batch, a non-finite output, a forward that does not match the traced
+            structure, or a sharded model LSUV cannot follow; ValueError / TypeError for bad arguments. The
+            model is left as it was before the call in every case.
     """
     tol = _check_number("tol", tol)
     max_scale = _check_number("max_scale", max_scale)
