@@ -151,6 +151,23 @@ class WeightAccess:
                     "layer out with include=, or initialize before parametrizing."
                 )
 
+    def save(self) -> tuple[Tensor, Tensor | None]:
+        """A copy of the weight to :meth:`restore` later; while FSDP2 runs the module, also of the gathered
+        weight, so that restoring it needs no communication."""
+        gathered = self._gathered()
+        return self.get().clone(), None if gathered is None else gathered.detach().clone()
+
+    def restore(self, saved: tuple[Tensor, Tensor | None]) -> None:
+        """Put back a weight from :meth:`save`."""
+        weight, gathered_copy = saved
+        gathered = self._gathered()
+        if self._sharded is None or gathered is None or gathered_copy is None:
+            self.set(weight)  # (a gathered weight saved nowhere: gathered again from the shards)
+            return
+        with torch.no_grad():
+            self._sharded.copy_(weight)
+            gathered.copy_(gathered_copy)
+
     def scale_(self, factor: Tensor) -> None:
         """Multiply the effective weight by ``factor`` (a scalar, or a tensor broadcastable to the weight)."""
         with torch.no_grad():

@@ -422,6 +422,12 @@ class _RowsAccess:
         with torch.no_grad():
             self._tensor().copy_(value)
 
+    def save(self) -> Tensor:
+        return self.get().clone()
+
+    def restore(self, saved: Tensor) -> None:
+        self.set(saved)
+
     def scale_(self, factor: Tensor) -> None:
         with torch.no_grad():
             t = self._tensor()
@@ -458,7 +464,7 @@ class _Layer:
     parts: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     status: LayerStatus = LayerStatus.INITIALIZED
     note: str = ""
-    saved: Tensor | None = None  # the weight before a multi-call layer's first correction
+    saved: Any = None  # the weight before a layer's first correction (access.save())
     functional: bool = False  # computed by F.linear / F.conv* on the weight, not by calling the module
     attention: tuple[nn.MultiheadAttention, int] | None = None  # (module, 0..3 = q, k, v, out_proj)
     in_out: bool = False  # weight stored (in, out): transformers' Conv1D
@@ -617,7 +623,7 @@ class _Engine:
     def _leave(self, layer: _Layer, var: Tensor, status: LayerStatus, note: str) -> None:
         """Give up on a layer: its weight stays (or is put back) as before the LSUV scaling."""
         if layer.saved is not None:
-            layer.access.set(layer.saved)
+            layer.access.restore(layer.saved)
             layer.saved = None
         layer.scale = None
         layer.iterations = 0
@@ -687,7 +693,7 @@ class _Engine:
         If scaling the weight leaves the output unchanged, the module's ``gain`` (when it has one the output
         is linear in, as ``ScaledStdConv2d``) is scaled instead; else the weight is kept (``NO_EFFECT``)."""
         before = var
-        layer.saved = layer.access.get().clone()
+        layer.saved = layer.access.save()
         total = torch.ones_like(var)
         iterations = 0
         while not self._done(var, dead) and iterations < self.max_iters:
@@ -703,7 +709,7 @@ class _Engine:
             self._check_finite(layer, new_var)
             if iterations == 1 and _ignores_scale(var, new_var, factor):
                 # the output barely follows the weight's scale: the forward normalizes the weight
-                layer.access.set(layer.saved)
+                layer.access.restore(layer.saved)
                 layer.scale, total, iterations = None, torch.ones_like(var), 0
                 if layer.gain is None or layer.access is layer.gain:
                     self._leave(
@@ -715,7 +721,7 @@ class _Engine:
                     )
                     return y
                 layer.access = layer.gain
-                layer.saved = layer.access.get().clone()
+                layer.saved = layer.access.save()
                 layer.note = "its forward normalizes the weight: LSUV scaled its gain instead"
                 continue
             var, y = new_var, y_new
@@ -759,7 +765,7 @@ class _Engine:
             self._leave(layer, var, LayerStatus.OUT_OF_BOUNDS, self._bound_note(total))
             return changed
         if layer.saved is None:
-            layer.saved = layer.access.get().clone()
+            layer.saved = layer.access.save()
         layer.last = (var, factor)
         self._apply(layer, factor)
         layer.iterations += 1
