@@ -757,8 +757,7 @@ def test_tied_weights_are_kept_and_measured():
     model = TiedLM()
     emb = model.emb.weight.detach().clone()
     x = torch.randint(0, 50, (8, 12))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(RuntimeWarning, match="kept the weights of: 'head' \\(shares its weight with 'emb'"):
         report = lsuv_init(model, x)
     measured = assert_report_is_measured(model, x, report)
     assert report["head"].status is LayerStatus.SHARED and "'emb'" in report["head"].note

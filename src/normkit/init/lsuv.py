@@ -1322,7 +1322,11 @@ def lsuv_init(
             RuntimeWarning,
             stacklevel=2,
         )
-    kept = [r for r in report if r.status in (LayerStatus.NO_EFFECT, LayerStatus.OUT_OF_BOUNDS)]
+    kept = [
+        r
+        for r in report
+        if r.status in (LayerStatus.NO_EFFECT, LayerStatus.OUT_OF_BOUNDS, LayerStatus.SHARED)
+    ]
     if kept:
         warnings.warn(
             "LSUV kept the weights of: " + ", ".join(f"{r.name!r} ({r.note})" for r in kept),
