@@ -676,3 +676,218 @@ def test_conv3d_and_transposed_conv1d_nets():
     assert lsuv_init(net1t, x1, per_channel=True).converged
     for n, v in output_variances(net1t, x1, ["0", "2"], per_channel=True).items():
         assert torch.all((v - 1).abs() < 0.1), n
+
+
+# --- models people download: measured reports --------------------------------------------------------------
+
+
+def assert_report_is_measured(model: nn.Module, x: torch.Tensor, report) -> dict[str, float]:
+    """Every variance the report gives equals the one hooks measure on the real forward after the init, and
+    every layer it calls converged is within the tolerance by that measurement."""
+    names = [r.name for r in report if r.var_after is not None]
+    measured = output_variances(model, x, names)
+    for r in report:
+        if r.var_after is None:
+            continue
+        assert r.var_after == pytest.approx(measured[r.name], rel=1e-4, abs=1e-12), r
+        if r.converged:
+            assert abs(measured[r.name] - report.target_var) < report.tol, r
+    return measured
+
+
+def test_weight_standardized_convs_are_measured_not_predicted():
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        timm_layers.StdConv2d(3, 8, 3),
+        nn.ReLU(),
+        timm_layers.ScaledStdConv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3),
+    )
+    x = torch.randn(8, 3, 12, 12)
+    before = params_of(model)
+    with pytest.warns(RuntimeWarning, match="'0' \\(its output does not change when its weight is scaled"):
+        report = lsuv_init(model, x, orthogonal=False)
+    assert_report_is_measured(model, x, report)
+    # StdConv2d normalizes its weight: no scale can move it, so it is kept and said so
+    assert report["0"].status is LayerStatus.NO_EFFECT and report["0"].converged is None
+    assert torch.equal(model[0].weight, before["0.weight"])
+    # ScaledStdConv2d: its gain is scaled, the standardized weight is left as it was
+    assert report["2"].status is LayerStatus.INITIALIZED and report["2"].converged
+    assert "gain" in report["2"].note
+    assert torch.equal(model[2].weight, before["2.weight"])
+    assert not torch.equal(model[2].gain, before["2.gain"])
+    assert report["4"].status is LayerStatus.INITIALIZED and report["4"].converged
+
+
+@pytest.mark.slow
+def test_nfnet_report_equals_hook_measurements():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("nfnet_l0", pretrained=False)
+    x = torch.randn(2, 3, 32, 32)
+    # orthogonal=False: the QR of nfnet_l0's 82 weights takes minutes on a loaded 2-core machine; the
+    # report's honesty does not depend on it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lsuv_init(model, x, orthogonal=False)
+    measured = assert_report_is_measured(model, x, report)
+    initialized = [r for r in report if r.status is LayerStatus.INITIALIZED]
+    assert len(initialized) > 20 and all(r.converged for r in initialized)
+    # the residual branches' last convs start with gain 0 (NFNet's skip-init): their output ignores the weight
+    kept = [r for r in report if r.status is LayerStatus.NO_EFFECT]
+    assert kept and all(measured[r.name] == pytest.approx(r.var_before, abs=1e-12) for r in kept)
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i):
+        return self.head(self.fc2(F.relu(self.fc1(self.emb(i)))))
+
+
+def test_tied_weights_are_kept_and_measured():
+    torch.manual_seed(0)
+    model = TiedLM()
+    emb = model.emb.weight.detach().clone()
+    x = torch.randint(0, 50, (8, 12))
+    with pytest.warns(RuntimeWarning, match="kept the weights of: 'head' \\(shares its weight with 'emb'"):
+        report = lsuv_init(model, x)
+    measured = assert_report_is_measured(model, x, report)
+    assert report["head"].status is LayerStatus.SHARED and "'emb'" in report["head"].note
+    assert torch.equal(model.emb.weight, emb)  # neither orthogonalized nor scaled through the head
+    for name in ("fc1", "fc2"):
+        assert report[name].converged and abs(measured[name] - 1) < 0.1
+
+
+def test_gpt2_conv1d_layers_are_initialized():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(
+        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    )
+    x = torch.randint(0, 100, (4, 16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = lsuv_init(model, x)
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 8
+    measured = assert_report_is_measured(model, x, report)
+    for name in conv1d:
+        assert report[name].status is LayerStatus.INITIALIZED, report[name]
+        assert abs(measured[name] - 1) < 0.1
+    untouched = " ".join(str(w.message) for w in caught if "left untouched" in str(w.message))
+    assert "'wte'" in untouched and "Conv1D" not in untouched
+    # the orthogonal pre-init sees a Conv1D weight as (in, out): its transpose has orthonormal rows / columns
+    orthogonal_init(model)
+    for name in conv1d:
+        m = model.get_submodule(name).weight.detach().double().T
+        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+        assert torch.allclose(gram, torch.eye(len(gram), dtype=gram.dtype), atol=1e-5)
+
+
+def test_norm_layers_lsuv_does_not_know_are_not_listed():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaModel(config)
+    x = torch.randint(0, 100, (4, 16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = lsuv_init(model, x)
+    norms = [n for n, m in model.named_modules() if "RMSNorm" in type(m).__name__]
+    assert norms and not any(n in {r.name for r in report} for n in norms)
+    assert not any("RMSNorm" in str(w.message) for w in caught)
+    assert [r.name for r in report if r.status is LayerStatus.UNSUPPORTED] == ["embed_tokens"]
+    assert_report_is_measured(model, x, report)
+
+
+@pytest.mark.parametrize("value", [0.0, 3.0])
+def test_constant_input_is_refused_before_anything_changes(value):
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4))
+    before = params_of(model)
+    with pytest.raises(LSUVError, match="the init batch is constant"):
+        lsuv_init(model, torch.full((32, 10), value))
+    assert_same_params(model, before)
+
+
+# --- Lightning: LSUVInit on a LightningModule without forward --------------------------------------------
+
+
+def _lightning_fit(select, with_forward: bool):
+    L = pytest.importorskip("lightning.pytorch")
+    from normkit.integrations.lightning import LSUVInit
+
+    class NoForward(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)  # lr 0: after fit, the weights are the init's
+
+    class WithForward(NoForward):
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    module = (WithForward if with_forward else NoForward)()
+    g = torch.Generator().manual_seed(1)
+    x, y = 3 * torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    callback = LSUVInit(select=select)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    before = params_of(module)
+    return trainer, module, data, callback, before, x
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's "few workers" notes
+def test_lightning_lsuv_init_select_by_name_and_clear_error_without_forward():
+    trainer, module, data, _, before, _ = _lightning_fit(None, with_forward=False)
+    with pytest.raises(RuntimeError, match=r"defines no forward\(\).*LSUVInit\(select='net'\)") as info:
+        trainer.fit(module, data)
+    assert info.value.__cause__ is None and info.value.__context__ is None  # one message, no chain
+    assert_same_params(module, before)
+
+    trainer, module, data, _, before, _ = _lightning_fit("nope", with_forward=False)
+    with pytest.raises(ValueError, match=r"no submodule of that name; its submodules are \['net'\]"):
+        trainer.fit(module, data)
+    assert_same_params(module, before)
+
+    for select in ("net", lambda m: m.net):
+        trainer, module, data, callback, _, x = _lightning_fit(select, with_forward=False)
+        trainer.fit(module, data)
+        assert [r.name for r in callback.report.initialized] == ["0", "2"]
+        measured = output_variances(module.net, x, ["0", "2"])
+        assert all(abs(v - 1) < 0.1 for v in measured.values()), measured
+    with pytest.raises(TypeError, match="name of a submodule"):
+        from normkit.integrations.lightning import LSUVInit
+
+        LSUVInit(select=3)  # type: ignore[arg-type]

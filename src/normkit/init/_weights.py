@@ -7,6 +7,11 @@ behind the deprecated hook-based ``torch.nn.utils.weight_norm`` it is recomputed
 the peers' bug. Here every write goes to the tensors that really determine the weight, and is checked: when
 they cannot express the new weight (spectral norm, orthogonal parametrization ...),
 :class:`WeightAccessError` is raised.
+
+A DTensor weight (FSDP2 ``fully_shard``, tensor parallel) is written through its local shard: a new weight is
+built whole on every rank and each rank keeps its shard, a scale multiplies the shard (rows of a ``Shard(0)``
+weight by their own factors). While FSDP2 runs the module, the gathered plain weight it swapped in gets the
+same write, so the rest of that forward sees it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils import parametrize
+
+from normkit._dtensor import is_dtensor, local
+from normkit.init._sharded import replicate_like, shard_like
 
 __all__ = ["WeightAccess", "WeightAccessError"]
 
@@ -35,19 +43,45 @@ def _hook_of(module: nn.Module, cls_name: str) -> object | None:
 class WeightAccess:
     """The effective weight of one layer: ``get()`` it, ``set(value)`` it, ``scale_(s)`` it in place."""
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, module: nn.Module, param: str = "weight") -> None:
         self.name = name
         self.module: Any = module
+        self.param = param  # or another parameter the output is linear in (a gain)
         if _hook_of(module, "SpectralNorm") is not None:
             raise WeightAccessError(
                 f"layer {name!r} uses torch.nn.utils.spectral_norm: its weight is divided by its largest "
                 "singular value, so no rescaling can change its output scale. Apply spectral norm after the "
                 "initialization, or leave this layer out with include=."
             )
-        self._wn_hook = _hook_of(module, "WeightNorm")
-        self._parametrized = parametrize.is_parametrized(module, "weight")
-        if not self._parametrized and self._wn_hook is None and not isinstance(module.weight, Tensor):
+        self._wn_hook = _hook_of(module, "WeightNorm") if param == "weight" else None
+        self._parametrized = parametrize.is_parametrized(module, param)
+        if not self._parametrized and self._wn_hook is None and not isinstance(self._live(), Tensor):
             raise WeightAccessError(f"layer {name!r} has no weight tensor")
+        # the sharded parameter that persists (read outside a forward pass, when FSDP2 has resharded)
+        self._sharded: Tensor | None = None
+        if not self._parametrized and self._wn_hook is None and is_dtensor(self._live()):
+            self._sharded = self._live()
+        elif any(is_dtensor(p) for p in module.parameters(recurse=True)):
+            raise WeightAccessError(
+                f"layer {name!r}: a weight-normalized or parametrized layer with DTensor (sharded) "
+                "parameters is not supported; initialize before sharding (fully_shard / "
+                "parallelize_module), or leave this layer out with include=."
+            )
+
+    @property
+    def sharded(self) -> bool:
+        """The weight is a DTensor (each rank holds a shard of it)."""
+        return self._sharded is not None
+
+    def _live(self) -> Any:
+        return getattr(self.module, self.param)
+
+    def _gathered(self) -> Tensor | None:
+        """The plain weight FSDP2 registered on the module while it runs, if any (scratch, not persistent)."""
+        live = self._live()
+        if self._sharded is None or live is self._sharded or is_dtensor(live):
+            return None
+        return live  # type: ignore[no-any-return]
 
     @property
     def kind(self) -> str:
@@ -60,7 +94,9 @@ class WeightAccess:
         with torch.no_grad():
             if self._wn_hook is not None:
                 return self._wn_hook.compute_weight(self.module).detach()  # type: ignore[attr-defined]
-            return self.module.weight.detach()
+            if self._sharded is not None:
+                return self._sharded.detach()
+            return self._live().detach()  # type: ignore[no-any-return]
 
     @property
     def shape(self) -> torch.Size:
@@ -78,8 +114,14 @@ class WeightAccess:
         """Make the effective weight equal ``value``; raise :class:`WeightAccessError` if that is impossible
         (the layer is then left as it was)."""
         with torch.no_grad():
+            if self._sharded is not None:
+                gathered = self._gathered()
+                if gathered is not None:
+                    gathered.copy_(value.full_tensor() if is_dtensor(value) else value)  # type: ignore[attr-defined]
+                self._sharded.copy_(value if is_dtensor(value) else shard_like(value, self._sharded))
+                return
             if not self._parametrized and self._wn_hook is None:
-                self.module.weight.copy_(value)
+                self._live().copy_(value)
                 return
             if self._wn_hook is not None:
                 dim = self._wn_hook.dim  # type: ignore[attr-defined]
@@ -109,11 +151,38 @@ class WeightAccess:
                     "layer out with include=, or initialize before parametrizing."
                 )
 
+    def save(self) -> tuple[Tensor, Tensor | None]:
+        """A copy of the weight to :meth:`restore` later; while FSDP2 runs the module, also of the gathered
+        weight, so that restoring it needs no communication."""
+        gathered = self._gathered()
+        return self.get().clone(), None if gathered is None else gathered.detach().clone()
+
+    def restore(self, saved: tuple[Tensor, Tensor | None]) -> None:
+        """Put back a weight from :meth:`save`."""
+        weight, gathered_copy = saved
+        gathered = self._gathered()
+        if self._sharded is None or gathered is None or gathered_copy is None:
+            self.set(weight)  # (a gathered weight saved nowhere: gathered again from the shards)
+            return
+        with torch.no_grad():
+            self._sharded.copy_(weight)
+            gathered.copy_(gathered_copy)
+
     def scale_(self, factor: Tensor) -> None:
         """Multiply the effective weight by ``factor`` (a scalar, or a tensor broadcastable to the weight)."""
         with torch.no_grad():
-            if not self._parametrized and self._wn_hook is None:
-                self.module.weight.mul_(factor.to(self.module.weight.dtype))
+            if self._sharded is not None:
+                f = factor.to(self._sharded.dtype)
+                gathered = self._gathered()
+                if gathered is not None:
+                    gathered.mul_(f)
+                if f.dim() == 0:
+                    local(self._sharded).mul_(f)
+                else:  # a factor per row: replicated, each rank multiplies the rows it holds
+                    self._sharded.mul_(replicate_like(f, self._sharded))
+            elif not self._parametrized and self._wn_hook is None:
+                live = self._live()
+                live.mul_(factor.to(live.dtype))
             else:
                 w = self.get()
                 self.set(w * factor.to(w.dtype))

@@ -24,6 +24,17 @@ Where we differ from the paper, on purpose:
     ``out_proj`` (whose output is the module's output);
   * a layer whose output does not depend on its weight (all-zero input) keeps its weight (``NO_EFFECT``), and
     so does one whose correction would exceed ``max_scale`` (``OUT_OF_BOUNDS``) — never a 10⁸ scale;
+  * the in-hook prediction is used only where it is exact: torch's own Linear / Conv / ConvTranspose forwards
+    (also behind parametrizations, weight norm, FSDP2) and transformers' ``Conv1D`` (GPT-2; weight
+    ``(in, out)``). Any other forward (timm's weight-standardized ``StdConv2d`` / ``ScaledStdConv2d``, NFNets,
+    a custom subclass) runs the paper's loop for real inside the hook: scale, run the module again on the same
+    input, measure. If its output follows a weight scale less than half-way (the forward normalizes the
+    weight), its ``gain`` parameter is scaled instead when it has one (``ScaledStdConv2d``), else the weight
+    is kept (``NO_EFFECT``). Every variance in the report is a measured one;
+  * a weight registered by several modules (tied embedding ↔ LM head) is neither pre-initialized nor scaled
+    (scaling it would move the other modules, already measured): status ``SHARED``, its output variance
+    measured; a module holding only vectors (a norm layer LSUV does not know, a layer scale) is not listed;
+  * a constant init batch is refused before anything changes: it would calibrate every layer on nothing;
   * a module called several times per forward is scaled on the statistics of all its calls; its loop needs
     one forward pass per try (its later calls read tensors that depend on its first call's scale);
   * by default (``skip_normalized``) a layer whose output goes straight into a normalization layer keeps its
@@ -31,7 +42,20 @@ Where we differ from the paper, on purpose:
   * ``target_var`` generalizes the unit variance: W ← W·√(target_var / v), stop when |v − target_var| < tol;
   * ``per_channel=True`` scales each output channel on its own variance (the paper uses the whole blob);
   * variance is the unbiased variance over all elements of the output (batch, channels, positions), as
-    ``torch.var`` in the Torch reference; under ``torch.distributed``, the variance over every rank's batch.
+    ``torch.var`` in the Torch reference; under ``torch.distributed``, the variance over every rank's batch
+    (one all-gather of each rank's per-channel (count, mean, M2) per measurement, merged exactly).
+
+Sharded models. Under FSDP2 (``fully_shard``) each rank runs its slice of the batch; the moments are merged
+over the ranks, so every rank computes the same factors, and they are applied to each rank's shard of the
+weight (rows of a ``Shard(0)`` weight by their own factors with ``per_channel``). The hooks run first among a
+module's forward hooks, while FSDP2's gathered weight is still registered (a rerun of the module uses it);
+after every pass the modules are resharded. Plain DTensor models (``Replicate`` / ``Shard`` parameters, a
+DTensor batch) have DTensor outputs: their moments are taken over the whole DTensor (merged over the ranks
+holding other rows, concatenated over those holding other channels). The orthogonal pre-init builds every full
+matrix on every rank from rank 0's random stream and keeps the local shard (see
+:mod:`normkit.init.orthogonal`). Refused with a clear message: weights found only by running the model
+(``nn.MultiheadAttention``, ``F.linear`` on a module's weight) — run LSUV before sharding — and parametrized
+layers with sharded parameters.
 """
 
 from __future__ import annotations
@@ -50,6 +74,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from normkit._dtensor import is_dtensor
 from normkit._moments import merge_moments as _merge
 from normkit.graph import (
     LayerKind,
@@ -67,6 +92,13 @@ from normkit.graph import (
     trace,
     unwrap_model,
 )
+from normkit.init._sharded import (
+    dtensor_moments,
+    fsdp_hooks_skip_tracing,
+    local_channels,
+    reshard,
+    rewrap,
+)
 from normkit.init._weights import WeightAccess, WeightAccessError
 from normkit.init.orthogonal import (
     Include,
@@ -75,6 +107,7 @@ from normkit.init.orthogonal import (
     orthogonal_weight,
     orthogonalize,
     select_layers,
+    weight_is_in_out,
 )
 
 __all__ = [
@@ -141,15 +174,15 @@ def rescale_moments(mean: Tensor, m2: Tensor, bias: Tensor | None, factor: Tenso
 def allreduce_moments(
     count: Tensor, mean: Tensor, m2: Tensor, group: dist.ProcessGroup | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The moments over every rank of ``group`` (exact: global mean first, then the spread about it)."""
-    total = count.clone()
-    dist.all_reduce(total, group=group)
-    weighted = mean * count
-    dist.all_reduce(weighted, group=group)
-    gmean = weighted / total
-    spread = m2 + count * (mean - gmean).square()
-    dist.all_reduce(spread, group=group)
-    return total, gmean, spread
+    """The moments over every rank of ``group``: one all-gather of each rank's (count, mean, M2), merged in
+    rank order on every rank (:func:`merge_moments`), so every rank gets bit-identical results."""
+    packed = torch.cat([count.reshape(1), mean.reshape(-1), m2.reshape(-1)])
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=group)
+    c = mean.numel()
+    parts = [(g[0], g[1 : 1 + c].reshape(mean.shape), g[1 + c :].reshape(m2.shape)) for g in gathered]
+    return merge_moments(parts)
 
 
 def moments_variance(count: Tensor, m2: Tensor) -> Tensor:
@@ -176,12 +209,16 @@ def rescale_output(y: Tensor, bias: Tensor | None, factor: Tensor, channel_dim: 
     return torch.addcmul(b * (1 - f), y, f)
 
 
-def weight_factor(factor: Tensor, weight_shape: torch.Size, kind: LayerKind, groups: int = 1) -> Tensor:
+def weight_factor(
+    factor: Tensor, weight_shape: torch.Size, kind: LayerKind, groups: int = 1, *, in_out: bool = False
+) -> Tensor:
     """``factor`` (scalar, or one value per output channel) shaped to multiply a layer's weight: rows of a
     linear / conv weight ``(out, ...)``, the output axis of a transposed conv weight
-    ``(in, out/groups, ...)``."""
+    ``(in, out/groups, ...)``, the columns of an ``(in, out)`` weight (``in_out``: transformers' Conv1D)."""
     if factor.dim() == 0:
         return factor
+    if in_out:
+        return factor.reshape(1, -1)
     rest = [1] * (len(weight_shape) - 2)
     if kind is LayerKind.CONV_TRANSPOSE:
         in_ch, out_g = weight_shape[0], weight_shape[1]
@@ -199,8 +236,9 @@ class LayerStatus(str, enum.Enum):
     EXCLUDED = "excluded"  # left out by include=
     UNSUPPORTED = "unsupported"  # a module with weights LSUV does not cover (RNN, embedding ...)
     NOT_RUN = "not run"  # a linear / conv module whose weight the forward never uses
-    NO_EFFECT = "no effect"  # the output does not depend on the weight (zero input): weight kept
+    NO_EFFECT = "no effect"  # the output does not change with the weight's scale: weight kept
     OUT_OF_BOUNDS = "out of bounds"  # the correction would exceed max_scale: weight kept
+    SHARED = "shared weight"  # its weight is also another module's: kept, output variance measured
 
 
 @dataclass(frozen=True)
@@ -384,6 +422,12 @@ class _RowsAccess:
         with torch.no_grad():
             self._tensor().copy_(value)
 
+    def save(self) -> Tensor:
+        return self.get().clone()
+
+    def restore(self, saved: Tensor) -> None:
+        self.set(saved)
+
     def scale_(self, factor: Tensor) -> None:
         with torch.no_grad():
             t = self._tensor()
@@ -420,9 +464,16 @@ class _Layer:
     parts: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     status: LayerStatus = LayerStatus.INITIALIZED
     note: str = ""
-    saved: Tensor | None = None  # the weight before a multi-call layer's first correction
+    saved: Any = None  # the weight before a layer's first correction (access.save())
     functional: bool = False  # computed by F.linear / F.conv* on the weight, not by calling the module
     attention: tuple[nn.MultiheadAttention, int] | None = None  # (module, 0..3 = q, k, v, out_proj)
+    in_out: bool = False  # weight stored (in, out): transformers' Conv1D
+    linear: bool = True  # its forward is known to be linear in the weight: corrections are predicted exactly
+    measure_only: bool = False  # a weight shared with another module: measured, never scaled
+    gain: WeightAccess | None = None  # a parameter the output is linear in, when the weight's scale is not
+    sharded: bool = False  # the weight is a DTensor (FSDP2 / tensor parallel)
+    parts_global: bool = False  # the parts are already the moments over every rank (DTensor outputs)
+    last: tuple[Tensor, Tensor] | None = None  # (variance, factor) of a multi-call layer's last correction
 
     def channel_dim(self, y: Tensor) -> int:
         if self.kind is LayerKind.LINEAR:
@@ -431,6 +482,8 @@ class _Layer:
 
     def bias(self) -> Tensor | None:
         b = self.access.bias() if isinstance(self.access, _RowsAccess) else getattr(self.module, "bias", None)
+        if is_dtensor(b):  # a sharded bias read between passes: gather it (one vector)
+            b = b.full_tensor()  # type: ignore[union-attr]
         return b.detach() if isinstance(b, Tensor) else None
 
 
@@ -458,6 +511,17 @@ def measuring_mode(model: nn.Module, batch_statistics: bool = True) -> Iterator[
             m.training = flag
 
 
+def _ignores_scale(var: Tensor, new_var: Tensor, factor: Tensor) -> bool:
+    """Whether an output's variance followed a weight scale ``factor`` less than half-way (in log terms) from
+    ``var`` to the ``factor² · var`` of a layer linear in its weight: e.g. a weight-standardized conv, whose
+    output moves only through the ε of its standardization. Channels the factor hardly moved do not count."""
+    moved = (factor.square() - 1).abs() > 1e-3
+    if not bool(moved.any()):
+        return False
+    elasticity = torch.log(new_var / var) / torch.log(factor.square())
+    return bool((elasticity < 0.5)[moved].all())
+
+
 class _Engine:
     def __init__(
         self,
@@ -481,11 +545,29 @@ class _Engine:
         self.progress = False
 
     # statistics --------------------------------------------------------------------------------------
-    def _moments(self, parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    def _moments(
+        self, parts: list[tuple[Tensor, Tensor, Tensor]], already_global: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         count, mean, m2 = merge_moments(parts)
-        if self.distributed:
+        if self.distributed and not already_global:
             count, mean, m2 = allreduce_moments(count, mean, m2, self.group)
         return count, mean, m2
+
+    def _part(self, layer: _Layer, y: Tensor, cdim: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Moments of one output: of this rank's batch for a plain tensor; of the whole tensor for a DTensor
+        output (its shards are merged here, so these moments are not reduced over ranks again)."""
+        if not is_dtensor(y):
+            return channel_moments(y, cdim)
+        layer.parts_global = True
+        try:
+            return dtensor_moments(y, channel_moments(y.to_local(), cdim), cdim, merge_moments)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            raise LSUVError(f"LSUV: layer {layer.name!r}: {exc}") from None
+
+    def _measure(self, layer: _Layer, y: Tensor, cdim: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The moments of this output over the global batch (every rank's)."""
+        part = self._part(layer, y, cdim)
+        return self._moments([part], already_global=is_dtensor(y))
 
     def _variance(self, count: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
         return moments_variance(count, m2) if self.per_channel else blob_variance(count, mean, m2)
@@ -525,7 +607,9 @@ class _Engine:
         return bool(((total > self.max_scale) | (total < 1 / self.max_scale)).any())
 
     def _apply(self, layer: _Layer, factor: Tensor) -> None:
-        layer.access.scale_(weight_factor(factor, layer.access.shape, layer.kind, layer.groups))
+        shape = layer.access.shape
+        in_out = layer.in_out and layer.access is not layer.gain
+        layer.access.scale_(weight_factor(factor, shape, layer.kind, layer.groups, in_out=in_out))
         layer.scale = factor if layer.scale is None else layer.scale * factor
 
     def _finish(self, layer: _Layer, var: Tensor, dead: Tensor | None = None) -> None:
@@ -539,7 +623,7 @@ class _Engine:
     def _leave(self, layer: _Layer, var: Tensor, status: LayerStatus, note: str) -> None:
         """Give up on a layer: its weight stays (or is put back) as before the LSUV scaling."""
         if layer.saved is not None:
-            layer.access.set(layer.saved)
+            layer.access.restore(layer.saved)
             layer.saved = None
         layer.scale = None
         layer.iterations = 0
@@ -557,20 +641,26 @@ class _Engine:
         )
 
     # the loop inside the hook, for a layer run once per forward ------------------------------------------
-    def _in_hook(self, layer: _Layer, y: Tensor, bias: Tensor | None) -> Tensor:
+    def _in_hook(self, layer: _Layer, y: Tensor, bias: Tensor | None, rerun: Any = None) -> Tensor:
         """The paper's loop on this output: each try's variance follows exactly from the per-channel moments
         (scaling W by s maps mean → s(mean − b) + b and M2 → s² M2), so the output is touched twice: once to
-        measure, once to apply the total factor."""
+        measure, once to apply the total factor. A module whose forward is not known to be linear in its
+        weight runs the paper's loop for real instead (:meth:`_measured_loop`)."""
         cdim = layer.channel_dim(y)
-        count, mean, m2 = self._moments([channel_moments(y, cdim)])
+        count, mean, m2 = self._measure(layer, y, cdim)
         b64 = bias.double() if bias is not None else None
         var = self._variance(count, mean, m2)
         layer.var_before = self._summary(var)
         self._check_finite(layer, var)
+        if layer.measure_only:
+            self._finish(layer, var)
+            return y
         dead = self._no_effect(count, mean, m2, b64, var)
         if bool(dead.all()):
             self._leave(layer, var, LayerStatus.NO_EFFECT, "the output does not depend on the weight; kept")
             return y
+        if not layer.linear and rerun is not None:
+            return self._measured_loop(layer, y, var, dead, cdim, rerun)
         total = torch.ones_like(var)
         iterations = 0
         while not self._done(var, dead) and iterations < self.max_iters:
@@ -587,18 +677,79 @@ class _Engine:
             self._apply(layer, total)
         layer.iterations = iterations
         self._finish(layer, var, dead if dead.dim() > 0 else None)
-        return y if not iterations else rescale_output(y, bias, total, cdim)
+        if not iterations:
+            return y
+        if is_dtensor(y):
+            b = None if bias is None else local_channels(bias, y, cdim)
+            new = rescale_output(y.to_local(), b, local_channels(total, y, cdim), cdim)  # type: ignore[attr-defined]
+            return rewrap(new, y)
+        return rescale_output(y, bias, total, cdim)
+
+    def _measured_loop(
+        self, layer: _Layer, y: Tensor, var: Tensor, dead: Tensor, cdim: int, rerun: Any
+    ) -> Tensor:
+        """The paper's loop for real, for a module whose output may not be linear in its weight (timm's
+        weight-standardized convs, custom forwards): scale, run the module again on the same input, measure.
+        If scaling the weight leaves the output unchanged, the module's ``gain`` (when it has one the output
+        is linear in, as ``ScaledStdConv2d``) is scaled instead; else the weight is kept (``NO_EFFECT``)."""
+        before = var
+        layer.saved = layer.access.save()
+        total = torch.ones_like(var)
+        iterations = 0
+        while not self._done(var, dead) and iterations < self.max_iters:
+            factor = torch.where(dead, torch.ones_like(var), lsuv_factor(var, self.target))
+            if self._out_of_bounds(total * factor):
+                self._leave(layer, before, LayerStatus.OUT_OF_BOUNDS, self._bound_note(total * factor))
+                return y  # the weight is back as it was: so is the output
+            self._apply(layer, factor)
+            total = total * factor
+            iterations += 1
+            y_new = rerun()
+            new_var = self._variance(*self._measure(layer, y_new, cdim))
+            self._check_finite(layer, new_var)
+            if iterations == 1 and _ignores_scale(var, new_var, factor):
+                # the output barely follows the weight's scale: the forward normalizes the weight
+                layer.access.restore(layer.saved)
+                layer.scale, total, iterations = None, torch.ones_like(var), 0
+                if layer.gain is None or layer.access is layer.gain:
+                    self._leave(
+                        layer,
+                        before,
+                        LayerStatus.NO_EFFECT,
+                        "its output does not change when its weight is scaled (the forward normalizes the "
+                        "weight, e.g. weight standardization); kept",
+                    )
+                    return y
+                layer.access = layer.gain
+                layer.saved = layer.access.save()
+                layer.note = "its forward normalizes the weight: LSUV scaled its gain instead"
+                continue
+            var, y = new_var, y_new
+        layer.saved = None
+        layer.iterations = iterations
+        self._finish(layer, var, dead if dead.dim() > 0 else None)
+        return y
 
     # shared modules: one try per forward pass, decided at the module's last call -------------------------
     def _after_pass_shared(self, layer: _Layer) -> bool:
         """One correction of a multi-call layer; True when its weight changed (the pass must stop)."""
-        count, mean, m2 = self._moments(layer.parts)
+        count, mean, m2 = self._moments(layer.parts, layer.parts_global)
         layer.parts = []
         var = self._variance(count, mean, m2)
         first = layer.var_before is None
         if first:
             layer.var_before = self._summary(var)
         self._check_finite(layer, var)
+        if not layer.linear and layer.iterations == 1 and layer.last is not None:
+            if _ignores_scale(layer.last[0], var, layer.last[1]):
+                self._leave(
+                    layer,
+                    layer.last[0],
+                    LayerStatus.NO_EFFECT,
+                    "its output does not change when its weight is scaled (the forward normalizes the "
+                    "weight); kept",
+                )
+                return True
         bias = layer.bias()
         dead = self._no_effect(count, mean, m2, bias.double() if bias is not None else None, var)
         if bool(dead.any()) and first:
@@ -614,13 +765,14 @@ class _Engine:
             self._leave(layer, var, LayerStatus.OUT_OF_BOUNDS, self._bound_note(total))
             return changed
         if layer.saved is None:
-            layer.saved = layer.access.get().clone()
+            layer.saved = layer.access.save()
+        layer.last = (var, factor)
         self._apply(layer, factor)
         layer.iterations += 1
         self.progress = True
         return True
 
-    def process(self, layer: _Layer, out: Tensor, bias: Tensor | None) -> Tensor | None:
+    def process(self, layer: _Layer, out: Tensor, bias: Tensor | None, rerun: Any = None) -> Tensor | None:
         """A layer's output in the current pass: measure (and correct) it; the tensor to pass on, or None
         to keep ``out``."""
         layer.seen += 1
@@ -636,9 +788,20 @@ class _Engine:
             return None
         if self.blocker is not None and self.blocker is not layer:
             return None  # downstream of a layer still being scaled in this pass: next pass
+        if layer.calls > 1 and layer.measure_only:  # nothing changes: no need to block the layers after it
+            layer.parts.append(self._part(layer, out, layer.channel_dim(out)))
+            if layer.seen == layer.calls:
+                var = self._variance(*self._moments(layer.parts, layer.parts_global))
+                layer.parts = []
+                layer.var_before = self._summary(var)
+                self._check_finite(layer, var)
+                self._finish(layer, var)
+                if self.fresh or all(lay.settled for lay in self.layers):
+                    raise _Stop
+            return None
         if layer.calls > 1:
             self.blocker = layer
-            layer.parts.append(channel_moments(out, layer.channel_dim(out)))
+            layer.parts.append(self._part(layer, out, layer.channel_dim(out)))
             if layer.seen == layer.calls:
                 if self._after_pass_shared(layer) or not layer.settled:
                     raise _Stop  # the rest of this pass would see stale values
@@ -646,14 +809,17 @@ class _Engine:
                 if self.fresh or all(lay.settled for lay in self.layers):
                     raise _Stop
             return None
-        y = self._in_hook(layer, out, bias)
+        y = self._in_hook(layer, out, bias, rerun)
         if self.fresh or all(lay.settled for lay in self.layers):
             raise _Stop
         return y
 
     def _module_hook(self, layer: _Layer) -> Any:
-        def hook(module: nn.Module, args: Any, out: Any) -> Any:
-            return self.process(layer, out, layer.bias())
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            def rerun() -> Any:  # the module's own forward on the same input, with its current weights
+                return module.forward(*args, **kwargs)
+
+            return self.process(layer, out, layer.bias(), rerun)
 
         return hook
 
@@ -744,7 +910,12 @@ class _Engine:
                 elif layer.functional:
                     functional.append(layer)
                 else:
-                    handles.append(layer.module.register_forward_hook(self._module_hook(layer)))
+                    # first among the forward hooks: under FSDP2 the gathered weight is still registered then
+                    handles.append(
+                        layer.module.register_forward_hook(
+                            self._module_hook(layer), with_kwargs=True, prepend=layer.sharded
+                        )
+                    )
             for mha, slots in attention.values():
                 handles.extend(self._attention_hooks(mha, slots))
             mode: Any = (
@@ -761,6 +932,7 @@ class _Engine:
             finally:
                 for h in handles:
                     h.remove()
+                reshard(model)  # a pass stopped half-way leaves FSDP2's gathered weights registered
             if self.blocker is not None and self.blocker.seen != self.blocker.calls:
                 raise LSUVError(
                     f"LSUV: layer {self.blocker.name!r} ran {self.blocker.seen} time(s) in a forward "
@@ -773,6 +945,100 @@ class _Engine:
                     f"LSUV: layer(s) {names} are in the traced graph but did not run in the forward pass on "
                     "the init batch; leave them out with include=."
                 )
+
+
+# --- what a layer is ----------------------------------------------------------------------------------------
+
+_LINEAR_FORWARDS = {
+    nn.Linear.forward,
+    nn.Conv1d.forward,
+    nn.Conv2d.forward,
+    nn.Conv3d.forward,
+    nn.ConvTranspose1d.forward,
+    nn.ConvTranspose2d.forward,
+    nn.ConvTranspose3d.forward,
+}
+_CONV_FORWARDS = {None, nn.Conv1d._conv_forward, nn.Conv2d._conv_forward, nn.Conv3d._conv_forward}
+
+
+def linear_in_weight(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is known to be linear in its (effective) weight: torch's own Linear / Conv
+    forwards (also behind parametrizations, weight norm and FSDP2) and transformers' ``Conv1D``. Any other
+    forward (timm's weight-standardized ``StdConv2d``, a custom subclass) is measured, not predicted."""
+    if weight_is_in_out(module):
+        return True
+    cls = type(module)
+    return cls.forward in _LINEAR_FORWARDS and getattr(cls, "_conv_forward", None) in _CONV_FORWARDS
+
+
+def _gain_access(name: str, module: nn.Module) -> WeightAccess | None:
+    """A per-output-channel (or scalar) ``gain`` parameter of a layer (timm's ``ScaledStdConv2d``), which the
+    output is linear in even when the forward normalizes the weight."""
+    gain = getattr(module, "gain", None)
+    if not isinstance(gain, nn.Parameter) or (gain.dim() == 0 and gain.numel() != 1):
+        return None
+    out = int(getattr(module, "out_channels", getattr(module, "out_features", -1)))
+    if gain.numel() not in (1, out) or (gain.dim() and gain.shape[0] != gain.numel()):
+        return None
+    return WeightAccess(f"{name}.gain", module, "gain")
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every module that registers each parameter (by identity): tied weights have several owners."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mname, module in model.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mname, module))
+    return owners
+
+
+def _sharers(
+    owners: dict[int, list[tuple[str, nn.Module]]], module: nn.Module, name: str, param: str
+) -> list[str]:
+    """The other modules whose parameter is this layer's weight (embedding ↔ LM head): scaling it would
+    change them too, after they were measured."""
+    p = module._parameters.get(param)
+    if p is None:
+        return []
+    return [n for n, m in owners.get(id(p), []) if m is not module]
+
+
+def _refuse_hidden_sharded(model: nn.Module, graph: Any) -> None:
+    """Weights found only by running the model (functional calls, MultiheadAttention) are matched by their
+    storage; FSDP2 passes gathered copies to those calls, so on a sharded model they cannot be followed."""
+    if not any(is_dtensor(p) for p in model.parameters()):
+        return
+    owned = {id(p) for layer in graph for p in layer.module.parameters()}
+    hidden = [n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in owned]
+    hidden += [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    raise LSUVError(
+        "LSUV: on a sharded (FSDP2 / DTensor) model it cannot follow the weights used by functional calls "
+        f"or inside nn.MultiheadAttention ({', '.join(hidden[:6])}{' ...' if len(hidden) > 6 else ''}). "
+        "Run lsuv_init on the model before fully_shard / parallelize_module (an init needs no sharding), "
+        "then shard it."
+    )
+
+
+def _check_varies(x: Tensor, group: dist.ProcessGroup | None) -> None:
+    """Refuse a constant init batch (every element equal, over every rank's batch): the output variances
+    would then say nothing about the data. One all-reduce under ``torch.distributed``."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return
+    with torch.no_grad():
+        if is_dtensor(x):  # a global batch already: its reductions cover every rank
+            spread = torch.stack([-x.amin().full_tensor(), x.amax().full_tensor()]).double()  # type: ignore[attr-defined]
+        else:
+            spread = torch.stack([-x.amin(), x.amax()]).double()
+        if dist.is_available() and dist.is_initialized() and not is_dtensor(x):
+            dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=group)
+    if bool(spread[0] == -spread[1]):
+        raise LSUVError(
+            f"LSUV: the init batch is constant (every element equals {float(spread[1]):g}): each layer's "
+            "output variance would come from its bias and weights alone, not from the data, and the layers "
+            "after the first would be calibrated on nothing. Pass a batch of real inputs (e.g. one from the "
+            "training DataLoader). The model was not changed."
+        )
 
 
 # --- the API ---------------------------------------------------------------------------------------------
@@ -809,7 +1075,8 @@ def lsuv_init(
     """LSUV-initialize ``model`` in place (Mishkin & Matas 2016) and return the per-layer report.
 
     Args:
-        model: the network (DDP / DataParallel / torch.compile wrappers are looked through).
+        model: the network (DDP / DataParallel / torch.compile wrappers are looked through; FSDP2 and DTensor
+            models are initialized in place, shard by shard).
         data: a tensor batch, a tuple/list whose first element is the input, or an iterable / DataLoader of
             such batches (its first batch is used, or a fresh one per layer with ``fresh_batches``).
         tol, max_iters, target_var: stop a layer's loop when |Var(output) − target_var| < tol, or after
@@ -817,7 +1084,7 @@ def lsuv_init(
         orthogonal: orthonormal pre-initialization (:func:`normkit.init.orthogonal_init`) of every layer LSUV
             touches first, as in the paper; False keeps the current weights and only rescales them.
         include: only these layers (names, modules, or a predicate on (name, module)); default all
-            ``nn.Linear``, ``nn.Conv*d``, ``nn.ConvTranspose*d`` layers.
+            ``nn.Linear``, ``nn.Conv*d``, ``nn.ConvTranspose*d`` layers and transformers' ``Conv1D``.
         skip_normalized: a layer whose output goes straight into a normalization layer (BatchNorm,
             BatchRenorm, GroupNorm, LayerNorm ...) keeps its orthogonal init; False scales it too.
         fresh_batches: draw a new batch from ``data`` for each layer (the paper's practice); costs one partial
@@ -836,8 +1103,9 @@ def lsuv_init(
             whose output does not depend on its weight (all-zero input) keeps it too (``NO_EFFECT``).
 
     Raises:
-        LSUVError: a dead layer (zero-variance output) or a forward that does not match the traced structure;
-            ValueError / TypeError for bad arguments. In every case the model's weights are restored first.
+        LSUVError: a constant init batch, a non-finite output, a forward that does not match the traced
+            structure, or a sharded model LSUV cannot follow; ValueError / TypeError for bad arguments. The
+            model is left as it was before the call in every case.
     """
     tol = _check_number("tol", tol)
     max_scale = _check_number("max_scale", max_scale)
@@ -850,17 +1118,23 @@ def lsuv_init(
     if not isinstance(inner, nn.Module):
         raise TypeError(f"lsuv_init needs an nn.Module, got {type(model).__name__}")
     batches = _Batches(data, fresh_batches)
+    _check_varies(batches.first, process_group)
     forward_count = [0]
 
-    try:
-        graph = trace(inner)
-    except UntraceableModelError:
-        forward_count[0] += 1  # the hooked fallback runs the model once
-        graph = trace(inner, _to_model(batches.first, inner))
-    if has_hidden_weights(graph):
-        # weights used by functional calls or inside modules fx keeps opaque: one run finds them
-        forward_count[0] += 1
-        graph = add_functional_layers(graph, _to_model(batches.first, inner))
+    reshard(inner)  # FSDP2: the sharded parameters are the ones to write
+    with fsdp_hooks_skip_tracing(inner):
+        try:
+            graph = trace(inner)
+        except UntraceableModelError:
+            forward_count[0] += 1  # the hooked fallback runs the model once
+            graph = trace(inner, _to_model(batches.first, inner))
+        if has_hidden_weights(graph):
+            # weights used by functional calls or inside modules fx keeps opaque: one run finds them
+            _refuse_hidden_sharded(inner, graph)
+            forward_count[0] += 1
+            graph = add_functional_layers(graph, _to_model(batches.first, inner))
+    reshard(inner)
+    owners = _parameter_owners(inner)
 
     chosen = select_layers(inner, include)
     chosen_names = {n for n, _ in chosen}
@@ -873,9 +1147,15 @@ def lsuv_init(
         tname = type(node.module).__name__
         if node.kind is LayerKind.NORM:
             continue
-        if node.kind is LayerKind.OTHER:
+        kind = node.kind
+        in_out = kind is LayerKind.OTHER and weight_is_in_out(node.module)
+        if in_out:
+            kind = LayerKind.LINEAR  # transformers' Conv1D: a linear layer with its weight stored (in, out)
+        elif kind is LayerKind.OTHER:
             if any(other.name.startswith(node.name + ".") for other in graph if other.functional):
                 continue  # MultiheadAttention: its projections are layers of their own
+            if not any(p.dim() >= 2 for p in node.module.parameters(recurse=False)):
+                continue  # vectors only (a norm layer's gain, a layer scale): no weight LSUV would set
             records[node.name] = LSUVLayerRecord(
                 node.name, tname, LayerStatus.UNSUPPORTED, calls=node.calls, note="LSUV covers linear/conv"
             )
@@ -898,6 +1178,31 @@ def lsuv_init(
             )
         except WeightAccessError as exc:
             raise LSUVError(str(exc)) from None
+        sharers = _sharers(owners, node.module, node.name, node.param if not own_module else "weight")
+        if sharers:
+            todo.append(
+                _Layer(
+                    node.name,
+                    node.module,
+                    kind,
+                    node.calls,
+                    access,
+                    int(getattr(node.module, "groups", 1)),
+                    functional=node.functional,
+                    in_out=in_out,
+                    measure_only=True,
+                    status=LayerStatus.SHARED,
+                    note="shares its weight with " + ", ".join(repr(n) for n in sharers) + "; kept, measured",
+                )
+            )
+            records[node.name] = LSUVLayerRecord(node.name, tname, LayerStatus.SHARED, calls=node.calls)
+            continue
+        if isinstance(access, _RowsAccess) and is_dtensor(getattr(node.module, node.param)):
+            raise LSUVError(
+                f"LSUV: {node.name!r} is a part of a sharded (DTensor) parameter used by a functional call "
+                "(MultiheadAttention's packed projections); LSUV cannot rescale it sharded. Run lsuv_init "
+                "before fully_shard / parallelize_module, or leave it out with include=."
+            )
         pre_init.append(node.name)
         pre_access[node.name] = access
         if skip_normalized and graph.feeds_normalization(node.name):
@@ -921,12 +1226,16 @@ def lsuv_init(
             _Layer(
                 node.name,
                 node.module,
-                node.kind,
+                kind,
                 node.calls,
                 access,
                 int(getattr(node.module, "groups", 1)),
                 functional=node.functional,
                 attention=attention,
+                in_out=in_out,
+                linear=node.functional or attention is not None or linear_in_weight(node.module),
+                gain=_gain_access(node.name, node.module),
+                sharded=isinstance(access, WeightAccess) and access.sharded,
             )
         )
         records[node.name] = LSUVLayerRecord(node.name, tname, LayerStatus.INITIALIZED, calls=node.calls)
@@ -1013,7 +1322,11 @@ def lsuv_init(
             RuntimeWarning,
             stacklevel=2,
         )
-    kept = [r for r in report if r.status in (LayerStatus.NO_EFFECT, LayerStatus.OUT_OF_BOUNDS)]
+    kept = [
+        r
+        for r in report
+        if r.status in (LayerStatus.NO_EFFECT, LayerStatus.OUT_OF_BOUNDS, LayerStatus.SHARED)
+    ]
     if kept:
         warnings.warn(
             "LSUV kept the weights of: " + ", ".join(f"{r.name!r} ({r.note})" for r in kept),

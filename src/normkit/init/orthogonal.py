@@ -7,6 +7,14 @@ orthonormal columns otherwise. Where we differ from ``torch.nn.init.orthogonal_`
 convolutions get one orthogonal matrix per group (the groups read disjoint inputs), and a transposed
 convolution's weight ``(in, out/groups, *kernel)`` is orthogonalized over its *output* channels, like the
 convolution it is the adjoint of the transpose of — ``orthogonal_`` would use the input channels as rows.
+transformers' ``Conv1D`` (GPT-2) is a linear layer whose weight is stored ``(in, out)``: its rows are the
+columns of that weight.
+
+Sharded weights (DTensor: FSDP2 ``fully_shard``, tensor parallel) get the same full matrix as in one process:
+every rank draws the same Gaussian matrix (from ``generator``, or from a copy of rank 0's default generator
+sent to every rank — one broadcast of a few KB) and keeps its own shard. Cost: each rank computes the QR of
+every full weight, one layer at a time (the compute and the peak memory of one layer's init in one process),
+but no weight is gathered or sent.
 """
 
 from __future__ import annotations
@@ -19,22 +27,39 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from normkit._dtensor import is_dtensor
 from normkit.graph import LayerKind, layer_kind, unwrap_model
+from normkit.init._sharded import shared_generator
 from normkit.init._weights import WeightAccess
 
 __all__ = [
     "Include",
+    "init_layer_kind",
     "orthogonal_init",
     "orthogonal_matrix",
     "orthogonal_weight",
     "orthogonalize",
     "select_layers",
+    "weight_is_in_out",
 ]
 
 #: Which layers to touch: qualified names or modules, or a predicate on (name, module); None = all supported.
 Include = Iterable[str | nn.Module] | Callable[[str, nn.Module], bool] | None
 
 _SUPPORTED = (LayerKind.LINEAR, LayerKind.CONV, LayerKind.CONV_TRANSPOSE)
+
+
+def weight_is_in_out(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's layers): a linear layer ``x @ W + b``, ``W`` stored ``(in, out)``.
+    Recognized by class, so the core does not import transformers."""
+    return any(
+        c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__
+    )
+
+
+def init_layer_kind(module: nn.Module) -> LayerKind | None:
+    """:func:`normkit.graph.layer_kind`, with transformers' ``Conv1D`` counted as a linear layer."""
+    return LayerKind.LINEAR if weight_is_in_out(module) else layer_kind(module)
 
 
 def _math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,6 +144,11 @@ def orthogonal_weight(
 def _module_weight(
     access: WeightAccess, module: nn.Module, *, gain: float, generator: torch.Generator | None
 ) -> Tensor:
+    if weight_is_in_out(module):  # (in, out): the transpose of a linear weight
+        rows = orthogonal_weight(
+            access.shape[::-1], gain=gain, generator=generator, dtype=access.dtype, device=_device(access)
+        )
+        return rows.T.contiguous()
     transposed = layer_kind(module) is LayerKind.CONV_TRANSPOSE
     groups = int(getattr(module, "groups", 1))
     return orthogonal_weight(
@@ -128,14 +158,19 @@ def _module_weight(
         gain=gain,
         generator=generator,
         dtype=access.dtype,
-        device=access.device,
+        device=_device(access),
     )
+
+
+def _device(access: WeightAccess) -> torch.device:
+    w = access.get()
+    return w.to_local().device if is_dtensor(w) else w.device  # type: ignore[attr-defined]
 
 
 def select_layers(model: nn.Module, include: Include) -> list[tuple[str, nn.Module]]:
     """The supported layers (linear, conv, transposed conv) of ``model`` chosen by ``include``, in
     ``named_modules`` order. Unknown names and unsupported modules in ``include`` raise ValueError."""
-    supported = [(n, m) for n, m in model.named_modules() if layer_kind(m) in _SUPPORTED]
+    supported = [(n, m) for n, m in model.named_modules() if init_layer_kind(m) in _SUPPORTED]
     if include is None:
         return supported
     if callable(include) and not isinstance(include, nn.Module):
@@ -187,14 +222,16 @@ class Snapshot:
 
 
 def broadcast_layers(modules: Iterable[nn.Module], group: dist.ProcessGroup | None = None) -> None:
-    """Copy rank 0's parameters of ``modules`` to every rank (no-op without an initialized process group)."""
+    """Copy rank 0's parameters of ``modules`` to every rank (no-op without an initialized process group).
+    DTensor parameters are skipped: their shards are built alike on every rank (see the module docstring)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     src = dist.get_global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
         for m in modules:
             for p in m.parameters():
-                dist.broadcast(p.data, src, group=group)
+                if not is_dtensor(p):
+                    dist.broadcast(p.data, src, group=group)
 
 
 def orthogonal_init(
@@ -211,7 +248,10 @@ def orthogonal_init(
 
     Weight-normalized and parametrized layers get the orthogonal matrix as their *effective* weight; a layer
     whose parametrization cannot express it raises (the model is then left untouched). Under
-    ``torch.distributed`` rank 0's matrices are broadcast, so every rank holds the same weights.
+    ``torch.distributed`` rank 0's matrices are broadcast, so every rank holds the same weights. Sharded
+    (DTensor) weights are built whole on every rank from the same random stream and each rank keeps its shard:
+    the full weight equals the one a single process draws from the same seed (see the module docstring for
+    the cost).
     """
     if not math.isfinite(gain) or gain <= 0:
         raise ValueError(f"gain must be a positive number, got {gain}")
@@ -245,6 +285,7 @@ def orthogonalize(
     group: dist.ProcessGroup | None = None,
 ) -> None:
     """The orthogonal init of already chosen layers (no argument checks, no snapshot)."""
+    generator = shared_generator([acc.get() for acc in access], generator)
     for acc, (_, module) in zip(access, layers):
         acc.set(_module_weight(acc, module, gain=gain, generator=generator))
         bias = getattr(module, "bias", None)

@@ -47,8 +47,9 @@ class LSUVInit(pl.Callback):
     resumed from a checkpoint (``global_step > 0``) is left alone.
 
     Args:
-        select: the part of the LightningModule to initialize (default: the LightningModule itself, whose
-            ``forward`` must take the batch input).
+        select: the part of the LightningModule to initialize: the name of a submodule (``"net"``), or a
+            function ``pl_module -> module``. Default: the LightningModule itself, whose ``forward`` must take
+            the batch input (a LightningModule without ``forward`` needs ``select``).
         batch_to_input: the model input of a training batch (default: ``batch[0]`` for a tuple / list, else
             the batch itself).
         **lsuv_options: passed to :func:`normkit.init.lsuv_init` (``tol``, ``max_iters``,
@@ -60,10 +61,19 @@ class LSUVInit(pl.Callback):
 
     def __init__(
         self,
-        select: ModuleSelector | None = None,
+        select: str | ModuleSelector | None = None,
         batch_to_input: Callable[[Any], Any] = _default_input,
         **lsuv_options: Any,
     ) -> None:
+        if select is not None and not isinstance(select, str) and not callable(select):
+            raise TypeError(
+                "LSUVInit(select=...) takes the name of a submodule ('net') or a function pl_module -> "
+                f"module, got {type(select).__name__}"
+            )
+        if not callable(batch_to_input):
+            raise TypeError(
+                f"LSUVInit(batch_to_input=...) must be callable, got {type(batch_to_input).__name__}"
+            )
         self.select = select
         self.batch_to_input = batch_to_input
         self.lsuv_options = lsuv_options
@@ -74,13 +84,39 @@ class LSUVInit(pl.Callback):
             return
         from normkit.init import lsuv_init
 
+        module = self._selected(pl_module)
         loader = trainer.train_dataloader
         if loader is None:
             raise RuntimeError("LSUVInit needs a training dataloader")
         batch = next(iter(loader))
         batch = trainer.strategy.batch_to_device(batch, pl_module.device)
-        module = self.select(pl_module) if self.select is not None else pl_module
         self.report = lsuv_init(module, self.batch_to_input(batch), **self.lsuv_options)
+
+    def _selected(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The module LSUV runs on; a clear error, before anything changes, when there is no usable one."""
+        children = [name for name, _ in pl_module.named_children()]
+        if self.select is None:
+            if type(pl_module).forward is pl.LightningModule.forward:
+                raise RuntimeError(
+                    f"LSUVInit: {type(pl_module).__name__} defines no forward(), so LSUV has nothing to run "
+                    "the batch through. Name the submodule that takes the batch input, e.g. "
+                    f"LSUVInit(select={children[0] if children else 'net'!r}) (submodules: {children}), or "
+                    "pass select=lambda m: ... returning it."
+                )
+            return pl_module
+        if isinstance(self.select, str):
+            try:
+                module = pl_module.get_submodule(self.select)
+            except AttributeError:
+                raise ValueError(
+                    f"LSUVInit(select={self.select!r}): {type(pl_module).__name__} has no submodule of that "
+                    f"name; its submodules are {children}"
+                ) from None
+        else:
+            module = self.select(pl_module)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"LSUVInit: select returned a {type(module).__name__}, not an nn.Module")
+        return module
 
 
 class ENormCallback(pl.Callback):
