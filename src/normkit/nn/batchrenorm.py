@@ -16,6 +16,7 @@ from normkit.nn.functional import (
     Schedule,
     _check_arguments,
     _check_mask,
+    _dense_affine,
     _eval_forward,
     _resolve_schedule,
     _train_inplace,
@@ -133,6 +134,15 @@ class _BatchRenormBase(nn.Module):
         layer, float32 otherwise)."""
         return schedule_limits(self.schedule, self.num_batches_tracked, self.running_std.dtype)
 
+    def _limits(self, step: Tensor) -> tuple[Tensor, Tensor]:
+        # A callable schedule's results are checked where that is free (numbers, CPU tensors: every call); on
+        # an accelerator once, at the first training call with this schedule object (one synchronisation).
+        first = self.__dict__.get("_checked_schedule") is not self.schedule
+        limits = schedule_limits(self.schedule, step, self.running_std.dtype, check_device_tensors=first)
+        if first and not torch.compiler.is_compiling():
+            self.__dict__["_checked_schedule"] = self.schedule
+        return limits
+
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
@@ -149,8 +159,20 @@ class _BatchRenormBase(nn.Module):
             )
         _check_arguments(input, self.eps, self.training)
         _check_mask(input, mask)
+        # Under FSDP2 γ, β are ordinary tensors here (gathered before the forward); plain DTensor ones are
+        # used whole or refused with a message (see normkit.nn.functional).
+        weight, bias = _dense_affine(
+            self.weight,
+            self.bias,
+            (
+                ("input", input),
+                ("running_mean", self.running_mean),
+                ("running_std", self.running_std),
+                ("mask", mask),
+            ),
+        )
         if not self.training:
-            return _eval_forward(input, self.running_mean, self.running_std, self.weight, self.bias)
+            return _eval_forward(input, self.running_mean, self.running_std, weight, bias, mask)
         process_group = self._process_group()
         group = n = input.shape[0]
         k = self.virtual_batch_size
@@ -163,7 +185,7 @@ class _BatchRenormBase(nn.Module):
                 + (f" with virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
             )
         step = self.num_batches_tracked
-        r_max, d_max = schedule_limits(self.schedule, step, self.running_std.dtype)
+        r_max, d_max = self._limits(step)
         momentum: float | Tensor = (
             self.momentum
             if self.momentum is not None
@@ -173,8 +195,8 @@ class _BatchRenormBase(nn.Module):
             input,
             self.running_mean,
             self.running_std,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             momentum,
             self.eps,
             r_max,
