@@ -800,8 +800,10 @@ def _check_schedule_result(r_max: Any, d_max: Any, step: Tensor, check_device_te
                 ) from None
             ok = math.isfinite(number) and number >= low
         if not ok:
-            at = f" at step {step.tolist()}" if not torch.compiler.is_compiling() else ""
+            compiling = torch.compiler.is_compiling()
+            shown = value.tolist() if isinstance(value, Tensor) and not compiling else float(value)
+            at = f" at step {step.tolist()}" if not compiling else ""
             raise ValueError(
-                f"the schedule returned {name}={value!r}{at}: Batch Renormalization needs finite r_max >= 1 "
+                f"the schedule returned {name}={shown}{at}: Batch Renormalization needs finite r_max >= 1 "
                 "(r is clipped to [1/r_max, r_max]) and d_max >= 0 (d to [-d_max, d_max])"
             )
