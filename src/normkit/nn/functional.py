@@ -524,13 +524,14 @@ def _dense_affine(
 def _dense(tensor: Tensor | None, name: str) -> Tensor | None:
     if tensor is None or not is_dtensor(tensor):
         return tensor
-    placements = tuple(tensor.placements)
+    dtensor: Any = tensor
+    placements = tuple(dtensor.placements)
     if any(p.is_partial() for p in placements):
         raise ValueError(
             f"{name} is a DTensor with placements {placements}: a Partial() value is not a parameter yet; "
             f"redistribute it to Replicate() or Shard(0) first ({name}.redistribute(mesh, [Replicate()]))"
         )
-    return tensor.full_tensor()
+    return dtensor.full_tensor()
 
 
 def _eval_forward(
