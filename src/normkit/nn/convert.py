@@ -217,16 +217,17 @@ def convert_batchnorm(
     for name, layer in module.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix + ".") for prefix in skip):
             continue  # inside a converted layer (timm's act / drop): the converter carries it over
+        if isinstance(layer, (_BatchNorm, _BatchRenormBase)):
+            for pname, param in layer.named_parameters(recurse=False):
+                if is_dtensor(param):  # fully_shard, distribute_module: swapping the layer would lose that
+                    placements = tuple(param.placements)  # type: ignore[attr-defined]
+                    raise ValueError(
+                        f"cannot convert {name or 'the module'}: its {pname} is already a DTensor "
+                        f"(placements {placements}, e.g. after fully_shard); convert the model before sharding it"
+                    )
         converter = _converter(layer, to, name)
         if converter is None:
             continue
-        for pname, param in layer.named_parameters(recurse=False):
-            if is_dtensor(param):
-                placements = tuple(param.placements)  # type: ignore[attr-defined]
-                raise ValueError(
-                    f"cannot convert {name or 'the module'}: its {pname} is already a DTensor (placements "
-                    f"{placements}, e.g. after fully_shard); convert the model before sharding it"
-                )
         plan.append((name, layer, converter))
         skip.append(name)
     # Build every replacement first: a refused layer leaves the model as it was. A layer reached by several
