@@ -180,6 +180,20 @@ def _converter(module: nn.Module, to: str, name: str) -> Converter | None:
     )
 
 
+def _refuse_sharded(layer: nn.Module, name: str) -> None:
+    """A normalization layer with DTensor parameters (fully_shard, distribute_module) is not swapped: the new
+    layer would lose the sharding (and FSDP's hooks point at the old one)."""
+    if not isinstance(layer, (_BatchNorm, _BatchRenormBase)):
+        return
+    for pname, param in layer.named_parameters(recurse=False):
+        if is_dtensor(param):
+            placements = tuple(param.placements)  # type: ignore[attr-defined]
+            raise ValueError(
+                f"cannot convert {name or 'the module'}: its {pname} is already a DTensor (placements "
+                f"{placements}, e.g. after fully_shard); convert the model before sharding it"
+            )
+
+
 def convert_batchnorm(
     module: nn.Module,
     to: Target = "renorm",
@@ -217,14 +231,7 @@ def convert_batchnorm(
     for name, layer in module.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix + ".") for prefix in skip):
             continue  # inside a converted layer (timm's act / drop): the converter carries it over
-        if isinstance(layer, (_BatchNorm, _BatchRenormBase)):
-            for pname, param in layer.named_parameters(recurse=False):
-                if is_dtensor(param):  # fully_shard, distribute_module: swapping the layer would lose that
-                    placements = tuple(param.placements)  # type: ignore[attr-defined]
-                    raise ValueError(
-                        f"cannot convert {name or 'the module'}: its {pname} is already a DTensor "
-                        f"(placements {placements}, e.g. after fully_shard); convert the model before sharding it"
-                    )
+        _refuse_sharded(layer, name)
         converter = _converter(layer, to, name)
         if converter is None:
             continue
