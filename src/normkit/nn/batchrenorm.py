@@ -246,7 +246,9 @@ class BatchRenorm1d(_BatchRenormBase):
     callable ``step_tensor -> (r_max, d_max)``. ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_steps`` and
     ``d_max_steps`` override the named schedule's fields, e.g. ``BatchRenorm1d(256, schedule="crossq",
     warmup_steps=10_000)``: batch norm for steps 0 … 9 999, then r_max 3, d_max 5 at once. The step is
-    ``num_batches_tracked`` (saved in the state dict, so a resumed run continues the schedule).
+    ``num_batches_tracked`` (saved in the state dict, so a resumed run continues the schedule). A callable's
+    limits are refused when r_max < 1, d_max < 0 or not finite: numbers and CPU tensors on every call, tensors
+    on an accelerator once, on the first training call (reading them every step would wait for the device).
 
     Momentum conventions — the same running average, μ ← μ + 0.01·(μ_B − μ), written three ways:
 
@@ -260,11 +262,20 @@ class BatchRenorm1d(_BatchRenormBase):
 
     ``forward(input, mask=None)``: ``mask`` (N, *spatial) bool, True at valid positions ((N, L) for an
     (N, C, L) input, (N,) for (N, C)); the batch statistics, r, d and the running statistics use the valid
-    positions only, and every position (padded ones too) is normalized with them, so padded outputs are
-    finite. A batch without valid positions leaves the running statistics unchanged.
+    positions only, and every position (padded ones too) is normalized with them; padded inf / NaN are read
+    as 0, so padded outputs are finite and no gradient turns NaN. A batch without valid positions leaves the
+    running statistics unchanged (``num_batches_tracked`` still advances); a single valid position gives
+    σ_B = √ε (variance 0) where the unmasked layer refuses one value per channel (counting the mask would
+    cost a host synchronisation).
 
     Running σ is tracked directly (buffer ``running_std``), as the paper writes it; a BatchNorm state dict
     (``running_var``) loads with σ = √(var + ε).
+
+    Sharded models: under FSDP2's ``fully_shard`` γ and β are DTensors between steps and ordinary tensors in
+    the forward; running statistics are unsharded buffers. ``SyncBatchRenorm`` then equals one process on the
+    global batch; ``BatchRenorm*d`` keeps per-rank statistics, as under DDP without synchronisation (and a
+    Distributed Checkpoint stores one rank's copy of them). γ, β given as plain DTensors (``Replicate()`` /
+    ``Shard(0)``, the same input on every rank) are used whole.
     """
 
     def _check_input_dim(self, input: Tensor) -> None:
