@@ -247,3 +247,22 @@ def test_a_batch_without_valid_positions_advances_the_step_only():
     layer.num_batches_tracked.fill_(41)
     layer(x.unsqueeze(-1), torch.zeros(6, 2, 1, dtype=torch.bool))
     assert int(layer.num_batches_tracked) == 42 and torch.equal(layer.running_std, torch.ones(3, dtype=F64))
+
+
+def test_non_finite_padding_behaves_as_zero_padding_even_with_a_loss_on_padded_outputs():
+    # A loss over every output (padded ones too): non-finite padding reads as 0, and gets no gradient.
+    layer = trained_layer(BatchRenorm1d, 3, 50000)
+    zeros = trained_layer(BatchRenorm1d, 3, 50000)
+    mask = torch.arange(6) < torch.tensor([6, 2, 4, 1])[:, None]
+    x = torch.randn(4, 3, 6, dtype=F64)
+    pad = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=F64).repeat(8)[:24].view(4, 6)
+    nonfinite = torch.where(mask[:, None], x, pad[:, None]).requires_grad_()
+    zero_padded = torch.where(mask[:, None], x, 0.0).requires_grad_()
+    upstream = torch.randn(4, 3, 6, dtype=F64)
+    (layer(nonfinite, mask) * upstream).sum().backward()
+    (zeros(zero_padded, mask) * upstream).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, zeros.weight.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, zeros.bias.grad, rtol=1e-12, atol=1e-12)
+    valid = mask[:, None].expand_as(x)
+    torch.testing.assert_close(nonfinite.grad[valid], zero_padded.grad[valid], rtol=1e-12, atol=1e-12)
+    assert (nonfinite.grad[~valid] == 0).all() and (zero_padded.grad[~valid] != 0).all()

@@ -257,16 +257,22 @@ class _BatchRenormFunction(torch.autograd.Function):
         mask: Tensor | None,
     ) -> Tensor:
         w_eff, b_eff = _folded_affine(weight, bias, r, d)
+        original = x
+        if mask is not None:
+            # Padding may hold inf / NaN (the statistics never saw it): normalize it as 0, so that padded
+            # outputs are finite and the backward's sums over all positions never meet 0·inf. Valid positions
+            # are left as they are by this too: a non-finite valid value has made μ_B, σ_B NaN already.
+            x = x.nan_to_num(0.0, 0.0, 0.0)
         # Eval-mode batch norm with the batch statistics as "running" ones: one fused pass.
         y = F.batch_norm(x, mean, var, w_eff, b_eff, False, 0.0, eps)
-        ctx.save_for_backward(x, mean, var, w_eff, r, d, mask)
+        ctx.save_for_backward(x, mean, var, w_eff, r, d, mask, None if mask is None else original)
         ctx.eps, ctx.group, ctx.total_count = eps, group, total_count
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, mean, var, w_eff, r, d, mask = ctx.saved_tensors
+        x, mean, var, w_eff, r, d, mask, original = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
         invstd = torch.rsqrt(var + ctx.eps)
         if ctx.group is None and mask is None:
@@ -277,6 +283,9 @@ class _BatchRenormFunction(torch.autograd.Function):
             grad_x, grad_w, grad_b = _general_backward(
                 grad_out, x, mean, invstd, w_eff, mask, ctx.group, ctx.total_count
             )
+            if original is not None and need_x:
+                # A value read as 0 (non-finite padding, the only values nan_to_num changed) gets no gradient.
+                grad_x = torch.where(x == original, grad_x, 0.0)
         grad_weight = torch.addcmul(grad_w * r, grad_b, d) if ctx.has_weight else None
         grad_bias = grad_b if ctx.has_bias else None
         return (grad_x if need_x else None, grad_weight, grad_bias) + (None,) * 8
@@ -399,8 +408,6 @@ def _renorm_train(
 
     The count is returned when it may be zero (masks): the caller then keeps the running statistics.
     """
-    if mask is not None:
-        x = _finite_padding(x, mask)
     ghost = virtual_batch_size is not None and virtual_batch_size < x.shape[0]
     if ghost and process_group is not None:
         raise ValueError("virtual_batch_size cannot be combined with a process group")
@@ -408,7 +415,16 @@ def _renorm_train(
         if process_group is not None:
             raise ValueError("SyncBatchRenorm cannot run under torch.func transforms (vmap, grad)")
         return _plain_batch_renorm(
-            x, running_mean, running_std, weight, bias, eps, r_max, d_max, virtual_batch_size, mask
+            x if mask is None else _finite_padding(x, mask),
+            running_mean,
+            running_std,
+            weight,
+            bias,
+            eps,
+            r_max,
+            d_max,
+            virtual_batch_size,
+            mask,
         )
     # The statistics carry no gradient of their own (the normalization below differentiates through them).
     xd = x.detach()
@@ -443,7 +459,8 @@ def _finite_padding(x: Tensor, mask: Tensor) -> Tensor:
     must still show in the statistics)."""
     # Without this, padded outputs would be non-finite, and the backward's per-channel sums (Σ g·x̂ over every
     # position) would turn 0·inf into NaN in γ's, β's and every valid position's gradient. Through where(),
-    # the replaced positions get no gradient. Two elementwise passes, on the masked path only.
+    # the replaced positions get no gradient. (The fused training path does the same inside its autograd
+    # Function, with fewer passes; this serves eval and the plain-tensor path.)
     return torch.where(mask.unsqueeze(1), x, x.nan_to_num(0.0, 0.0, 0.0))
 
 
