@@ -432,7 +432,12 @@ def _renorm_train(
     if mask is None:
         # PyTorch's own batch-norm statistics kernel (mean, biased variance): several times faster than
         # torch.var_mean over the non-channel dimensions on CPU.
-        mean, var = torch.batch_norm_update_stats(xd, None, None, 0.0)
+        if torch.compiler.is_compiling():
+            # That kernel has no fake-tensor implementation for symbolic shapes: a second batch size (dynamic
+            # shapes after a recompilation) would fail to compile. The compiler fuses this reduction anyway.
+            var, mean = torch.var_mean(xd, _reduce_dims(xd), correction=0)
+        else:
+            mean, var = torch.batch_norm_update_stats(xd, None, None, 0.0)
     else:
         mean, var, count = _masked_moments(xd, mask)
     mean, var = mean.to(running_mean.dtype), var.to(running_mean.dtype)
