@@ -98,6 +98,7 @@ def test_compiled_layer_takes_a_second_batch_size():
     # A new batch size (the last, short batch of an epoch) makes torch.compile recompile with dynamic shapes;
     # batch norm's statistics kernel has no fake-tensor implementation for those, and the compiled layer
     # used to fail there ("does not support running with fake tensors").
+    torch._dynamo.reset()  # earlier tests compiled this forward too: start below the recompile limit
     eager = BatchRenorm1d(6)
     _state(eager, 0)
     eager.num_batches_tracked.fill_(50000)
