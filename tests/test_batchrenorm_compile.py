@@ -92,3 +92,19 @@ def test_compiled_equals_eager_with_a_mask():
         return torch.arange(shape[2]) < lengths[:, None]
 
     check_compiled_equals_eager(BatchRenorm1d(6), (8, 6, 5), PAPER_STEPS, mask_fn=mask_fn)
+
+
+def test_compiled_layer_takes_a_second_batch_size():
+    # A new batch size (the last, short batch of an epoch) makes torch.compile recompile with dynamic shapes;
+    # batch norm's statistics kernel has no fake-tensor implementation for those, and the compiled layer
+    # used to fail there ("does not support running with fake tensors").
+    torch._dynamo.reset()  # earlier tests compiled this forward too: start below the recompile limit
+    eager = BatchRenorm1d(6)
+    _state(eager, 0)
+    eager.num_batches_tracked.fill_(50000)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
+    for n in (16, 8, 12):
+        x = torch.randn(n, 6) * 2 + 1
+        torch.testing.assert_close(compiled(x), eager(x), **TOL)
+        torch.testing.assert_close(compiled_module.running_std, eager.running_std, **TOL)

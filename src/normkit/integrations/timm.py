@@ -41,19 +41,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from normkit.nn import BatchRenorm2d, SyncBatchRenorm
 from normkit.optim import SGDG, AdamG, ClippedOptimizer, NormalizedOptimizer
 from normkit.optim.grassmann import _unit_rows_
 
 __all__ = [
     "CLASSES",
     "NAMES",
+    "BatchRenormAct2d",
     "ClippedAdam",
     "ClippedAdamW",
     "ClippedSGD",
     "NormalizedAdam",
     "NormalizedAdamW",
     "NormalizedSGD",
+    "SyncBatchRenormAct",
     "register",
+    "register_norm_converters",
     "unregister",
 ]
 
@@ -387,3 +391,120 @@ def unregister() -> None:
     if hasattr(registry, _ORIGINAL_ATTR):
         delattr(registry, "create_optimizer")  # the instance attribute; the class method shows again
         delattr(registry, _ORIGINAL_ATTR)
+
+
+# --- timm's fused batch norm + activation layers, as Batch Renormalization ---------------------------------
+# (separate from the optimizer registration above; normkit.nn.convert_batchnorm imports this module the first
+# time a model holds a timm batch-norm layer and calls register_norm_converters)
+
+__all__ += ["BatchRenormAct2d", "SyncBatchRenormAct", "register_norm_converters"]
+
+
+def _timm_act(act_layer: Any, act_kwargs: dict[str, Any] | None, inplace: bool, apply_act: bool) -> nn.Module:
+    """The activation timm's ``BatchNormAct2d`` would build (``act_layer`` a name, a class or None)."""
+    if not apply_act or act_layer is None:
+        return nn.Identity()
+    try:
+        from timm.layers import create_act_layer
+    except ImportError as exc:
+        raise ImportError("normkit.integrations.timm needs timm: pip install 'normkit[timm]'") from exc
+    act = create_act_layer(act_layer, **{"inplace": inplace, **(act_kwargs or {})})
+    return nn.Identity() if act is None else act
+
+
+class BatchRenormAct2d(BatchRenorm2d):
+    """Batch Renormalization + drop + activation: timm's ``BatchNormAct2d`` with BRN in place of batch norm.
+
+    ``BatchRenormAct2d(num_features, eps=1e-5, momentum=0.01, affine=True, apply_act=True, act_layer=nn.ReLU,
+    act_kwargs=None, inplace=True, drop_layer=None, **brn_options)``: the arguments of ``BatchNormAct2d``
+    (``act_layer`` by name or class, built by timm) and those of ``BatchRenorm2d`` (``schedule``, ``r_max``
+    ...). ``forward(x, mask=None)`` is ``act(drop(BatchRenorm2d.forward(x, mask)))``, timm's order.
+    ``convert_batchnorm(model)`` turns every ``BatchNormAct2d`` into one, with the same ``act`` and ``drop``
+    modules and the same eval function.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        apply_act: bool = True,
+        act_layer: Any = nn.ReLU,
+        act_kwargs: dict[str, Any] | None = None,
+        inplace: bool = True,
+        drop_layer: Any = None,
+        **brn_options: Any,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, **brn_options)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _timm_act(act_layer, act_kwargs, inplace, apply_act)
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.act(self.drop(super().forward(input, mask)))
+
+
+class SyncBatchRenormAct(SyncBatchRenorm):
+    """``SyncBatchRenorm`` + drop + activation: :class:`BatchRenormAct2d` with statistics over a process group
+    (timm's ``SyncBatchNormAct`` with BRN). The arguments of ``BatchRenormAct2d`` and ``process_group=``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        apply_act: bool = True,
+        act_layer: Any = nn.ReLU,
+        act_kwargs: dict[str, Any] | None = None,
+        inplace: bool = True,
+        drop_layer: Any = None,
+        **brn_options: Any,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, **brn_options)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _timm_act(act_layer, act_kwargs, inplace, apply_act)
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.act(self.drop(super().forward(input, mask)))
+
+
+def _copy_act(src: nn.Module, dst: nn.Module) -> nn.Module:
+    # The same activation and drop modules (timm's SyncBatchNormAct may lack them: it then has none).
+    dst.drop = getattr(src, "drop", nn.Identity())
+    dst.act = getattr(src, "act", nn.Identity())
+    return dst
+
+
+def register_norm_converters() -> None:
+    """Teach :func:`normkit.nn.convert_batchnorm` timm's ``BatchNormAct2d`` and ``SyncBatchNormAct``
+    (idempotent; ``convert_batchnorm`` calls it itself when a model holds one).
+
+    ``to="renorm"``: ``BatchNormAct2d`` → :class:`BatchRenormAct2d`, ``SyncBatchNormAct`` →
+    :class:`SyncBatchRenormAct`; ``to="batchnorm"``: back; ``to="sync"``: ``BatchRenormAct2d`` →
+    :class:`SyncBatchRenormAct` and ``BatchNormAct2d`` → timm's ``SyncBatchNormAct`` (timm's own conversion).
+    Activation and drop modules are kept (the same objects).
+    """
+    try:
+        from timm.layers import convert_sync_batchnorm
+        from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+    except ImportError as exc:
+        raise ImportError("normkit.integrations.timm needs timm: pip install 'normkit[timm]'") from exc
+    from normkit.nn.convert import _bn_to_renorm, _renorm_to_bn, _renorm_to_sync, register_converter
+
+    def renorm(cls: type[Any]) -> Any:
+        return lambda m, g, o, n: _copy_act(m, _bn_to_renorm(m, cls, n, o))
+
+    def batchnorm(cls: type[Any]) -> Any:
+        return lambda m, g, o, n: _copy_act(m, _renorm_to_bn(m, cls, getattr(m, "process_group", None)))
+
+    register_converter(BatchNormAct2d, "renorm", renorm(BatchRenormAct2d))
+    register_converter(SyncBatchNormAct, "renorm", renorm(SyncBatchRenormAct))
+    register_converter(BatchRenormAct2d, "batchnorm", batchnorm(BatchNormAct2d))
+    register_converter(SyncBatchRenormAct, "batchnorm", batchnorm(SyncBatchNormAct))
+    register_converter(
+        BatchRenormAct2d,
+        "sync",
+        lambda m, g, o, n: _copy_act(m, _renorm_to_sync(m, g, o, n, SyncBatchRenormAct)),
+    )
+    register_converter(BatchNormAct2d, "sync", lambda m, g, o, n: convert_sync_batchnorm(m, g))

@@ -16,6 +16,7 @@ from normkit.nn.functional import (
     Schedule,
     _check_arguments,
     _check_mask,
+    _dense_affine,
     _eval_forward,
     _resolve_schedule,
     _train_inplace,
@@ -133,6 +134,15 @@ class _BatchRenormBase(nn.Module):
         layer, float32 otherwise)."""
         return schedule_limits(self.schedule, self.num_batches_tracked, self.running_std.dtype)
 
+    def _limits(self, step: Tensor) -> tuple[Tensor, Tensor]:
+        # A callable schedule's results are checked where that is free (numbers, CPU tensors: every call); on
+        # an accelerator once, at the first training call with this schedule object (one synchronisation).
+        first = self.__dict__.get("_checked_schedule") is not self.schedule
+        limits = schedule_limits(self.schedule, step, self.running_std.dtype, check_device_tensors=first)
+        if first and not torch.compiler.is_compiling():
+            self.__dict__["_checked_schedule"] = self.schedule
+        return limits
+
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
@@ -149,8 +159,20 @@ class _BatchRenormBase(nn.Module):
             )
         _check_arguments(input, self.eps, self.training)
         _check_mask(input, mask)
+        # Under FSDP2 γ, β are ordinary tensors here (gathered before the forward); plain DTensor ones are
+        # used whole or refused with a message (see normkit.nn.functional).
+        weight, bias = _dense_affine(
+            self.weight,
+            self.bias,
+            (
+                ("input", input),
+                ("running_mean", self.running_mean),
+                ("running_std", self.running_std),
+                ("mask", mask),
+            ),
+        )
         if not self.training:
-            return _eval_forward(input, self.running_mean, self.running_std, self.weight, self.bias)
+            return _eval_forward(input, self.running_mean, self.running_std, weight, bias, mask)
         process_group = self._process_group()
         group = n = input.shape[0]
         k = self.virtual_batch_size
@@ -163,7 +185,7 @@ class _BatchRenormBase(nn.Module):
                 + (f" with virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "")
             )
         step = self.num_batches_tracked
-        r_max, d_max = schedule_limits(self.schedule, step, self.running_std.dtype)
+        r_max, d_max = self._limits(step)
         momentum: float | Tensor = (
             self.momentum
             if self.momentum is not None
@@ -173,8 +195,8 @@ class _BatchRenormBase(nn.Module):
             input,
             self.running_mean,
             self.running_std,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             momentum,
             self.eps,
             r_max,
@@ -224,7 +246,9 @@ class BatchRenorm1d(_BatchRenormBase):
     callable ``step_tensor -> (r_max, d_max)``. ``r_max``, ``d_max``, ``warmup_steps``, ``r_max_steps`` and
     ``d_max_steps`` override the named schedule's fields, e.g. ``BatchRenorm1d(256, schedule="crossq",
     warmup_steps=10_000)``: batch norm for steps 0 … 9 999, then r_max 3, d_max 5 at once. The step is
-    ``num_batches_tracked`` (saved in the state dict, so a resumed run continues the schedule).
+    ``num_batches_tracked`` (saved in the state dict, so a resumed run continues the schedule). A callable's
+    limits are refused when r_max < 1, d_max < 0 or not finite: numbers and CPU tensors on every call, tensors
+    on an accelerator once, on the first training call (reading them every step would wait for the device).
 
     Momentum conventions — the same running average, μ ← μ + 0.01·(μ_B − μ), written three ways:
 
@@ -238,11 +262,20 @@ class BatchRenorm1d(_BatchRenormBase):
 
     ``forward(input, mask=None)``: ``mask`` (N, *spatial) bool, True at valid positions ((N, L) for an
     (N, C, L) input, (N,) for (N, C)); the batch statistics, r, d and the running statistics use the valid
-    positions only, and every position (padded ones too) is normalized with them, so padded outputs are
-    finite. A batch without valid positions leaves the running statistics unchanged.
+    positions only, and every position (padded ones too) is normalized with them; padded inf / NaN are read
+    as 0, so padded outputs are finite and no gradient turns NaN. A batch without valid positions leaves the
+    running statistics unchanged (``num_batches_tracked`` still advances); a single valid position gives
+    σ_B = √ε (variance 0) where the unmasked layer refuses one value per channel (counting the mask would
+    cost a host synchronisation).
 
     Running σ is tracked directly (buffer ``running_std``), as the paper writes it; a BatchNorm state dict
     (``running_var``) loads with σ = √(var + ε).
+
+    Sharded models: under FSDP2's ``fully_shard`` γ and β are DTensors between steps and ordinary tensors in
+    the forward; running statistics are unsharded buffers. ``SyncBatchRenorm`` then equals one process on the
+    global batch; ``BatchRenorm*d`` keeps per-rank statistics, as under DDP without synchronisation (and a
+    Distributed Checkpoint stores one rank's copy of them). γ, β given as plain DTensors (``Replicate()`` /
+    ``Shard(0)``, the same input on every rank) are used whole.
     """
 
     def _check_input_dim(self, input: Tensor) -> None:

@@ -12,14 +12,25 @@ math runs instead.
 
 Masks: ``mask`` (N, *spatial), True at valid positions, restricts μ_B, σ_B (hence r, d and the running
 statistics) to the valid positions; every position, padded ones included, is then normalized with them, so
-padded outputs are finite and well defined. A batch without any valid position leaves the running statistics
-unchanged.
+padded outputs are finite and well defined. Padded positions holding inf or NaN are read as 0: they reach
+neither the statistics nor (through 0·inf = NaN) any gradient. A batch without any valid position leaves the
+running statistics unchanged (the step counter still advances: it counts training calls, and reading the
+number of valid positions would cost a host synchronisation). One valid position gives variance 0, σ_B = √ε —
+where an unmasked input with one value per channel is refused (as ``nn.BatchNorm`` does), a mask cannot be
+counted without a host synchronisation, so the masked layers compute instead of raising.
+
+DTensor parameters (``torch.distributed.tensor``): under FSDP2's ``fully_shard`` the layers see ordinary
+tensors (FSDP gathers γ, β before the forward). A γ or β that is itself a DTensor with ``Replicate()`` or
+``Shard(0)`` placements (tensor parallelism: every rank holds the same input) is used whole — a ``Shard(0)``
+one is gathered once per call, and its gradient goes back sharded. ``Partial()`` placements, DTensor inputs,
+masks and running statistics are refused with a message.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -29,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from normkit._dtensor import is_dtensor
 from normkit._moments import merge_moments
 
 __all__ = [
@@ -73,6 +85,11 @@ class BRNSchedule:
     d_max_steps: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("r_max", "d_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {value!r}")
+            object.__setattr__(self, name, float(value))  # numpy / torch scalars become plain floats
         if not (self.r_max >= 1.0 and self.d_max >= 0.0) or math.isinf(self.r_max) or math.isinf(self.d_max):
             raise ValueError(
                 f"need finite r_max >= 1 and d_max >= 0, got r_max={self.r_max}, d_max={self.d_max}"
@@ -81,8 +98,10 @@ class BRNSchedule:
             value = getattr(self, name)
             if value is None and name != "warmup_steps":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            # numbers.Integral: int, numpy.int64 and friends (step counts read from arrays or configs).
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer step count, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
     @staticmethod
     def preset(name: str) -> BRNSchedule:
@@ -238,16 +257,22 @@ class _BatchRenormFunction(torch.autograd.Function):
         mask: Tensor | None,
     ) -> Tensor:
         w_eff, b_eff = _folded_affine(weight, bias, r, d)
+        original = x
+        if mask is not None:
+            # Padding may hold inf / NaN (the statistics never saw it): normalize it as 0, so that padded
+            # outputs are finite and the backward's sums over all positions never meet 0·inf. Valid positions
+            # are left as they are by this too: a non-finite valid value has made μ_B, σ_B NaN already.
+            x = x.nan_to_num(0.0, 0.0, 0.0)
         # Eval-mode batch norm with the batch statistics as "running" ones: one fused pass.
         y = F.batch_norm(x, mean, var, w_eff, b_eff, False, 0.0, eps)
-        ctx.save_for_backward(x, mean, var, w_eff, r, d, mask)
+        ctx.save_for_backward(x, mean, var, w_eff, r, d, mask, None if mask is None else original)
         ctx.eps, ctx.group, ctx.total_count = eps, group, total_count
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, mean, var, w_eff, r, d, mask = ctx.saved_tensors
+        x, mean, var, w_eff, r, d, mask, original = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]
         invstd = torch.rsqrt(var + ctx.eps)
         if ctx.group is None and mask is None:
@@ -258,6 +283,9 @@ class _BatchRenormFunction(torch.autograd.Function):
             grad_x, grad_w, grad_b = _general_backward(
                 grad_out, x, mean, invstd, w_eff, mask, ctx.group, ctx.total_count
             )
+            if original is not None and need_x:
+                # A value read as 0 (non-finite padding, the only values nan_to_num changed) gets no gradient.
+                grad_x = torch.where(x == original, grad_x, 0.0)
         grad_weight = torch.addcmul(grad_w * r, grad_b, d) if ctx.has_weight else None
         grad_bias = grad_b if ctx.has_bias else None
         return (grad_x if need_x else None, grad_weight, grad_bias) + (None,) * 8
@@ -387,7 +415,16 @@ def _renorm_train(
         if process_group is not None:
             raise ValueError("SyncBatchRenorm cannot run under torch.func transforms (vmap, grad)")
         return _plain_batch_renorm(
-            x, running_mean, running_std, weight, bias, eps, r_max, d_max, virtual_batch_size, mask
+            x if mask is None else _finite_padding(x, mask),
+            running_mean,
+            running_std,
+            weight,
+            bias,
+            eps,
+            r_max,
+            d_max,
+            virtual_batch_size,
+            mask,
         )
     # The statistics carry no gradient of their own (the normalization below differentiates through them).
     xd = x.detach()
@@ -395,7 +432,12 @@ def _renorm_train(
     if mask is None:
         # PyTorch's own batch-norm statistics kernel (mean, biased variance): several times faster than
         # torch.var_mean over the non-channel dimensions on CPU.
-        mean, var = torch.batch_norm_update_stats(xd, None, None, 0.0)
+        if torch.compiler.is_compiling():
+            # That kernel has no fake-tensor implementation for symbolic shapes: a second batch size (dynamic
+            # shapes after a recompilation) would fail to compile. The compiler fuses this reduction anyway.
+            var, mean = torch.var_mean(xd, _reduce_dims(xd), correction=0)
+        else:
+            mean, var = torch.batch_norm_update_stats(xd, None, None, 0.0)
     else:
         mean, var, count = _masked_moments(xd, mask)
     mean, var = mean.to(running_mean.dtype), var.to(running_mean.dtype)
@@ -415,6 +457,16 @@ def _renorm_train(
     else:
         y = _BatchRenormFunction.apply(x, weight, bias, mean, var, r, d, eps, process_group, total, mask)
     return y, mean, std, count
+
+
+def _finite_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` with inf / NaN at padded positions read as 0; valid positions untouched (a non-finite valid value
+    must still show in the statistics)."""
+    # Without this, padded outputs would be non-finite, and the backward's per-channel sums (Σ g·x̂ over every
+    # position) would turn 0·inf into NaN in γ's, β's and every valid position's gradient. Through where(),
+    # the replaced positions get no gradient. (The fused training path does the same inside its autograd
+    # Function, with fewer passes; this serves eval and the plain-tensor path.)
+    return torch.where(mask.unsqueeze(1), x, x.nan_to_num(0.0, 0.0, 0.0))
 
 
 # Up to this many input elements the training forward uses batch norm's training kernel through autograd;
@@ -450,9 +502,70 @@ def _check_arguments(input: Tensor, eps: float, training: bool) -> None:
         raise ValueError(f"cannot compute batch statistics of an empty input of shape {tuple(input.shape)}")
 
 
+def _check_state_shapes(
+    input: Tensor,
+    tensors: tuple[tuple[str, Tensor | None], ...],
+    step: tuple[str, Tensor] | None = None,
+) -> None:
+    """Every per-channel tensor must have shape (C,): a (1,) state would otherwise broadcast silently."""
+    if input.dim() < 2:
+        raise ValueError(
+            f"expected an input of shape (N, C, *), got {input.dim()}D input {tuple(input.shape)}"
+        )
+    c = input.shape[1]
+    for name, tensor in tensors:
+        if tensor is not None and tuple(tensor.shape) != (c,):
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, but the input {tuple(input.shape)} has {c} "
+                f"channels: expected ({c},)"
+            )
+    if step is not None and step[1].numel() != 1:
+        raise ValueError(f"{step[0]} must be a single step count, got shape {tuple(step[1].shape)}")
+
+
+def _dense_affine(
+    weight: Tensor | None, bias: Tensor | None, plain: tuple[tuple[str, Tensor | None], ...]
+) -> tuple[Tensor | None, Tensor | None]:
+    """γ and β as ordinary tensors; DTensors that cannot be used that way are refused with a message.
+
+    A DTensor γ / β with ``Replicate()`` / ``Shard(0)`` placements is used whole: ``full_tensor()`` (an
+    all-gather for ``Shard(0)``, nothing for ``Replicate()``) is differentiable, so the gradient returns to
+    the DTensor parameter with its own placements. This assumes what tensor parallelism assumes: every rank
+    computes on the same input.
+    """
+    for name, tensor in plain:
+        if is_dtensor(tensor):
+            raise TypeError(
+                f"Batch Renormalization got a DTensor {name} (placements {tuple(tensor.placements)}): pass "  # type: ignore[union-attr]
+                f"{name}.to_local() (each rank's own batch) or {name}.full_tensor(); running statistics stay "
+                "plain tensors (as under FSDP2's fully_shard — distribute only weight and bias)"
+            )
+    return _dense(weight, "weight"), _dense(bias, "bias")
+
+
+def _dense(tensor: Tensor | None, name: str) -> Tensor | None:
+    if tensor is None or not is_dtensor(tensor):
+        return tensor
+    dtensor: Any = tensor
+    placements = tuple(dtensor.placements)
+    if any(p.is_partial() for p in placements):
+        raise ValueError(
+            f"{name} is a DTensor with placements {placements}: a Partial() value is not a parameter yet; "
+            f"redistribute it to Replicate() or Shard(0) first ({name}.redistribute(mesh, [Replicate()]))"
+        )
+    return dtensor.full_tensor()
+
+
 def _eval_forward(
-    input: Tensor, running_mean: Tensor, running_std: Tensor, weight: Tensor | None, bias: Tensor | None
+    input: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask: Tensor | None = None,
 ) -> Tensor:
+    if mask is not None:
+        input = _finite_padding(input, mask)
     if torch._C._are_functorch_transforms_active():
         shape = _channel_shape(input)
         y = (input - running_mean.view(shape)) / running_std.view(shape)
@@ -500,8 +613,17 @@ def batch_renorm(
     """
     _check_arguments(input, eps, training)
     _check_mask(input, mask)
+    weight, bias = _dense_affine(
+        weight,
+        bias,
+        (("input", input), ("running_mean", running_mean), ("running_std", running_std), ("mask", mask)),
+    )
+    _check_state_shapes(
+        input,
+        (("running_mean", running_mean), ("running_std", running_std), ("weight", weight), ("bias", bias)),
+    )
     if not training:
-        return _eval_forward(input, running_mean, running_std, weight, bias)
+        return _eval_forward(input, running_mean, running_std, weight, bias, mask)
     return _train_inplace(
         input,
         running_mean,
@@ -587,12 +709,35 @@ def functional_batch_renorm(
     The same computation as ``BatchRenorm*d`` (r_max, d_max from ``schedule`` at
     ``state.num_batches_tracked``; ``momentum=None`` is a cumulative average), for code that keeps state
     outside modules — e.g. under ``torch.func.vmap`` over an ensemble with a stacked state, or in a
-    ``jax``-style training step. In eval mode the state is returned unchanged.
+    ``jax``-style training step. In eval mode the state is returned unchanged. Every per-channel tensor must
+    have the input's channel count (no broadcasting of a (1,) state). The step advances on every training
+    call, a batch without any valid position included (its running statistics stay as they were).
     """
     _check_arguments(input, eps, training)
     _check_mask(input, mask)
+    weight, bias = _dense_affine(
+        weight,
+        bias,
+        (
+            ("input", input),
+            ("state.running_mean", state.running_mean),
+            ("state.running_std", state.running_std),
+            ("state.num_batches_tracked", state.num_batches_tracked),
+            ("mask", mask),
+        ),
+    )
+    _check_state_shapes(
+        input,
+        (
+            ("state.running_mean", state.running_mean),
+            ("state.running_std", state.running_std),
+            ("weight", weight),
+            ("bias", bias),
+        ),
+        ("state.num_batches_tracked", state.num_batches_tracked),
+    )
     if not training:
-        return _eval_forward(input, state.running_mean, state.running_std, weight, bias), state
+        return _eval_forward(input, state.running_mean, state.running_std, weight, bias, mask), state
     step = state.num_batches_tracked
     r_max, d_max = schedule_limits(schedule, step, state.running_std.dtype)
     y, mean, std, count = _renorm_train(
@@ -633,12 +778,18 @@ def _resolve_schedule(schedule: BRNSchedule | str | Schedule | None) -> BRNSched
 
 
 def schedule_limits(
-    schedule: BRNSchedule | str | Schedule | None, step: Tensor, dtype: torch.dtype
+    schedule: BRNSchedule | str | Schedule | None,
+    step: Tensor,
+    dtype: torch.dtype,
+    check_device_tensors: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(r_max, d_max) of ``schedule`` at ``step``, as tensors on ``step``'s device.
 
     The limits are computed in ``dtype`` promoted to at least float32 (exact for float64 layers;
-    half-precision layers still count steps beyond 65 504). A callable's results are converted likewise.
+    half-precision layers still count steps beyond 65 504). A callable's results are converted likewise, and
+    checked (finite, r_max ≥ 1, d_max ≥ 0) where that costs no host synchronisation: Python / numpy numbers
+    and CPU tensors on every call (outside ``torch.compile`` and ``torch.func`` transforms); tensors on an
+    accelerator only with ``check_device_tensors`` (the layers pass it on their first training call).
     """
     limit_dtype = torch.promote_types(dtype, torch.float32)
     if step.device.type == "mps" and limit_dtype == torch.float64:
@@ -647,7 +798,35 @@ def schedule_limits(
     if isinstance(resolved, BRNSchedule):
         return resolved.limits(step, limit_dtype)
     r_max, d_max = resolved(step)
+    _check_schedule_result(r_max, d_max, step, check_device_tensors)
     return (
         torch.as_tensor(r_max, dtype=limit_dtype, device=step.device),
         torch.as_tensor(d_max, dtype=limit_dtype, device=step.device),
     )
+
+
+def _check_schedule_result(r_max: Any, d_max: Any, step: Tensor, check_device_tensors: bool) -> None:
+    """Refuse r_max < 1, d_max < 0 or non-finite limits from a callable schedule (see ``schedule_limits``)."""
+    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        if isinstance(value, Tensor):
+            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+                continue  # a check would break the graph / cannot read a batched value
+            if value.device.type != "cpu" and not check_device_tensors:
+                continue  # reading it would wait for the device on every step
+            ok = bool(torch.all(torch.isfinite(value) & (value >= low)))
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"the schedule must return numbers or tensors (r_max, d_max), got {name}={value!r}"
+                ) from None
+            ok = math.isfinite(number) and number >= low
+        if not ok:
+            compiling = torch.compiler.is_compiling()
+            shown = value.tolist() if isinstance(value, Tensor) and not compiling else float(value)
+            at = f" at step {step.tolist()}" if not compiling else ""
+            raise ValueError(
+                f"the schedule returned {name}={shown}{at}: Batch Renormalization needs finite r_max >= 1 "
+                "(r is clipped to [1/r_max, r_max]) and d_max >= 0 (d to [-d_max, d_max])"
+            )
