@@ -119,6 +119,23 @@ class DirectoryLock:
         self.file.flush()
         return self
 
+    @staticmethod
+    def holder(out: Path) -> str | None:
+        """Who holds the lock of ``out`` now (``"pid N on HOST"``), or None when nobody does."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return None
+        try:
+            with open(out / ".lock") as f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    return f.read().strip() or "unknown"
+                return None  # closing releases the probe
+        except OSError:
+            return None
+
     def __exit__(self, *exc: Any) -> None:
         if self.file is not None:
             if self.remove:
@@ -332,6 +349,12 @@ def claim(
     if out is None:
         return Claim(None, state, fresh=state is None)
     check_writable(out)
+    holder = DirectoryLock.holder(out)
+    if holder is not None:
+        raise RunDirError(
+            f"another normkit train ({holder}) is running on {out}; wait for it to finish or choose another "
+            "--out"
+        )
     if state is not None:
         return Claim(out, state, fresh=False)
     existing = existing_run(out)
