@@ -308,6 +308,14 @@ def test_an_exception_in_your_factory_shows_your_frames_and_one_line(user_dir: P
     assert not (user_dir / "b").exists()
 
 
+def test_an_exception_in_your_factory_in_a_worker_process_is_reported_alike(user_dir: Path, capsys) -> None:
+    args = ["compare", "--model", "my_models:boom", "--methods", "bn-sgd", "--seeds", "1", "--epochs", "1"]
+    assert main([*args, "--jobs", "2", "--no-progress", "--out", "s"]) == 1
+    err = capsys.readouterr().err
+    assert 'my_models.py", line' in err and "in _make_layer" in err and "normkit/train" not in err
+    assert err.strip().splitlines()[-1].startswith("normkit compare: error: your model factory my_models:boom")
+
+
 def test_a_resumed_malicious_checkpoint_is_refused_and_runs_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

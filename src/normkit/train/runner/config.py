@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,8 +181,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` for an invalid value or an incompatible combination."""
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            _check_type(f.name, str(f.type), v)
+            v = _check_type(f.name, str(f.type), getattr(self, f.name))
+            setattr(self, f.name, v)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{f.name} must be a finite number, got {v}")
         for key, choices in CHOICES.items():
@@ -368,7 +369,7 @@ class TrainConfig:
 _TYPE_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
-def _check_type(name: str, annotation: str, value: Any) -> None:
+def _check_type(name: str, annotation: str, value: Any) -> Any:
     """Refuse a value of the wrong type (``epochs="ten"``, ``lr=True``) with one line naming it.
 
     JSON, TOML and method files give values of any type; a bool is not taken for a number, nor a float for a
@@ -376,15 +377,19 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
     """
     kinds = [k.strip() for k in annotation.split("|")]
     if value is None and "None" in kinds:
-        return
+        return None
     kind = next(k for k in kinds if k != "None")
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers too
+
     if kind == "list[int]":
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ok = isinstance(value, list) and all(whole(v) for v in value)
         expected = "a list of whole numbers"
     else:
         ok = {
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "int": whole(value),
+            "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
             "bool": isinstance(value, bool),
             "str": isinstance(value, str),
         }[kind]
@@ -392,6 +397,13 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
     if not ok:
         none = " or null" if "None" in kinds else ""
         raise ConfigError(f"{name} must be {expected}{none}, got {value!r} ({type(value).__name__})")
+    if kind == "int":
+        return int(value)  # a numpy integer becomes a Python int (JSON, hashes)
+    if kind == "float" and not isinstance(value, (int, float)):
+        return float(value)
+    if kind == "list[int]":
+        return [int(v) for v in value]
+    return value
 
 
 def config_hash(config: TrainConfig | dict[str, Any]) -> str:

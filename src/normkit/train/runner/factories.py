@@ -64,22 +64,29 @@ class ImportPathError(ValueError):
 class UserCodeError(RuntimeError):
     """Your factory raised: ``str()`` is one line of context, :meth:`user_traceback` your code's frames."""
 
-    def __init__(self, message: str, cause: BaseException) -> None:
+    def __init__(self, message: str, cause: BaseException | None = None, frames: str = "") -> None:
         super().__init__(message)
-        self.cause = cause
+        self.frames = frames or (_user_frames(cause) if cause is not None else "")
+
+    def __reduce__(self) -> Any:  # crosses process boundaries (compare --jobs N) with its frames as text
+        return (type(self), (str(self), None, self.frames))
 
     def user_traceback(self) -> str:
         """The traceback of the exception your code raised, without the frames of normkit's own code."""
-        package = str(Path(__file__).resolve().parents[2])  # src/normkit
-        frames = [
-            f
-            for f in traceback.extract_tb(self.cause.__traceback__)
-            if not str(Path(f.filename).resolve()).startswith(package)
-        ]
-        lines = ["Traceback (your code; normkit's frames left out):\n"]
-        lines += traceback.format_list(frames)
-        lines += traceback.format_exception_only(type(self.cause), self.cause)
-        return "".join(lines)
+        return self.frames
+
+
+def _user_frames(exc: BaseException) -> str:
+    package = str(Path(__file__).resolve().parents[2])  # src/normkit
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not str(Path(f.filename).resolve()).startswith(package)
+    ]
+    lines = ["Traceback (your code; normkit's frames left out):\n"]
+    lines += traceback.format_list(frames)
+    lines += traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
 
 
 def _call_user(path: str, what: str, factory: Callable[..., Any], **kwargs: Any) -> Any:
