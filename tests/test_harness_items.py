@@ -313,7 +313,8 @@ def test_an_exception_in_your_factory_in_a_worker_process_is_reported_alike(user
     assert main([*args, "--jobs", "2", "--no-progress", "--out", "s"]) == 1
     err = capsys.readouterr().err
     assert 'my_models.py", line' in err and "in _make_layer" in err and "normkit/train" not in err
-    assert err.strip().splitlines()[-1].startswith("normkit compare: error: your model factory my_models:boom")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("normkit compare: error: your model factory my_models:boom raised ValueError")
 
 
 def test_a_resumed_malicious_checkpoint_is_refused_and_runs_nothing(
