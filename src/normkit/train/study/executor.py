@@ -135,8 +135,9 @@ class LocalProcesses:
             return
         queue = deque(jobs)
         finished = 0
-        workers = self._start(fn, threads, min(self._workers, len(jobs)))
+        workers: list[_Worker] = []
         try:
+            self._start(fn, threads, min(self._workers, len(jobs)), workers)
             for w in workers:
                 self._assign(w, queue)
             while any(w.job is not None for w in workers):
@@ -175,7 +176,7 @@ class LocalProcesses:
             raise
         self._stop(workers, interrupt=False)
 
-    def _start(self, fn: JobFunction, threads: int, n: int) -> list[_Worker]:
+    def _start(self, fn: JobFunction, threads: int, n: int, workers: list[_Worker]) -> None:
         ctx = multiprocessing.get_context("spawn")
         # The children inherit "SIGINT ignored": a Ctrl-C at the terminal reaches the whole process group, and
         # only this process may decide what happens. SIGINT is blocked meanwhile so that one arriving now is
@@ -184,7 +185,6 @@ class LocalProcesses:
         if main:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        workers: list[_Worker] = []
         try:
             for _ in range(n):
                 parent, child = ctx.Pipe()
@@ -195,8 +195,7 @@ class LocalProcesses:
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        return workers
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C meanwhile lands here
 
     @staticmethod
     def _assign(w: _Worker, queue: deque[Job]) -> None:
