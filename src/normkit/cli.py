@@ -381,6 +381,26 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="epochs per run (default: the suite's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
     p.add_argument("--out", help="output directory (default runs/compare-SUITE)")
+    c = p.add_argument_group("cluster (--launcher submitit; needs normkit[cluster])")
+    c.add_argument(
+        "--launcher",
+        choices=("local", "submitit"),
+        default="local",
+        help="where the runs execute: this machine (default) or one scheduler job per run through submitit",
+    )
+    c.add_argument(
+        "--cluster", choices=("slurm", "local"), default="slurm", help="submitit's cluster (default slurm)"
+    )
+    c.add_argument("--partition", help="Slurm partition of every job")
+    c.add_argument("--gpus-per-job", type=int, default=0, metavar="N", help="GPUs per job (default 0)")
+    c.add_argument("--cpus-per-job", type=int, default=2, metavar="N", help="CPU cores per job (default 2)")
+    c.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit per job in minutes (60)")
+    c.add_argument(
+        "--max-running",
+        type=int,
+        metavar="N",
+        help="jobs in flight at once (default: all on Slurm, --jobs on the local cluster)",
+    )
     p.add_argument("--html", action="store_true", help="also write report.html with embedded plots")
     p.add_argument(
         "--overwrite", action="store_true", help="rerun runs in --out that were made with other settings"
@@ -406,11 +426,13 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             if getattr(args, k) is not None
         }
         name = "custom" if args.methods else suite.name
+        out = args.out or f"runs/compare-{name}"
+        executor = _cluster_executor(args, parser, out)
         if args.download:
             _fetch_datasets(suite, args, overrides)
         compare(
             suite,
-            args.out or f"runs/compare-{name}",
+            out,
             methods=args.methods,
             method_file=args.method_file,
             overrides=overrides,
@@ -419,6 +441,7 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             html=args.html,
             overwrite=args.overwrite,
             progress=args.progress,
+            executor=executor,
         )
     except _runtime_errors() as e:
         raise Failure(str(e)) from None
@@ -434,6 +457,32 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     except (ConfigError, MissingDataError, MissingDependencyError) as exc:
         parser.error(str(exc))
     return 0
+
+
+def _cluster_executor(args: argparse.Namespace, parser: argparse.ArgumentParser, out: str) -> Any:
+    """The executor of ``--launcher submitit`` (None: this machine); cluster flags alone are refused."""
+    cluster_flags = ("partition", "max_running")
+    if args.launcher != "submitit":
+        given = [f"--{k.replace('_', '-')}" for k in cluster_flags if getattr(args, k) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --launcher submitit")
+        return None
+    from normkit.train.study.cluster import ClusterOptions, SubmititExecutor
+
+    try:
+        options = ClusterOptions(
+            cluster=args.cluster,
+            partition=args.partition,
+            gpus_per_job=args.gpus_per_job,
+            cpus_per_job=args.cpus_per_job,
+            time_min=args.time,
+            max_running=args.max_running
+            if args.max_running is not None
+            else (args.jobs if args.cluster == "local" else None),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    return SubmititExecutor(os.path.join(out, ".submitit"), options)
 
 
 def _fetch_datasets(suite: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> None:
