@@ -88,7 +88,13 @@ def test_ctrl_c_stops_a_study_with_two_workers_and_it_resumes(tmp_path: Path) ->
     out = tmp_path / "study"
     # 1. Ctrl-C at the terminal once one run has finished and another is training
     proc = _start(out)
-    _wait_for(lambda: len(_finished(out)) >= 1, 400, "a first finished run")
+
+    def one_finished_one_checkpointed() -> bool:
+        runs = list(out.glob("runs/bn-sgd/seed*"))
+        unfinished = [r for r in runs if (r / "checkpoint.pt").exists() and not (r / "summary.json").exists()]
+        return len(_finished(out)) >= 1 and len(unfinished) >= 1
+
+    _wait_for(one_finished_one_checkpointed, 500, "a finished run and an unfinished one with a checkpoint")
     _wait_for(lambda: len(_children(proc.pid)) >= 2, 60, "two worker processes")
     code, err, workers, took = _interrupt(proc, group=True)
     assert code == 130, err
