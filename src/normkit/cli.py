@@ -171,6 +171,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     r.add_argument("--channels-last", action="store_true", default=S)
     r.add_argument("--sync-bn", action="store_true", default=S, help="synchronized BN/BRN under torchrun")
+    r.add_argument(
+        "--fsdp", action="store_true", default=S, help="under torchrun: shard the model with FSDP2, not DDP"
+    )
     r.add_argument("--eval-batch-size", type=int, default=S)
     r.add_argument(
         "--threads", type=int, default=S, help="CPU intra-op threads (default: 1 for small models on CPU)"

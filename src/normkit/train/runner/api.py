@@ -29,6 +29,7 @@ from normkit.train.runner.data import TensorData, load_dataset
 from normkit.train.runner.loop import Trainer, train
 from normkit.train.runner.process import DistInfo, seed_everything, setup_distributed
 from normkit.train.runner.rundir import RunResult, claim
+from normkit.train.runner.sharding import load_unsharded_model
 
 __all__ = ["evaluate_checkpoint", "run"]
 
@@ -73,6 +74,7 @@ def run(
             raise ValueError("resume=True needs out_dir")
         path = Path(out_dir) / "checkpoint.pt" if resume is True and out_dir else Path(str(resume))
         state = load_checkpoint(path)
+        state["source_dir"] = str(path if path.is_dir() else path.parent)  # where its sharded part is
         out_dir = out_dir if out_dir is not None else (path if path.is_dir() else path.parent)
         cfg, request = resumed_config(state, config)
     else:
@@ -138,11 +140,15 @@ def evaluate_checkpoint(
     overrides: dict[str, Any] = {"device": device}
     if data_dir is not None:
         overrides["data_dir"] = data_dir
-    cfg = resolve_config({**state["config"], **overrides, "init": "default", "enorm": 0.0})
+    cfg = resolve_config({**state["config"], **overrides, "init": "default", "enorm": 0.0, "fsdp": False})
     info = DistInfo()
     seed_everything(cfg.seed)
     trainer = Trainer(build_run(cfg, _load_data(cfg, info), info, lambda s: None), log=lambda s: None)
-    trainer.model.load_state_dict(state["model"])
+    if "sharded" in state:  # written by --fsdp: read the shards into this one-process model
+        base = Path(path) if Path(path).is_dir() else Path(path).parent
+        load_unsharded_model(trainer.model, base / state["sharded"])
+    else:
+        trainer.model.load_state_dict(state["model"])
     if split == "val" and trainer.data.x_val is None:
         raise ValueError("this run has no validation split (val_size = 0)")
     loss, acc = trainer.evaluate(split)

@@ -353,6 +353,15 @@ def build_run(cfg: TrainConfig, data: TensorData, info: DistInfo, log: Log) -> B
         model = convert_batchnorm(model, to="sync")
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.fsdp:
+        if not info.enabled:
+            raise ConfigError(
+                "--fsdp shards the model over the processes torchrun starts: run "
+                "`torchrun --nproc_per_node N -m normkit.cli train ... --fsdp`, or drop --fsdp in one process"
+            )
+        from normkit.train.runner.sharding import shard_model
+
+        shard_model(model)  # before the optimizer, which must hold the sharded parameters
     example = data.prepare(data.x_train[:2])
     optimizer, inner = build_optimizer(model, cfg, example)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
@@ -374,7 +383,7 @@ def build_run(cfg: TrainConfig, data: TensorData, info: DistInfo, log: Log) -> B
     # dropout masks: every rank its own stream (rank 0's equals a single process's)
     torch.manual_seed(cfg.seed + 2 + 1000 * info.rank)
     train_model: nn.Module = model
-    if info.enabled:
+    if info.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None

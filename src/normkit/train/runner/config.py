@@ -131,13 +131,17 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     sync_bn: bool = False
+    fsdp: bool = False  # shard the model with FSDP2 under torchrun (DDP otherwise)
     eval_batch_size: int = 1000
     threads: int | None = None
     max_steps: int | None = None
     recipe: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["fsdp"]:  # absent unless set: configs and run identities from before the option stay valid
+            del d["fsdp"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from normkit.train.runner.data import batches
 from normkit.train.runner.process import DistInfo
 from normkit.train.runner.records import Records
 from normkit.train.runner.rundir import Claim, RunResult, code_version
+from normkit.train.runner.sharding import SHARDED_DIR, load_sharded, save_sharded
 
 __all__ = ["Trainer", "TrainingInterrupted", "evaluate", "train"]
 
@@ -55,18 +57,21 @@ def evaluate(
     amp: str = "none",
     channels_last: bool = False,
     prepare: Callable[[Tensor], Tensor] | None = None,
+    sharded: bool = False,
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` in eval mode; sharded and all-reduced under DDP."""
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode; the data split over the ranks and the sums
+    all-reduced under torchrun. ``sharded``: the model is FSDP-sharded (its forward is a collective)."""
     info = info or DistInfo()
     was_training = model.training
     model.eval()
-    if info.enabled:
-        x, y = (
-            torch.tensor_split(x, info.world_size)[info.rank],
-            torch.tensor_split(y, info.world_size)[info.rank],
-        )
+    rank, world = info.rank, info.world_size
+    if info.enabled and not sharded:
+        x, y = torch.tensor_split(x, world)[rank], torch.tensor_split(y, world)[rank]
+        rank, world = 0, 1
+    # A sharded model's forward is a collective: every rank takes its share of each global batch, so all
+    # ranks run the same number of forward passes.
     stats = torch.zeros(3, dtype=torch.float64, device=x.device)
-    for xb, yb in batches(x, y, batch_size, prepare=prepare):
+    for xb, yb in batches(x, y, batch_size, prepare=prepare, rank=rank, world_size=world):
         if channels_last and xb.dim() == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with _autocast(xb.device, amp):
@@ -114,6 +119,7 @@ class Trainer:
         self.request: dict[str, Any] | None = None  # the configuration as asked (before finalize_config)
         self.metrics: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
+        self.sharded: str | None = None  # --fsdp: the directory of the last sharded checkpoint
 
     # -- state ----------------------------------------------------------------------------------------------
     def rank_rng_states(self) -> list[Tensor] | None:
@@ -131,8 +137,11 @@ class Trainer:
             "request": self.request if self.request is not None else self.cfg.to_dict(),
             "epoch": self.epoch,
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **(
+                {"sharded": self.sharded}  # model and optimizer: every rank's shards, save_sharded
+                if self.cfg.fsdp
+                else {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+            ),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "enorm": self.enorm.state_dict() if hasattr(self.enorm, "state_dict") else None,
@@ -142,9 +151,24 @@ class Trainer:
             "built": self.built.fingerprint,
         }
 
+    def save_sharded(self, out: Path) -> None:
+        """Every rank writes its shards of model and optimizer (``--fsdp``; a collective)."""
+        self.sharded = f"{SHARDED_DIR}/epoch-{self.epoch}"
+        save_sharded(self.model, self.optimizer, out / self.sharded)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:
+            if not self.cfg.fsdp:
+                raise ValueError(
+                    "this checkpoint was written with --fsdp: resume it with --fsdp under torchrun"
+                )
+            load_sharded(self.model, self.optimizer, Path(state["source_dir"]) / state["sharded"])
+            self.sharded = state["sharded"]
+        elif self.cfg.fsdp:
+            raise ValueError("this checkpoint was written without --fsdp: resume it without --fsdp")
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if state.get("enorm") is not None and hasattr(self.enorm, "load_state_dict"):
@@ -239,6 +263,7 @@ class Trainer:
             amp=self.cfg.amp,
             channels_last=self.cfg.channels_last,
             prepare=self.data.prepare,
+            sharded=self.cfg.fsdp,
         )
 
     def run_epoch(self, progress: Any = None) -> dict[str, Any]:
@@ -345,6 +370,8 @@ def train(
                     bar.close()
                 quiet(_line(rec, cfg.epochs))
                 rank_rng = trainer.rank_rng_states() if records.out is not None else None
+                if cfg.fsdp and records.out is not None:
+                    trainer.save_sharded(records.out)
                 records.epoch(trainer, rec, rank_rng)
                 if info.enabled:
                     dist.barrier()

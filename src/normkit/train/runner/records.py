@@ -20,6 +20,7 @@ from normkit.train.runner.checkpoint import (
 )
 from normkit.train.runner.config import TrainConfig
 from normkit.train.runner.rundir import RUN_FILES, Claim, DirectoryLock, RunDirError, existing_run
+from normkit.train.runner.sharding import SHARDED_DIR, prune_sharded
 
 __all__ = ["Records"]
 
@@ -54,6 +55,7 @@ class Records:
             if self.claim.fresh:
                 for name in RUN_FILES:  # a fresh start: nothing of an earlier run may survive beside it
                     (out / name).unlink(missing_ok=True)
+                prune_sharded(out, set())
             else:
                 (out / "summary.json").unlink(missing_ok=True)  # no longer complete until written again
             atomic_write_text(out / "config.json", self.cfg.to_json() + "\n")
@@ -81,6 +83,9 @@ class Records:
         crash_point(f"after-checkpoint:{trainer.epoch}")
         if trainer.best.get("epoch") == rec["epoch"]:
             save_checkpoint(ckpt, self.out / "best.pt")
+        if "sharded" in ckpt:  # --fsdp: keep the shards checkpoint.pt and best.pt name, drop older ones
+            best = trainer.best.get("epoch")
+            prune_sharded(self.out, {ckpt["sharded"], f"{SHARDED_DIR}/epoch-{best}"})
         self.metrics(trainer.metrics)
         crash_point(f"after-metrics:{trainer.epoch}")
 
