@@ -242,7 +242,7 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(str(e))
     except ValueError as e:
         parser.error(str(e))
-    if result.summary:
+    if result.summary and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks for all
         print(_done_line(result.summary) + (f" -> {result.out_dir}" if result.out_dir else ""), flush=True)
     return 0
 
