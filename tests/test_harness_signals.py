@@ -131,3 +131,29 @@ def test_ctrl_c_stops_a_study_with_two_workers_and_it_resumes(tmp_path: Path) ->
         metrics = [json.loads(line) for line in (summary.parent / "metrics.jsonl").read_text().splitlines()]
         assert record["epochs_done"] == 10 and [m["epoch"] for m in metrics] == list(range(1, 11))
     assert (out / "report.md").is_file()
+
+
+def test_ctrl_c_stops_a_study_running_in_process(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    command = [
+        sys.executable, "-m", "normkit", "compare", "--methods", "bn-sgd", "--seeds", "2", "--epochs", "10",
+        "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+    )  # fmt: skip
+    _wait_for(lambda: (out / "runs/bn-sgd/seed0/checkpoint.pt").exists(), 300, "a first checkpoint")
+    code, err, _, took = _interrupt(proc, group=True)
+    assert code == 130 and "Traceback" not in err and took < 60, err
+    assert err.strip().splitlines() == [
+        "normkit compare: interrupted: 0 of 2 runs finished (kept), an interrupted run resumes from its last "
+        "epoch; run the same command again to continue"
+    ]
+    assert load_epoch(out / "runs/bn-sgd/seed0") >= 1  # the checkpoint it resumes from
+
+
+def load_epoch(run_dir: Path) -> int:
+    from normkit.train.runner import load_checkpoint
+
+    return int(load_checkpoint(run_dir)["epoch"])
