@@ -25,7 +25,7 @@ Step = Callable[[], None]
 def _models() -> list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]]:
     from torchvision.models import resnet18
 
-    from normkit.train.models import build_model
+    from normkit.train.runner.models import build_model
 
     return [
         ("ResNet-18", lambda: resnet18(num_classes=10), (32, 3, 32, 32)),

@@ -27,7 +27,7 @@ from normkit.optim import (
     scale_invariant_param_groups,
     scale_invariant_weights,
 )
-from normkit.train.models import wrn
+from normkit.train.runner.models import wrn
 
 TITLE = "AdamP / SGDP, sphere projection, LARS / LAMB: step vs the torch optimizer they build on"
 

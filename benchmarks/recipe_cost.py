@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from normkit.train.config import resolve_config
-from normkit.train.data import DATASETS
-from normkit.train.models import build_model
+from normkit.train.runner.config import resolve_config
+from normkit.train.runner.data import DATASETS
+from normkit.train.runner.models import build_model
 
 # One recipe per table of the seeds (train-set sizes: CIFAR 50 000, SVHN train 73 257 (+ extra 531 131),
 # MNIST 60 000; the ENorm runs hold out 9 040 CIFAR images).

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from normkit.train.crossq import CrossQConfig, run_rl
+from normkit.train.rl import CrossQConfig, run_rl
 
 
 def main() -> None:

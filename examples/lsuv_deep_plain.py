@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normkit.init import lsuv_init
-from normkit.train.data import fetch_command, read_idx
+from normkit.train.runner.data import fetch_command, read_idx
 
 MNIST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

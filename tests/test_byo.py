@@ -14,10 +14,10 @@ import torch
 
 import normkit
 from normkit.cli import main
-from normkit.train.config import ConfigError, resolve_config
-from normkit.train.custom import ImportPathError, load_user_data
-from normkit.train.data import MissingDataError, load_dataset
-from normkit.train.models import build_model
+from normkit.train.runner.config import ConfigError, resolve_config
+from normkit.train.runner.data import MissingDataError, load_dataset
+from normkit.train.runner.factories import ImportPathError, load_user_data
+from normkit.train.runner.models import build_model
 
 MODEL = """
 import torch.nn as nn
@@ -228,7 +228,7 @@ def test_compare_download_fetches_before_any_run(tmp_path, monkeypatch, capsys):
         calls.append((name, str(data_dir), kwargs.get("download")))
         raise MissingDataError("offline test: no download")
 
-    monkeypatch.setattr("normkit.train.data.load_dataset", fake_load)
+    monkeypatch.setattr("normkit.train.runner.data.load_dataset", fake_load)
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
         main(["compare", "--suite", "lsuv", "--download", "--data-dir", str(tmp_path), "--out", str(out)])

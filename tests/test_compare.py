@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from normkit.train.compare import SUITES, Arm, Suite, compare, load_method_file, plan
-from normkit.train.config import ConfigError
+from normkit.train.runner.config import ConfigError
+from normkit.train.study.comparison import SUITES, Arm, Suite, compare, load_method_file, plan
 
 TINY = {
     "data": "digits",
@@ -179,7 +179,7 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 
 def test_changed_settings_on_an_existing_out_are_refused_in_one_line(tmp_path: Path) -> None:
-    from normkit.train.engine import RunDirError
+    from normkit.train.runner import RunDirError
 
     compare(tiny_suite(), tmp_path, methods=["bn-sgd"], seeds=1, log=lambda s: None)
     before = _mtimes(tmp_path)
@@ -201,11 +201,11 @@ def test_compare_lock(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from normkit.train.engine import RunDirError
+    from normkit.train.runner import RunDirError
 
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from normkit.train.compare import _Lock\n"
+         "import sys, time; from pathlib import Path; from normkit.train.study.comparison import _Lock\n"
          "with _Lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
          str(tmp_path)],
         stdout=subprocess.PIPE, text=True,
@@ -245,7 +245,7 @@ def test_report_shows_what_ran_statistics_and_flags(tmp_path: Path) -> None:
 
 
 def test_comparison_groups_and_loss_range() -> None:
-    from normkit.train.report import arm_statistics, comparisons, loss_axis_range
+    from normkit.train.study.report import arm_statistics, comparisons, loss_axis_range
 
     rows = [
         {"arm": a, "seed": 0, "final_test_acc": 0.5, "final_test_loss": 1.0, "final_train_loss": 1.0}
@@ -271,7 +271,7 @@ def test_compare_shows_one_bar_over_all_runs(tmp_path: Path, capsys: pytest.Capt
 
 def test_results_markdown_tables_are_generated_from_csv(tmp_path: Path) -> None:
     from normkit.cli import main
-    from normkit.train.results import update_results_markdown
+    from normkit.train.study.results import update_results_markdown
 
     root = tmp_path / "results"
     old = root / "grassmann"  # a built-in suite's older results.csv: no baseline / test_size columns
@@ -323,22 +323,22 @@ def test_report_does_not_import_compare() -> None:
     """The compare -> report dependency goes one way only (no import circle, not even a lazy one)."""
     import ast
 
-    import normkit.train.report as report
-    import normkit.train.stats as stats
-    import normkit.train.suite as suite
+    import normkit.train.study.report as report
+    import normkit.train.study.stats as stats
+    import normkit.train.study.suite as suite
 
     for module in (report, stats, suite):
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {
             node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
         } | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        assert "normkit.train.compare" not in imported, module.__name__
+        assert "normkit.train.study.comparison" not in imported, module.__name__
 
 
 def test_a_killed_worker_is_reported_and_the_study_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from normkit.train.compare import WorkerDied
+    from normkit.train.study.comparison import WorkerDied
 
     monkeypatch.setenv("NORMKIT_CRASH_AT", "after-checkpoint:1")  # every worker SIGKILLs itself after epoch 1
     with pytest.raises(WorkerDied, match="run the same command again"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from normkit.nn import BatchRenorm1d, BRNSchedule
-from normkit.train.config import ConfigError
-from normkit.train.crossq import Agent, Batch, CrossQConfig, run_rl, sign_test
+from normkit.train.rl import Agent, Batch, CrossQConfig, run_rl, sign_test
+from normkit.train.runner.config import ConfigError
 
 pytest.importorskip("gymnasium")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: OpenMP threads only cost here
@@ -227,8 +227,8 @@ def test_sign_test_is_exact():
 def test_missing_gymnasium_names_the_extra(monkeypatch):
     import sys
 
-    from normkit.train.crossq import _make_env
-    from normkit.train.data import MissingDependencyError
+    from normkit.train.rl.crossq import _make_env
+    from normkit.train.runner.data import MissingDependencyError
 
     monkeypatch.setitem(sys.modules, "gymnasium", None)
     with pytest.raises(MissingDependencyError, match=r"normkit\[rl\]"):
@@ -239,7 +239,7 @@ def test_compare_suite_runs_writes_the_usual_files_and_reuses_runs(tmp_path, cap
     import os
 
     from normkit.cli import main
-    from normkit.train.compare import SUITES, compare
+    from normkit.train.study.comparison import SUITES, compare
 
     assert main(["compare", "--list"]) == 0
     assert "crossq" in capsys.readouterr().out

@@ -342,7 +342,7 @@ def test_bad_options_are_refused(kwargs: dict, match: str) -> None:
 
 def test_harness_options_reach_enorm(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from normkit.train import ConfigError, resolve_config, run
-    from normkit.train.data import load_dataset
+    from normkit.train.runner.data import load_dataset
 
     data = load_dataset("digits", subset=256)
     cfg = {

@@ -248,9 +248,9 @@ def test_errors_before_mutation():
 def test_harness_builds_and_trains(overrides):
     """``normkit train --optimizer sgdp | adamp | lars | lamb``: the engine builds the optimizer with the
     graph's / the exclusion groups, and a few steps on digits stay finite and lower the loss."""
-    from normkit.train.config import resolve_config
-    from normkit.train.data import load_dataset
-    from normkit.train.engine import build_optimizer, run
+    from normkit.train.runner import build_optimizer, run
+    from normkit.train.runner.config import resolve_config
+    from normkit.train.runner.data import load_dataset
 
     cfg = dict(data="digits", model="mlp", depth=2, width=32, norm="bn", epochs=2, batch_size=64, **overrides)
     model = nn.Sequential(nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
@@ -276,7 +276,7 @@ def test_harness_builds_and_trains(overrides):
     ],
 )
 def test_harness_refuses_bad_options(overrides, message):
-    from normkit.train.config import ConfigError, resolve_config
+    from normkit.train.runner.config import ConfigError, resolve_config
 
     with pytest.raises(ConfigError, match=message):
         resolve_config(overrides)

@@ -21,7 +21,7 @@ import torch
 
 from normkit.cli import main
 from normkit.train import run
-from normkit.train.engine import finished_run
+from normkit.train.runner import finished_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,7 +127,7 @@ def test_finished_work_is_never_replaced_silently(tmp_path: Path, capsys: pytest
 
 
 def test_completion_record_binds_config_and_code(tmp_path: Path) -> None:
-    from normkit.train.config import config_hash
+    from normkit.train.runner.config import config_hash
 
     res = run({**CFG, "epochs": 1}, tmp_path, log=lambda s: None)
     record = json.loads((tmp_path / "summary.json").read_text())
@@ -204,7 +204,7 @@ def test_disk_full_while_checkpointing(
 def test_ctrl_c_says_how_to_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from normkit.train.engine import Trainer
+    from normkit.train.runner import Trainer
 
     real = Trainer.run_epoch
 
@@ -253,8 +253,8 @@ def test_failed_download_and_interrupted_compare_are_one_clear_line(
 ) -> None:
     import types
 
-    import normkit.train.compare as compare_module
-    import normkit.train.data as data
+    import normkit.train.runner.data as data
+    import normkit.train.study.comparison as compare_module
 
     def unreachable(*a: Any, **k: Any) -> None:
         raise OSError("<urlopen error [Errno 101] Network is unreachable>")
@@ -271,5 +271,7 @@ def test_failed_download_and_interrupted_compare_are_one_clear_line(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(compare_module, "_run_job", interrupted)
-    err = _fails(capsys, ["compare", "--methods", "bn-sgd", "--seeds", "1", "--out", str(tmp_path / "c")])
-    assert "run the same command again to continue" in err
+    status = main(["compare", "--methods", "bn-sgd", "--seeds", "1", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert status == 130 and "Traceback" not in err  # Ctrl-C: the shell's convention, 128 + SIGINT
+    assert "run the same command again to continue" in err and len(err.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from normkit.train.data import DATASETS, MissingDataError, augment, batches, load_dataset, read_idx
+from normkit.train.runner.data import DATASETS, MissingDataError, augment, batches, load_dataset, read_idx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,7 +173,7 @@ def test_batches_shard_the_global_batch() -> None:
 
 
 def test_non_iid_order_batches_hold_few_classes():
-    from normkit.train.data import batches, non_iid_order
+    from normkit.train.runner.data import batches, non_iid_order
 
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(10).repeat_interleave(torch.tensor([370, 410, 290, 500, 330, 450, 380, 400, 360, 310]))
@@ -194,7 +194,7 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
     import sys
 
     from normkit.cli import main
-    from normkit.train.data import MissingDependencyError, require
+    from normkit.train.runner.data import MissingDependencyError, require
 
     with pytest.raises(MissingDependencyError, match=r"pip install 'normkit\[report\]'"):
         require("no_such_module_for_normkit", "report", "plots")

@@ -109,8 +109,8 @@ def test_ddp_weighs_uneven_batches_exactly_and_reports_the_saved_model(tmp_path:
     - with BN and without --sync-bn (ranks' running statistics differ): the reported test metrics must be
       those of the checkpoint rank 0 saved, evaluated by one process on the whole test set.
     """
-    from normkit.train.checkpoint import load_checkpoint
-    from normkit.train.engine import evaluate_checkpoint
+    from normkit.train.runner import evaluate_checkpoint
+    from normkit.train.runner.checkpoint import load_checkpoint
     from tests.distributed import run_gloo
 
     uneven = {

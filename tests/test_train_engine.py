@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from normkit.train import ConfigError, TensorData, resolve_config, run
-from normkit.train.checkpoint import load_checkpoint, save_checkpoint
-from normkit.train.data import load_dataset
-from normkit.train.engine import evaluate_checkpoint
+from normkit.train.runner import evaluate_checkpoint
+from normkit.train.runner.checkpoint import load_checkpoint, save_checkpoint
+from normkit.train.runner.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -234,8 +234,8 @@ def test_recipe_key_starts_from_the_recipe() -> None:
 
 
 def test_no_weight_decay_on_biases_and_normalization_unless_asked() -> None:
-    from normkit.train.engine import build_optimizer
-    from normkit.train.models import build_model
+    from normkit.train.runner import build_optimizer
+    from normkit.train.runner.models import build_model
 
     model = build_model("mlp", (1, 8, 8), 10, depth=2, width=8, norm="bn")
     matrices = {id(p) for p in model.parameters() if p.ndim > 1}
@@ -254,7 +254,7 @@ def test_no_weight_decay_on_biases_and_normalization_unless_asked() -> None:
 
 
 def test_learning_rate_schedules() -> None:
-    from normkit.train.engine import lr_factor
+    from normkit.train.runner import lr_factor
 
     f = lr_factor(resolve_config(_small(epochs=10, schedule="multistep", milestones=[3, 6], gamma=0.2)), 5)
     assert [f(s) for s in (0, 14, 15, 29, 30)] == pytest.approx([1, 1, 0.2, 0.2, 0.04])
@@ -281,7 +281,7 @@ def test_mnist1d_with_cnn1d() -> None:
 def test_brn_schedule_is_scaled_to_the_run_and_warmup_only_runs_say_so(
     tmp_path: Path, digits: TensorData
 ) -> None:
-    from normkit.train.config import scaled_brn_steps
+    from normkit.train.runner.config import scaled_brn_steps
 
     lines: list[str] = []
     res = run(_small(norm="brn", epochs=2), tmp_path / "scaled", data=digits, log=lines.append)
@@ -306,7 +306,7 @@ def test_brn_schedule_is_scaled_to_the_run_and_warmup_only_runs_say_so(
 
 
 def test_scaled_brn_steps_proportions() -> None:
-    from normkit.train.config import scaled_brn_steps
+    from normkit.train.runner.config import scaled_brn_steps
 
     # the paper's 5 000 / 25 000 / 40 000 keep their ratios 1 : 5 : 8, with r_max reached at half the run
     assert scaled_brn_steps(80_000) == {

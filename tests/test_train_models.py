@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from normkit.nn import BatchRenorm1d, BatchRenorm2d
-from normkit.train.models import MODELS, build_model
+from normkit.train.runner.models import MODELS, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from normkit.train import DATASETS, RECIPES, TensorData, resolve_config, run
-from normkit.train.config import TrainConfig
+from normkit.train.runner.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from normkit.train.stats import (
+from normkit.train.study.stats import (
     binomial_cdf,
     paired_comparison,
     sign_test_interval,

@@ -36,8 +36,7 @@ def _int_list(text: str) -> list[int]:
 
 def _name_or_import_path(kind: str) -> Callable[[str], str]:
     """argparse type of --data / --model: a built-in name or your own ``package.module:factory``."""
-    from normkit.train.config import CHOICES
-    from normkit.train.custom import is_import_path
+    from normkit.train.runner import CHOICES, is_import_path
 
     def parse(text: str) -> str:
         if text in CHOICES[kind] or is_import_path(text):
@@ -52,7 +51,7 @@ def _name_or_import_path(kind: str) -> Callable[[str], str]:
 
 
 def _own_help(kind: str, text: str) -> str:
-    from normkit.train.config import CHOICES
+    from normkit.train.runner import CHOICES
 
     return f"{text}: {', '.join(CHOICES[kind])}, or your own as package.module:factory"
 
@@ -61,7 +60,7 @@ def _own_help(kind: str, text: str) -> str:
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from normkit.train.config import CHOICES
+    from normkit.train.runner import CHOICES
 
     S = argparse.SUPPRESS  # only flags given on the command line override the recipe / config file
     p.add_argument(
@@ -172,6 +171,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     r.add_argument("--channels-last", action="store_true", default=S)
     r.add_argument("--sync-bn", action="store_true", default=S, help="synchronized BN/BRN under torchrun")
+    r.add_argument(
+        "--fsdp", action="store_true", default=S, help="under torchrun: shard the model with FSDP2, not DDP"
+    )
     r.add_argument("--eval-batch-size", type=int, default=S)
     r.add_argument(
         "--threads", type=int, default=S, help="CPU intra-op threads (default: 1 for small models on CPU)"
@@ -188,17 +190,21 @@ class Failure(Exception):
 
 
 def _runtime_errors() -> tuple[type[BaseException], ...]:
-    from normkit.train.checkpoint import CheckpointError, RunFileError
-    from normkit.train.compare import WorkerDied
-    from normkit.train.engine import RunDirError
+    from normkit.train.runner import CheckpointError, RunDirError, RunFileError
+    from normkit.train.study import WorkerDied
 
     return (CheckpointError, RunFileError, RunDirError, WorkerDied)
 
 
 def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from normkit.train.config import ConfigError, resolve_config
-    from normkit.train.data import MissingDataError, MissingDependencyError
-    from normkit.train.engine import run
+    from normkit.train.runner import (
+        ConfigError,
+        MissingDataError,
+        MissingDependencyError,
+        UserCodeError,
+        resolve_config,
+        run,
+    )
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     base: dict[str, Any] = {}
@@ -230,19 +236,39 @@ def _run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             )
     except _runtime_errors() as e:
         raise Failure(str(e)) from None
+    except UserCodeError as e:
+        _user_traceback(e)
     except (ConfigError, MissingDataError, MissingDependencyError, FileNotFoundError) as e:
         parser.error(str(e))
     except ValueError as e:
         parser.error(str(e))
-    if result.summary:
-        s = result.summary
-        print(
-            f"done: test acc {100 * s['final_test_acc']:.2f}% "
-            f"(best {100 * s['best_acc']:.2f}% on {s['best_on']} at epoch {s['best_epoch']})"
-            + (f" -> {result.out_dir}" if result.out_dir else ""),
-            flush=True,
-        )
+    if result.summary and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks for all
+        print(_done_line(result.summary) + (f" -> {result.out_dir}" if result.out_dir else ""), flush=True)
     return 0
+
+
+def _done_line(s: dict[str, Any]) -> str:
+    """The last line of ``normkit train``: a diverged run is a result too (its summary says so)."""
+
+    def pct(v: Any) -> str:
+        return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "n/a"
+
+    if s.get("diverged"):
+        best = (
+            f"; best {pct(s['best_acc'])} at epoch {s['best_epoch']}" if s.get("best_acc") is not None else ""
+        )
+        return (
+            f"done: diverged at epoch {s.get('epochs_done')} (training loss not finite), test acc "
+            f"{pct(s.get('final_test_acc'))}{best}; the run is recorded as diverged"
+        )
+    best = f"best {pct(s['best_acc'])} on {s['best_on']} at epoch {s['best_epoch']}"
+    return f"done: test acc {pct(s['final_test_acc'])} ({best})"
+
+
+def _user_traceback(e: Any) -> None:
+    """Your factory raised: its frames (not normkit's), then one line of context; exit status 1."""
+    sys.stderr.write(e.user_traceback())
+    raise Failure(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------- test
@@ -257,8 +283,7 @@ def _add_test_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_test(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from normkit.train.data import MissingDataError, MissingDependencyError
-    from normkit.train.engine import evaluate_checkpoint
+    from normkit.train.runner import MissingDataError, MissingDependencyError, evaluate_checkpoint
 
     try:
         res = evaluate_checkpoint(args.load, data_dir=args.data_dir, device=args.device, split=args.split)
@@ -288,8 +313,7 @@ def _add_recipes_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_recipes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from normkit.train.config import resolve_config
-    from normkit.train.recipes import RECIPES, get_recipe
+    from normkit.train.runner import RECIPES, get_recipe, resolve_config
 
     if args.name:
         try:
@@ -334,7 +358,7 @@ def _run_recipes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    from normkit.train.compare import SUITES
+    from normkit.train.study import SUITES
 
     what = p.add_mutually_exclusive_group()
     what.add_argument("--suite", choices=list(SUITES), help="a named study (default: default)")
@@ -360,6 +384,26 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="epochs per run (default: the suite's)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default 1)")
     p.add_argument("--out", help="output directory (default runs/compare-SUITE)")
+    c = p.add_argument_group("cluster (--launcher submitit; needs normkit[cluster])")
+    c.add_argument(
+        "--launcher",
+        choices=("local", "submitit"),
+        default="local",
+        help="where the runs execute: this machine (default) or one scheduler job per run through submitit",
+    )
+    c.add_argument(
+        "--cluster", choices=("slurm", "local"), default="slurm", help="submitit's cluster (default slurm)"
+    )
+    c.add_argument("--partition", help="Slurm partition of every job")
+    c.add_argument("--gpus-per-job", type=int, default=0, metavar="N", help="GPUs per job (default 0)")
+    c.add_argument("--cpus-per-job", type=int, default=2, metavar="N", help="CPU cores per job (default 2)")
+    c.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit per job in minutes (60)")
+    c.add_argument(
+        "--max-running",
+        type=int,
+        metavar="N",
+        help="jobs in flight at once (default: all on Slurm, --jobs on the local cluster)",
+    )
     p.add_argument("--html", action="store_true", help="also write report.html with embedded plots")
     p.add_argument(
         "--overwrite", action="store_true", help="rerun runs in --out that were made with other settings"
@@ -370,9 +414,8 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from normkit.train.compare import SUITES, compare, describe_methods, load_method_file
-    from normkit.train.config import ConfigError
-    from normkit.train.data import MissingDataError, MissingDependencyError
+    from normkit.train.runner import ConfigError, MissingDataError, MissingDependencyError, UserCodeError
+    from normkit.train.study import SUITES, StudyInterrupted, compare, describe_methods, load_method_file
 
     try:
         if args.list:
@@ -386,11 +429,13 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             if getattr(args, k) is not None
         }
         name = "custom" if args.methods else suite.name
+        out = args.out or f"runs/compare-{name}"
+        executor = _cluster_executor(args, parser, out)
         if args.download:
             _fetch_datasets(suite, args, overrides)
         compare(
             suite,
-            args.out or f"runs/compare-{name}",
+            out,
             methods=args.methods,
             method_file=args.method_file,
             overrides=overrides,
@@ -399,11 +444,16 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             html=args.html,
             overwrite=args.overwrite,
             progress=args.progress,
+            executor=executor,
         )
     except _runtime_errors() as e:
         raise Failure(str(e)) from None
+    except UserCodeError as e:
+        _user_traceback(e)
+    except StudyInterrupted:
+        raise  # main() prints its one line (how to resume) and exits with 130, as for any Ctrl-C
     except KeyboardInterrupt:
-        raise Failure(
+        raise StudyInterrupted(
             "interrupted: finished runs are kept and an interrupted one resumes from its last epoch; "
             "run the same command again to continue"
         ) from None
@@ -412,12 +462,38 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def _cluster_executor(args: argparse.Namespace, parser: argparse.ArgumentParser, out: str) -> Any:
+    """The executor of ``--launcher submitit`` (None: this machine); cluster flags alone are refused."""
+    cluster_flags = ("partition", "max_running")
+    if args.launcher != "submitit":
+        given = [f"--{k.replace('_', '-')}" for k in cluster_flags if getattr(args, k) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --launcher submitit")
+        return None
+    from normkit.train.study.cluster import ClusterOptions, SubmititExecutor
+
+    try:
+        options = ClusterOptions(
+            cluster=args.cluster,
+            partition=args.partition,
+            gpus_per_job=args.gpus_per_job,
+            cpus_per_job=args.cpus_per_job,
+            time_min=args.time,
+            max_running=args.max_running
+            if args.max_running is not None
+            else (args.jobs if args.cluster == "local" else None),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    return SubmititExecutor(os.path.join(out, ".submitit"), options)
+
+
 def _fetch_datasets(suite: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     """Download the built-in datasets the planned runs need, once, before any run starts (the runs themselves
     keep download off, so their configs match those of runs made without --download)."""
-    from normkit.train.compare import load_method_file, plan
-    from normkit.train.custom import is_import_path
-    from normkit.train.data import load_dataset
+    from normkit.train.runner import is_import_path
+    from normkit.train.runner.data import load_dataset  # looked up at call time (tests replace it)
+    from normkit.train.study import load_method_file, plan
 
     extra = load_method_file(args.method_file) if args.method_file else None
     _, jobs = plan(suite, methods=args.methods, extra_methods=extra, overrides=overrides, seeds=1)
@@ -450,7 +526,7 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
 def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pathlib import Path
 
-    from normkit.train.results import update_results_markdown
+    from normkit.train.study.results import update_results_markdown
 
     root = Path(args.results)
     if not root.is_dir():

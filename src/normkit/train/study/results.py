@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from normkit.train.checkpoint import atomic_write_text
-from normkit.train.report import (
+from normkit.train.runner import atomic_write_text
+from normkit.train.study.report import (
     HARDWARE_NOTE,
     ArmStats,
     arm_statistics,
@@ -38,7 +38,7 @@ def _mark(name: str, end: bool) -> str:
 
 def study_statistics(folder: Path) -> list[ArmStats]:
     """Per-arm statistics of one study folder's results.csv (baselines from the CSV or the built-in suite)."""
-    from normkit.train.compare import SUITES
+    from normkit.train.study.comparison import SUITES
 
     rows = read_results_csv(folder / "results.csv")
     if not rows:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from normkit.train.runner import ConfigError, TrainConfig
+from normkit.train.study.comparison import SUITES, compare
+
 __all__ = ["Study", "compare_methods"]
 
 
@@ -114,8 +117,6 @@ def compare_methods(
     Raises:
         ConfigError: an unknown option or method, or an invalid combination, before anything runs.
     """
-    from normkit.train.compare import SUITES, compare
-    from normkit.train.config import ConfigError, TrainConfig
 
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(options) - valid - {"seed"})

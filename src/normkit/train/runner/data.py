@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from normkit.train.runner.factories import is_import_path, load_user_data
+
 __all__ = [
     "DATASETS",
     "DatasetInfo",
@@ -490,12 +492,20 @@ def load_dataset(
     ``val_size`` examples are held out of the training set (a fixed split) as a validation set;
     ``subset`` keeps only the first ``subset`` training examples (quick experiments).
     ``name`` may also be the import path of your own dataset factory, ``package.module:factory``
-    (see :mod:`normkit.train.custom`).
+    (see :mod:`normkit.train.runner.factories`).
     """
-    from normkit.train.custom import is_import_path, load_user_data
-
     if is_import_path(name):
-        data = load_user_data(name)
+        user = load_user_data(name)
+        data = TensorData(
+            name,
+            user.x_train,
+            user.y_train,
+            user.x_test,
+            user.y_test,
+            user.num_classes,
+            user.x_val,
+            user.y_val,
+        )
         if val_size and data.x_val is not None:
             raise ValueError(f"{name} returns its own validation split: val_size must be 0, got {val_size}")
     elif name not in _LOADERS:

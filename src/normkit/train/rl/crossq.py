@@ -21,26 +21,20 @@ of 1e-3 (the paper's SAC baseline uses 3e-4), so that the four arms differ only 
 the suite fits a 2-core CPU budget; the BRN warm-up is scaled to the run's length (10 % of the steps, the
 ports' 100 000 of 1 000 000). Needs ``gymnasium`` (``pip install 'normkit[rl]'``).
 
-``run_rl(CrossQConfig(...))`` trains one agent; ``normkit compare --suite crossq`` runs the four arms × seeds.
+``run_rl(CrossQConfig(...))`` trains one agent; ``normkit compare --suite crossq`` runs the four arms × seeds
+(:mod:`normkit.train.rl.suite`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import copy
-import csv
 import dataclasses
-import io
-import json
 import math
-import multiprocessing
-import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,21 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normkit.nn import BatchRenorm1d, BRNSchedule
-from normkit.train.checkpoint import atomic_write_text
-from normkit.train.config import ConfigError
+from normkit.train.runner import ConfigError, require
 
-if TYPE_CHECKING:
-    from normkit.train.compare import CompareResult, Job, Suite
-
-__all__ = [
-    "Agent",
-    "CrossQConfig",
-    "ReplayBuffer",
-    "plan_suite",
-    "run_rl",
-    "run_suite",
-    "sign_test",
-]
+__all__ = ["Agent", "CrossQConfig", "ReplayBuffer", "run_rl"]
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -319,8 +301,6 @@ class Agent(nn.Module):
 
 
 def _make_env(name: str) -> Any:
-    from normkit.train.data import require
-
     gym = require("gymnasium", "rl", "the CrossQ agent (normkit.train.crossq)")
     return gym.make(name)
 
@@ -413,264 +393,3 @@ def run_rl(cfg: CrossQConfig, log: Callable[[str], None] | None = None, keep_age
         time.process_time() - cpu_start,
         agent if keep_agent else None,
     )
-
-
-# --- the `normkit compare --suite crossq` runner ----------------------------------------------------------
-# compare.py hands a suite of kind "rl" to these two functions: the suite's ``base`` and each arm's
-# ``overrides`` are CrossQConfig options; the files written are those of every compare suite.
-
-
-def plan_suite(
-    suite: Suite,
-    *,
-    seeds: int | None,
-    out: str | Path,
-    methods: Sequence[str] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> list[Job]:
-    """One job per arm × seed, every configuration validated before anything runs."""
-    from normkit.train.compare import Job
-
-    if methods or overrides:
-        raise ConfigError(
-            f"suite {suite.name} is a reinforcement-learning suite: its arms are fixed and --methods, "
-            "--method-file, --data, --model, --epochs and --data-dir do not apply (use --seeds, --jobs, "
-            "--out)"
-        )
-    n_seeds = seeds if seeds is not None else suite.seeds
-    if n_seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {n_seeds}")
-    jobs = []
-    for arm in suite.arms:
-        for seed in range(n_seeds):
-            try:
-                cfg = CrossQConfig.from_dict({**suite.base, **arm.overrides, "seed": seed})
-            except (ConfigError, TypeError) as exc:
-                raise ConfigError(f"suite {suite.name}, arm {arm.label!r}: {exc}") from exc
-            jobs.append(
-                Job(
-                    arm.label, arm.method, seed, cfg.to_dict(), Path(out) / "runs" / arm.label / f"seed{seed}"
-                )
-            )
-    return jobs
-
-
-def _finished(job: Job) -> dict[str, Any] | None:
-    path = job.out_dir / "result.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    return saved if saved.get("config") == job.config else None
-
-
-def _run_job(job: Job, threads: int) -> dict[str, Any]:
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with open(job.out_dir / "log.txt", "w") as log_file:
-
-            def log(line: str) -> None:
-                log_file.write(line + "\n")
-                log_file.flush()
-
-            result = run_rl(CrossQConfig.from_dict(job.config), log=log)
-    finally:
-        torch.set_num_threads(previous)  # a run in the calling process leaves its thread count alone
-    record = {
-        "arm": job.arm,
-        "seed": job.seed,
-        "config": job.config,
-        "metrics": result.curve,
-        "summary": {
-            "final_return": result.final_return,
-            "mean_return": result.mean_return,
-            "wall_time": result.wall_time,
-            "cpu_time": result.cpu_time,
-            "threads": threads,
-        },
-    }
-    atomic_write_text(job.out_dir / "result.json", json.dumps(record, indent=1))
-    return record
-
-
-def run_suite(
-    suite: Suite, jobs: list[Job], out: str | Path, *, workers: int = 1, log: Callable[[str], None] = print
-) -> CompareResult:
-    """Run (or reuse) every job, ``workers`` at a time, then write results.csv, report.md and returns.png."""
-    from normkit.train.compare import CompareResult
-
-    if workers < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {workers}")
-    _make_env(
-        suite.base.get("env", CrossQConfig.env)
-    ).close()  # a missing gymnasium fails here, not in a worker
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    done = {(j.arm, j.seed): r for j in jobs if (r := _finished(j)) is not None}
-    todo = [j for j in jobs if (j.arm, j.seed) not in done]
-    log(
-        f"normkit compare: suite {suite.name}, {len(suite.arms)} arms x {len(jobs) // len(suite.arms)} seeds "
-        f"= {len(jobs)} runs ({len(done)} already finished) -> {out}"
-    )
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    start, load_before = time.perf_counter(), _load()
-
-    def progress(record: dict[str, Any]) -> None:
-        done[(record["arm"], record["seed"])] = record
-        log(
-            f"[{len(done)}/{len(jobs)}] {record['arm']} seed {record['seed']}: final return "
-            f"{record['summary']['final_return']:.1f} ({time.perf_counter() - start:.0f}s)"
-        )
-
-    if workers == 1:
-        for job in todo:
-            progress(_run_job(job, threads))
-    elif todo:
-        ctx = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            for fut in futures.as_completed([pool.submit(_run_job, job, threads) for job in todo]):
-                progress(fut.result())
-    runs = [done[(j.arm, j.seed)] for j in jobs]
-    result = CompareResult(suite, runs, out, len(jobs) - len(todo))
-    machine = {"wall_time": time.perf_counter() - start, "load": (load_before, _load()), "workers": workers}
-    result.report = write_rl_report(result, machine)
-    log(f"wrote {result.report}")
-    return result
-
-
-# --- report -------------------------------------------------------------------------------------------------
-
-
-def sign_test(differences: Sequence[float]) -> tuple[int, int, float]:
-    """Exact two-sided sign test over paired differences: (wins, losses, p); ties are dropped."""
-    wins = sum(d > 0 for d in differences)
-    losses = sum(d < 0 for d in differences)
-    n = wins + losses
-    if n == 0:
-        return 0, 0, 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
-    return wins, losses, min(1.0, 2 * tail)
-
-
-def _spread(values: Sequence[float]) -> str:
-    return f"{statistics.median(values):.0f} [{min(values):.0f} – {max(values):.0f}]"
-
-
-def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def write_rl_report(result: CompareResult, machine: dict[str, Any]) -> Path:
-    """results.csv (one row per run), report.md (median [min–max] per arm, sign test vs the baseline arm,
-    return at every evaluation) and returns.png when matplotlib is installed."""
-    out, suite = result.out_dir, result.suite
-    by_arm: dict[str, list[dict[str, Any]]] = {a.label: [] for a in suite.arms}
-    for r in result.runs:
-        by_arm[r["arm"]].append(r)
-
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(
-        ["arm", "seed", "env_steps", "final_return", "mean_return", "wall_time_s", "cpu_time_s", "threads"]
-    )
-    for r in result.runs:
-        s = r["summary"]
-        writer.writerow(
-            [r["arm"], r["seed"], r["metrics"][-1]["step"], f"{s['final_return']:.2f}",
-             f"{s['mean_return']:.2f}", f"{s['wall_time']:.1f}", f"{s['cpu_time']:.1f}", s["threads"]]
-        )  # fmt: skip
-    atomic_write_text(out / "results.csv", buf.getvalue())
-
-    n_seeds = min(len(v) for v in by_arm.values())
-    lines = [f"# normkit compare: {suite.name}", "", suite.description, ""]
-    if suite.claim:
-        lines += [f"Claim under test: {suite.claim}", ""]
-    lines += [
-        f"Base configuration: {', '.join(f'{k}={v}' for k, v in suite.base.items())}; {n_seeds} seeds. "
-        "Every run's full configuration is in `runs/<arm>/seed<k>/result.json`.",
-        "",
-        "Return = mean undiscounted return of the deterministic policy over the evaluation episodes. "
-        "*Final*: at the last evaluation; *mean over evaluations*: the area under the learning curve, a "
-        "sample-efficiency summary. Paired comparison with the baseline arm: exact two-sided sign test over "
-        f"seeds (with {n_seeds} seeds the smallest possible p is {2 ** (1 - n_seeds):.3f}).",
-        "",
-        "| arm | final return (median [min – max]) | sign test vs baseline (wins–losses, p) "
-        "| mean over evaluations | sign test vs baseline | wall s / run | CPU s / run |",
-        "|---|---|---|---|---|---:|---:|",
-    ]
-    baseline = {r["seed"]: r["summary"] for r in by_arm[suite.arms[0].label]}
-
-    def versus(arm: Any, runs: list[dict[str, Any]], key: str) -> str:
-        if arm.baseline is None:
-            return "baseline"
-        pairs = [r["summary"][key] - baseline[r["seed"]][key] for r in runs if r["seed"] in baseline]
-        wins, losses, p = sign_test(pairs)
-        return f"{wins}–{losses}, p = {p:.2f}"
-
-    for arm in suite.arms:
-        runs = by_arm[arm.label]
-        finals = [r["summary"]["final_return"] for r in runs]
-        means = [r["summary"]["mean_return"] for r in runs]
-        walls = [r["summary"]["wall_time"] for r in runs]
-        cpus = [r["summary"]["cpu_time"] for r in runs]
-        lines.append(
-            f"| {arm.label} | {_spread(finals)} | {versus(arm, runs, 'final_return')} | {_spread(means)} "
-            f"| {versus(arm, runs, 'mean_return')} | {statistics.median(walls):.0f} "
-            f"| {statistics.median(cpus):.0f} |"
-        )
-    steps = [int(c["step"]) for c in result.runs[0]["metrics"]]
-    lines += [
-        "",
-        "Median return [min – max] over seeds after each number of environment steps:",
-        "",
-        "| env steps | " + " | ".join(a.label for a in suite.arms) + " |",
-        "|---:|" + "---|" * len(suite.arms),
-    ]
-    for i, step in enumerate(steps):
-        cells = [_spread([r["metrics"][i]["return"] for r in by_arm[a.label]]) for a in suite.arms]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    lines += ["", "Arms:", ""]
-    for arm in suite.arms:
-        lines.append(f"- `{arm.label}`: {', '.join(f'{k}={v}' for k, v in arm.overrides.items())}")
-    threads = result.runs[0]["summary"]["threads"] if result.runs else 1
-    lines += [
-        "",
-        f"Wall time of this call: {machine['wall_time']:.0f} s with {machine['workers']} parallel run(s) of "
-        f"{threads} thread(s) on {os.cpu_count()} CPU(s), 1-minute load average {machine['load'][0]:.1f} "
-        f"before and {machine['load'][1]:.1f} after; {result.reused} of {len(result.runs)} runs reused "
-        "from an earlier call.",
-        "",
-    ]
-    if _plot_returns(result, by_arm, out / "returns.png"):
-        lines += ["![return against environment steps](returns.png)", ""]
-    report = out / "report.md"
-    atomic_write_text(report, "\n".join(lines))
-    return report
-
-
-def _plot_returns(result: CompareResult, by_arm: dict[str, list[dict[str, Any]]], path: Path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for arm, runs in by_arm.items():
-        steps = [c["step"] for c in runs[0]["metrics"]]
-        per_step = list(zip(*[[c["return"] for c in r["metrics"]] for r in runs]))
-        (line,) = ax.plot(steps, [statistics.median(v) for v in per_step], label=arm, linewidth=1.6)
-        ax.fill_between(
-            steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2, color=line.get_color()
-        )
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel("evaluation return")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{result.suite.name}: return (median, min–max over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True

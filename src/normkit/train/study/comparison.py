@@ -8,32 +8,47 @@ interrupted ones resumed from their checkpoint, so an interrupted compare contin
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import dataclasses
+import functools
 import io
 import json
-import multiprocessing
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normkit.train.config import ConfigError, TrainConfig, config_diff, config_hash, resolve_config
-from normkit.train.engine import RunDirError, check_writable, existing_run, finished_run, run
-from normkit.train.report import write_report
-from normkit.train.suite import Arm, CompareResult, Method, Suite
+from normkit.train.rl.suite import CROSSQ_SUITE
+from normkit.train.runner import (
+    ConfigError,
+    DirectoryLock,
+    RunDirError,
+    TrainConfig,
+    check_writable,
+    config_diff,
+    config_hash,
+    existing_run,
+    finished_run,
+    is_import_path,
+    resolve_config,
+    run,
+)
+from normkit.train.study.executor import Executor, StudyInterrupted, WorkerDied, local_executor
+from normkit.train.study.report import write_report
+from normkit.train.study.suite import Arm, CompareResult, Job, Method, Suite, SuiteKind
 
 __all__ = [
     "METHODS",
     "SUITES",
+    "SUPERVISED",
     "Arm",
     "CompareResult",
+    "Job",
     "Method",
+    "StudyInterrupted",
     "Suite",
+    "WorkerDied",
     "compare",
     "load_method_file",
     "plan",
@@ -325,33 +340,7 @@ SUITES: dict[str, Suite] = {
         ),
         claim="Yu et al. 2017: block-normalized gradients speed up training of deep networks.",
     ),
-    "crossq": Suite(
-        "crossq",
-        "SAC with target critics vs CrossQ (no target network, one critic pass over (s, a) and (s', a')) "
-        "with BRN, BN or no normalization in the critics, on gymnasium's Pendulum-v1 (needs normkit[rl]).",
-        {
-            "env": "Pendulum-v1",
-            "total_steps": 5000,
-            "learning_starts": 500,
-            "eval_every": 500,
-            "eval_episodes": 5,
-            "batch_size": 128,
-            "actor_width": 128,
-            "critic_width": 128,
-            "lr": 1e-3,
-            "brn_warmup_steps": 500,
-        },
-        (
-            _arm("sac", label="sac", algorithm="sac", critic_norm="none", adam_beta1=0.9, policy_delay=1),
-            _arm("crossq", "sac", label="crossq-brn", critic_norm="brn"),
-            _arm("crossq", "sac", label="crossq-bn", critic_norm="bn"),
-            _arm("crossq", "sac", label="crossq-none", critic_norm="none"),
-        ),
-        seeds=5,
-        claim="Bhatt et al. 2024: CrossQ (BatchNorm critics, no target network, UTD 1) matches or beats the "
-        "sample efficiency of SAC and of REDQ / DroQ (UTD 20).",
-        kind="rl",
-    ),
+    "crossq": CROSSQ_SUITE,
     "adamp": Suite(
         "adamp",
         "BN CNN on digits, batch 128, 12 epochs, cosine schedule: SGD (lr 0.1, wd 5e-4) vs SGDP, AdamW "
@@ -450,14 +439,13 @@ def load_method_file(path: str | Path) -> dict[str, Method]:
 
 # --- planning ---------------------------------------------------------------------------------------------
 
+# Options that shape the suite's own model: they do not carry over to a model of yours (--model pkg.mod:f),
+# whose factory gets only what you set.
+MODEL_SHAPE = ("depth", "width", "widen_factor", "dropout")
 
-@dataclass(frozen=True)
-class Job:
-    arm: str
-    method: str
-    seed: int
-    config: dict[str, Any]
-    out_dir: Path
+
+def _without_model_shape(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in MODEL_SHAPE}
 
 
 def plan(
@@ -473,14 +461,23 @@ def plan(
 
     Every configuration is validated here, before anything trains.
     """
-    known = {**METHODS, **(extra_methods or {})}
     if suite is None:
         suite = SUITES["default"]
-    if suite.kind == "rl":
-        from normkit.train.crossq import plan_suite
+    return kind_of(suite).plan(
+        suite, methods=methods, extra_methods=extra_methods, overrides=overrides, seeds=seeds, out=out
+    )
 
-        chosen = [*(methods or []), *(extra_methods or {})]
-        return suite, plan_suite(suite, seeds=seeds, out=out, methods=chosen, overrides=overrides)
+
+def _plan_supervised(
+    suite: Suite,
+    *,
+    methods: Sequence[str] | None,
+    extra_methods: dict[str, Method] | None,
+    overrides: dict[str, Any] | None,
+    seeds: int | None,
+    out: str | Path,
+) -> tuple[Suite, list[Job]]:
+    known = {**METHODS, **(extra_methods or {})}
     if methods:
         missing = [m for m in methods if m not in known]
         if missing:
@@ -495,13 +492,18 @@ def plan(
     n_seeds = seeds if seeds is not None else suite.seeds
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {n_seeds}")
+    base = dict(suite.base)
+    user_model = is_import_path((overrides or {}).get("model"))
+    if user_model:
+        base = _without_model_shape(base)
     jobs = []
     for arm in suite.arms:
+        arm_options = _without_model_shape(arm.overrides) if user_model else arm.overrides
         for seed in range(n_seeds):
             config = {
-                **suite.base,
+                **base,
                 **known[arm.method].overrides,
-                **arm.overrides,
+                **arm_options,
                 **(overrides or {}),
                 "seed": seed,
             }
@@ -538,57 +540,27 @@ def _run_job(job: Job, threads: int, overwrite: bool = False) -> dict[str, Any]:
             log_file.flush()
 
         result = run(job.config, job.out_dir, reuse=True, overwrite=overwrite, log=log, progress=False)
+    return _record(job, result.config.to_dict(), result.metrics, result.summary)
+
+
+def _call_run_job(job: Job, threads: int, overwrite: bool = False) -> dict[str, Any]:
+    return _run_job(job, threads, overwrite)  # looked up at call time: tests replace _run_job
+
+
+def _record(
+    job: Job, config: dict[str, Any], metrics: list[dict[str, Any]], summary: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "arm": job.arm,
         "method": job.method,
         "seed": job.seed,
-        "config": result.config.to_dict(),
-        "metrics": result.metrics,
-        "summary": result.summary,
+        "config": config,
+        "metrics": metrics,
+        "summary": summary,
     }
 
 
-class WorkerDied(RuntimeError):
-    """A ``--jobs`` worker process ended abruptly (signal, out of memory)."""
-
-
-class _Lock:
-    """An exclusive lock on a compare output directory (``OUT/.lock``, ``flock``): the kernel releases it
-    when its process dies, so a lock left by a killed ``compare`` is never an obstacle."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / ".lock"
-        self.file: Any = None
-
-    def __enter__(self) -> _Lock:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX: no lock
-            return self
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "unknown"
-            self.file.close()
-            self.file = None
-            raise RunDirError(
-                f"another normkit compare ({holder}) is running on {self.path.parent}; wait for it to finish "
-                "or choose another --out"
-            ) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.file is not None:
-            self.file.close()  # closing releases the flock
-
-
-def _conflicts(job_list: list[Job]) -> list[tuple[Job, str]]:
+def _conflicts(job_list: Sequence[Job]) -> list[tuple[Job, str]]:
     """Jobs whose directory holds results of another configuration (finished or checkpointed)."""
     found = []
     for job in job_list:
@@ -600,6 +572,46 @@ def _conflicts(job_list: list[Job]) -> list[tuple[Job, str]]:
             continue
         found.append((job, config_diff(existing.old_config(), job.config)))
     return found
+
+
+class _Supervised:
+    """The kind of the supervised suites: each job is one ``normkit train`` run through the run layer."""
+
+    kind = "train"
+
+    def plan(self, suite: Suite, **options: Any) -> tuple[Suite, list[Job]]:
+        return _plan_supervised(suite, **options)
+
+    def check(self, suite: Suite) -> None:
+        return None
+
+    def finished(self, job: Job) -> dict[str, Any] | None:
+        done = finished_run(job.out_dir, TrainConfig.from_dict(job.config))
+        return None if done is None else _record(job, done.config.to_dict(), done.metrics, done.summary)
+
+    def conflicts(self, jobs: Sequence[Job]) -> list[tuple[Job, str]]:
+        return _conflicts(jobs)
+
+    def job_function(self, overwrite: bool) -> Callable[[Job, int], dict[str, Any]]:
+        return functools.partial(_call_run_job, overwrite=overwrite)
+
+    def describe(self, record: dict[str, Any]) -> str:
+        return _result_text(record)
+
+    def report(self, result: CompareResult, *, html: bool, machine: dict[str, Any]) -> Path:
+        return write_report(result, html=html)
+
+
+SUPERVISED: SuiteKind = _Supervised()
+
+
+def kind_of(suite: Suite) -> SuiteKind:
+    return suite.runner if suite.runner is not None else SUPERVISED
+
+
+def _Lock(out: Path) -> DirectoryLock:
+    """The lock of a compare output directory (``OUT/.lock``)."""
+    return DirectoryLock(out, "compare")
 
 
 def compare(
@@ -615,39 +627,45 @@ def compare(
     overwrite: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
+    executor: Executor | None = None,
 ) -> CompareResult:
     """Run (or reuse) every arm × seed, then write ``report.md``, ``results.csv`` and PNG plots in ``out``.
 
     Finished runs of the same configuration are reused and interrupted ones resumed. A run directory holding
     results of *other* settings is refused (one line naming the difference) unless ``overwrite``. One
     ``compare`` at a time per ``out`` (a lock). ``progress``: one tqdm bar over all runs (default: on a
-    terminal); otherwise one line per finished run.
+    terminal); otherwise one line per finished run. ``executor``: where the runs execute (default: this
+    machine, ``jobs`` at a time; see :mod:`~normkit.train.study.executor`). Ctrl-C stops every run at a safe
+    point and raises :class:`StudyInterrupted`; the same call again continues.
     """
     if isinstance(suite, str):
         if suite not in SUITES:
             raise ConfigError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
         suite = SUITES[suite]
+    if suite is None:
+        suite = SUITES["default"]
+    kind = kind_of(suite)
     extra = load_method_file(method_file) if method_file is not None else None
-    suite, job_list = plan(
+    suite, job_list = kind.plan(
         suite, methods=methods, extra_methods=extra, overrides=overrides, seeds=seeds, out=out
     )
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
-    if suite.kind == "rl":
-        from normkit.train.crossq import run_suite
-
-        return run_suite(suite, job_list, out, workers=jobs, log=log)
+    kind.check(suite)
     out = Path(out)
     check_writable(out)
-    conflicts = _conflicts(job_list)  # checked before and again under the lock: nothing is touched if refused
+    conflicts = kind.conflicts(
+        job_list
+    )  # checked before and again under the lock: nothing touched if refused
     if conflicts and not overwrite:
         raise RunDirError(_conflict_message(out, conflicts, len(job_list)))
     out.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        conflicts = _conflicts(job_list)
+        conflicts = kind.conflicts(job_list)
         if conflicts and not overwrite:
             raise RunDirError(_conflict_message(out, conflicts, len(job_list)))
-        return _compare_locked(suite, job_list, out, extra, jobs, html, overwrite, progress, log)
+        runner = executor or local_executor(jobs)
+        return _compare_locked(kind, suite, job_list, out, extra, runner, html, overwrite, progress, log)
 
 
 def _conflict_message(out: Path, conflicts: list[tuple[Job, str]], total: int) -> str:
@@ -659,62 +677,68 @@ def _conflict_message(out: Path, conflicts: list[tuple[Job, str]], total: int) -
 
 
 def _compare_locked(
+    kind: SuiteKind,
     suite: Suite,
     job_list: list[Job],
     out: Path,
     extra: dict[str, Method] | None,
-    jobs: int,
+    executor: Executor,
     html: bool,
     overwrite: bool,
     progress: bool | None,
     log: Callable[[str], None],
 ) -> CompareResult:
-    reused = sum(finished_run(j.out_dir, TrainConfig.from_dict(j.config)) is not None for j in job_list)
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for job in job_list:
+        record = kind.finished(job)
+        if record is not None:
+            done[(job.arm, job.seed)] = record
+    reused = len(done)
+    todo = [j for j in job_list if (j.arm, j.seed) not in done]
     log(
         f"normkit compare: suite {suite.name}, {len(suite.arms)} arms x {len(job_list) // len(suite.arms)} "
         f"seeds = {len(job_list)} runs ({reused} already finished) -> {out}"
     )
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    start = time.perf_counter()
-    results: list[dict[str, Any]] = []
+    threads = max(1, (os.cpu_count() or 1) // executor.workers)
+    start, load_before = time.perf_counter(), _load()
     show = sys.stderr.isatty() if progress is None else progress
     bar = _bar(len(job_list), reused, show)
 
-    def done(res: dict[str, Any]) -> None:
-        results.append(res)
+    def finished(record: dict[str, Any]) -> None:
+        done[(record["arm"], record["seed"])] = record
         if bar is not None:
             bar.update(1)
-            bar.set_postfix_str(_result_text(res), refresh=False)
+            bar.set_postfix_str(kind.describe(record), refresh=False)
         else:
-            log(_progress_line(len(results), len(job_list), res, start))
+            elapsed = time.perf_counter() - start
+            log(f"[{len(done)}/{len(job_list)}] {kind.describe(record)} ({elapsed:.0f}s)")
 
     try:
-        if jobs == 1:
-            for job in job_list:
-                done(_run_job(job, threads, overwrite))
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-                pending = [pool.submit(_run_job, job, threads, overwrite) for job in job_list]
-                try:
-                    for fut in futures.as_completed(pending):
-                        done(fut.result())
-                except futures.BrokenExecutor:
-                    raise WorkerDied(
-                        "a worker process died (killed, or out of memory?); finished runs are kept and an "
-                        "interrupted one resumes from its last epoch: run the same command again to continue"
-                    ) from None
+        executor.run(kind.job_function(overwrite), todo, threads, finished)
+    except StudyInterrupted:
+        raise StudyInterrupted(
+            f"interrupted: {len(done)} of {len(job_list)} runs finished (kept), an interrupted run resumes "
+            "from its last epoch; run the same command again to continue"
+        ) from None
     finally:
         if bar is not None:
             bar.close()
-    order = {(j.arm, j.seed): i for i, j in enumerate(job_list)}
-    results.sort(key=lambda r: order[(r["arm"], r["seed"])])
+    results = [done[(j.arm, j.seed)] for j in job_list]
     known = {**METHODS, **(extra or {})}
-    used = {arm.method: known[arm.method] for arm in suite.arms}
+    used = {arm.method: known[arm.method] for arm in suite.arms if arm.method in known}
     result = CompareResult(suite, results, out, reused, methods=used)
-    result.report = write_report(result, html=html)
+    machine = {
+        "wall_time": time.perf_counter() - start,
+        "load": (load_before, _load()),
+        "workers": executor.workers,
+    }
+    result.report = kind.report(result, html=html, machine=machine)
     log(f"wrote {result.report}")
     return result
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def _bar(total: int, reused: int, show: bool) -> Any:
@@ -733,11 +757,6 @@ def _result_text(run: dict[str, Any]) -> str:
     acc_text = f"{100 * acc:.2f}%" if acc is not None else "n/a"
     flag = " DIVERGED" if run["summary"].get("diverged") else ""
     return f"{run['arm']} seed {run['seed']}: test acc {acc_text}{flag}"
-
-
-def _progress_line(done: int, total: int, run: dict[str, Any], start: float) -> str:
-    elapsed = time.perf_counter() - start
-    return f"[{done}/{total}] {_result_text(run)} ({elapsed:.0f}s)"
 
 
 def describe_methods(extra: dict[str, Method] | None = None) -> str:

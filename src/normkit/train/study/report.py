@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normkit.train.checkpoint import atomic_write_text
-from normkit.train.config import TrainConfig
-from normkit.train.stats import METHOD, PairedComparison, paired_comparison, summary
-from normkit.train.suite import Arm, CompareResult
+from normkit.train.runner import TrainConfig, atomic_write_text
+from normkit.train.study.stats import METHOD, PairedComparison, paired_comparison, summary
+from normkit.train.study.suite import Arm, CompareResult
 
 __all__ = [
     "ArmStats",
@@ -211,7 +210,7 @@ _FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr",
 
 
 def _pyplot() -> Any:
-    from normkit.train.data import require
+    from normkit.train.runner import require
 
     matplotlib = require("matplotlib", "report", "the compare report's plots")
     matplotlib.use("Agg")

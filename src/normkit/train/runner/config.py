@@ -6,12 +6,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from normkit.train.custom import ImportPathError, check_factory, is_import_path
-from normkit.train.data import DATASETS
-from normkit.train.models import MODELS
+from normkit.train.runner.data import DATASETS
+from normkit.train.runner.factories import ImportPathError, check_factory, is_import_path
+from normkit.train.runner.models import MODELS
+from normkit.train.runner.recipes import get_recipe
 
 __all__ = [
     "CHOICES",
@@ -20,6 +22,7 @@ __all__ = [
     "config_diff",
     "config_hash",
     "resolve_config",
+    "resumed_config",
     "scaled_brn_steps",
 ]
 
@@ -55,6 +58,11 @@ DEFAULT_LR.update({"sgdp": 0.05, "adamp": 1e-3, "lars": 0.05, "lamb": 1e-3})
 PROJECTED = ("sgdp", "adamp")
 TRUST_RATIO = ("lars", "lamb")
 DEFAULT_LR_G = {"sgdg": 0.2, "adamg": 0.05}
+
+
+# Options added after run directories existed: left out of a config (and its hash) at their default, so the
+# runs recorded before them keep their identity.
+_LATER_FIELDS: dict[str, Any] = {"fsdp": False, "enorm_variant": "normkit"}
 
 
 @dataclass
@@ -133,13 +141,18 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     sync_bn: bool = False
+    fsdp: bool = False  # shard the model with FSDP2 under torchrun (DDP otherwise)
     eval_batch_size: int = 1000
     threads: int | None = None
     max_steps: int | None = None
     recipe: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key, default in _LATER_FIELDS.items():  # absent at their default: older run identities hold
+            if d[key] == default:
+                del d[key]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -183,7 +196,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` for an invalid value or an incompatible combination."""
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
+            v = _check_type(f.name, str(f.type), getattr(self, f.name))
+            setattr(self, f.name, v)
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{f.name} must be a finite number, got {v}")
         for key, choices in CHOICES.items():
@@ -367,6 +381,46 @@ class TrainConfig:
         return self
 
 
+_TYPE_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> Any:
+    """Refuse a value of the wrong type (``epochs="ten"``, ``lr=True``) with one line naming it.
+
+    JSON, TOML and method files give values of any type; a bool is not taken for a number, nor a float for a
+    whole number.
+    """
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    kind = next(k for k in kinds if k != "None")
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers too
+
+    if kind == "list[int]":
+        ok = isinstance(value, list) and all(whole(v) for v in value)
+        expected = "a list of whole numbers"
+    else:
+        ok = {
+            "int": whole(value),
+            "float": isinstance(value, numbers.Real) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+        }[kind]
+        expected = _TYPE_NAMES[kind]
+    if not ok:
+        none = " or null" if "None" in kinds else ""
+        raise ConfigError(f"{name} must be {expected}{none}, got {value!r} ({type(value).__name__})")
+    if kind == "int":
+        return int(value)  # a numpy integer becomes a Python int (JSON, hashes)
+    if kind == "float" and not isinstance(value, (int, float)):
+        return float(value)
+    if kind == "list[int]":
+        return [int(v) for v in value]
+    return value
+
+
 def config_hash(config: TrainConfig | dict[str, Any]) -> str:
     """A short hash of the exact configuration (canonical JSON): a run's identity."""
     d = config.to_dict() if isinstance(config, TrainConfig) else config
@@ -398,13 +452,28 @@ def scaled_brn_steps(total_steps: int) -> dict[str, int]:
     }
 
 
+def resumed_config(
+    state: dict[str, Any], config: TrainConfig | dict[str, Any] | None
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """(config to run, config as asked) to resume from a checkpoint's ``state``; ``config`` may change only
+    ``epochs`` / ``device`` / ``data_dir`` / ``download``."""
+    allowed = {"epochs", "device", "data_dir", "download"}
+    extra = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
+    changed = {k for k, v in extra.items() if k not in allowed and state["config"].get(k) != v}
+    if changed:
+        raise ValueError(f"cannot change {sorted(changed)} when resuming; only {sorted(allowed)} may change")
+    keep = {k: v for k, v in extra.items() if k in allowed}
+    saved = dict(state["config"])
+    if "brn_schedule" not in saved:  # written before the schedule was scaled by default
+        saved["brn_schedule"] = "paper"
+    return resolve_config({**saved, **keep}), {**state.get("request", state["config"]), **keep}
+
+
 def resolve_config(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
     """A validated :class:`TrainConfig` from a config, a dict (e.g. a ``config.json``) or keyword overrides.
 
     A ``recipe`` key (in the dict or the overrides) starts from that recipe's settings.
     """
-    from normkit.train.recipes import get_recipe
-
     base: dict[str, Any] = {}
     if isinstance(config, TrainConfig):
         base = config.to_dict()

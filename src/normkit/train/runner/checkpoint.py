@@ -9,6 +9,7 @@ gives ordinary files (0644 under the usual 022), like any file the user writes.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import random
 import re
@@ -68,7 +69,8 @@ def _atomic(path: Path, write: Any, crash: str | None = None) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, RunFileError):
-            reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or exc
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            reason = "the disk is full" if full else exc.strerror or exc
             raise RunFileError(
                 exc.errno or 0, f"cannot write {path}: {reason} (the previous file is intact)"
             ) from exc
@@ -94,9 +96,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves a torn file."""
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves a torn file.
+
+    The checkpoint is serialized in memory first and written with one ``write``: a full disk is then an
+    ``OSError`` naming it (torch's own zip writer reports it as an opaque ``RuntimeError``).
+    """
     tag = f"before-replace-{Path(path).stem}:{state.get('epoch')}"
-    _atomic(Path(path), lambda f: torch.save({"format": FORMAT_VERSION, **state}, f), crash=tag)
+
+    def write(f: Any) -> None:
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT_VERSION, **state}, buffer)
+        f.write(buffer.getbuffer())
+
+    _atomic(Path(path), write, crash=tag)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -116,7 +128,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        # torch < 2.14: "Unsupported global: GLOBAL x.y"; 2.14: "Trying to load unsupported GLOBAL x.y ..."
+        found = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(exc), re.IGNORECASE)
         if found:
             raise CheckpointError(
                 f"{path} holds Python objects ({found.group(1)}), not only tensors and plain data; refused: "

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from normkit.train.runner.factories import build_user_model, is_import_path
+
 __all__ = ["MODELS", "ModelSpec", "build_model"]
 
 
@@ -383,11 +385,10 @@ def build_model(
     """Build model ``name`` for inputs of ``input_shape`` (no batch dim). ``norm``: "bn", "brn" or "none".
 
     ``name`` may also be the import path of your own model factory, ``package.module:factory`` (see
-    :mod:`normkit.train.custom`); its normalization layers are kept unless ``norm`` is "brn" (BatchNorm
+    :mod:`normkit.train.runner.factories`); its normalization layers are kept unless ``norm`` is "brn"
+    (BatchNorm
     becomes Batch Renormalization) or "bn" (the reverse).
     """
-    from normkit.train.custom import build_user_model, is_import_path
-
     if is_import_path(name):
         if norm == "none":
             raise ValueError(f"model {name!r} is built by your factory: norm 'none' cannot remove its layers")
