@@ -36,6 +36,10 @@ def prelude() -> dict:
 def clean_state(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets that write runs/ write them here
     yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # the scaling-out snippet's group of one process
+        dist.destroy_process_group()
     if "normkit.integrations.timm" in sys.modules:
         sys.modules["normkit.integrations.timm"].unregister()
 
