@@ -50,6 +50,8 @@ from torch import Tensor
 from normkit.nn import BatchRenorm1d, BRNSchedule
 from normkit.train.checkpoint import atomic_write_text
 from normkit.train.config import ConfigError
+from normkit.train.provenance import code_version
+from normkit.train.report import run_provenance
 
 if TYPE_CHECKING:
     from normkit.train.compare import CompareResult, Job, Suite
@@ -488,6 +490,7 @@ def _run_job(job: Job, threads: int) -> dict[str, Any]:
             "wall_time": result.wall_time,
             "cpu_time": result.cpu_time,
             "threads": threads,
+            "code": code_version(),  # which code trained it (results.csv's code_version, source_hash)
         },
     }
     atomic_write_text(job.out_dir / "result.json", json.dumps(record, indent=1))
@@ -572,13 +575,15 @@ def write_rl_report(result: CompareResult, machine: dict[str, Any]) -> Path:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(
-        ["arm", "seed", "env_steps", "final_return", "mean_return", "wall_time_s", "cpu_time_s", "threads"]
-    )
+        ["arm", "seed", "env_steps", "final_return", "mean_return", "wall_time_s", "cpu_time_s", "threads",
+         "code_version", "source_hash"]
+    )  # fmt: skip
     for r in result.runs:
         s = r["summary"]
         writer.writerow(
             [r["arm"], r["seed"], r["metrics"][-1]["step"], f"{s['final_return']:.2f}",
-             f"{s['mean_return']:.2f}", f"{s['wall_time']:.1f}", f"{s['cpu_time']:.1f}", s["threads"]]
+             f"{s['mean_return']:.2f}", f"{s['wall_time']:.1f}", f"{s['cpu_time']:.1f}", s["threads"],
+             *run_provenance(s).values()]
         )  # fmt: skip
     atomic_write_text(out / "results.csv", buf.getvalue())
 

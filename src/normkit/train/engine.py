@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -629,6 +630,8 @@ def _line(rec: dict[str, Any], epochs: int) -> str:
 
 def _default_out_dir(cfg: TrainConfig) -> Path:
     name = cfg.recipe or f"{cfg.data}-{cfg.model}-{cfg.optimizer}"
+    # a portable directory name: `pkg.mod:factory` has a colon, which Windows and some tools refuse
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
     base = Path("runs") / f"{name}-seed{cfg.seed}"
     out, i = base, 1
     while out.exists():
@@ -754,27 +757,10 @@ def check_writable(out: Path) -> None:
 
 
 def code_version() -> dict[str, str]:
-    """normkit's version, the git commit of the source tree when run from a checkout, and torch's version."""
-    from normkit import __version__
+    """normkit's version, the git commit of a checkout (with ``-dirty``), torch's version, the source hash."""
+    from normkit.train.provenance import code_version as version
 
-    version = {"normkit": __version__, "torch": torch.__version__}
-    for parent in Path(__file__).resolve().parents:
-        head = parent / ".git"
-        if head.is_file():  # a worktree: .git is a file pointing at the real git dir
-            text = head.read_text().strip()
-            head = Path(text.split(":", 1)[1].strip()) if text.startswith("gitdir:") else head
-        if (head / "HEAD").is_file():
-            ref = (head / "HEAD").read_text().strip()
-            if ref.startswith("ref:"):
-                name = ref.split(" ", 1)[1]
-                for base in (head, head.parent.parent if head.parent.name == "worktrees" else head):
-                    if (base / name).is_file():
-                        version["git"] = (base / name).read_text().strip()[:12]
-                        break
-            else:
-                version["git"] = ref[:12]
-            break
-    return version
+    return version()
 
 
 @dataclass

@@ -54,6 +54,8 @@ CSV_COLUMNS = [
     "model",
     "train_size",
     "test_size",
+    "code_version",
+    "source_hash",
 ]
 
 
@@ -184,9 +186,23 @@ def _rows(result: CompareResult) -> list[dict[str, Any]]:
                 "model": cfg.get("model", s.get("model", "")),
                 "train_size": s.get("train_size", ""),
                 "test_size": s.get("test_size", ""),
+                **run_provenance(s),
             }
         )
     return rows
+
+
+def run_provenance(summary: dict[str, Any]) -> dict[str, str]:
+    """``code_version`` and ``source_hash`` of the code that trained a run, from its ``summary.json``.
+
+    Records written before the source hash was kept give their commit with ``?`` (whether the tree was
+    clean then is unknown) and an empty hash; records without any give ``not recorded``.
+    """
+    code = summary.get("code") or {}
+    version = code.get("version")
+    if version is None:
+        version = f"{code['git'][:12]}?" if code.get("git") else "not recorded"
+    return {"code_version": str(version), "source_hash": str(code.get("source_hash", ""))}
 
 
 def write_csv(result: CompareResult, path: Path) -> None:
@@ -458,11 +474,26 @@ def _what_ran(result: CompareResult) -> list[str]:
     return [*lines, ""]
 
 
+def provenance_text(rows: Sequence[dict[str, Any]]) -> str:
+    """Which code trained these runs: one version, or each version with its number of runs."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        version = str(r.get("code_version") or "not recorded")
+        counts[version] = counts.get(version, 0) + 1
+    if not counts:
+        return "code: no runs"
+    if len(counts) == 1:
+        return f"code: `{next(iter(counts))}` (every run)"
+    return "code: **runs from different code** — " + ", ".join(f"`{v}` ({n} runs)" for v, n in counts.items())
+
+
 def report_lines(result: CompareResult, stats: list[ArmStats]) -> list[str]:
     lines = [f"# normkit compare: {result.suite.name}", "", result.suite.description, ""]
     if result.suite.claim:
         lines += [f"Claim under test: {result.suite.claim}", ""]
     lines += _what_ran(result)
+    if lines[-1] == "":
+        lines.insert(len(lines) - 1, "- " + provenance_text(_rows(result)))
     lines += ["## Results", ""]
     lines += results_table(stats)
     lines += ["", statistics_note(stats), "", HARDWARE_NOTE, ""]
