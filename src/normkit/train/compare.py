@@ -486,8 +486,14 @@ def plan(
             raise ConfigError(f"unknown method(s) {missing}; choose from {', '.join(known)} (see --list)")
         arms = tuple(Arm(m, m, {}, None if i == 0 else methods[0]) for i, m in enumerate(methods))
         suite = dataclasses.replace(
-            suite, name="custom" if suite.name == "default" else suite.name, arms=arms
+            suite,
+            name="custom" if suite.name == "default" else suite.name,
+            arms=arms,
+            description="",
+            claim="",
         )
+    if any(k in (overrides or {}) and overrides[k] != suite.base.get(k) for k in ("data", "model")):
+        suite = dataclasses.replace(suite, description="")  # the suite's blurb names its own data and model
     for arm in suite.arms:
         if arm.method not in known:
             raise ConfigError(f"suite {suite.name}: unknown method {arm.method!r}")
