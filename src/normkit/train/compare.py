@@ -492,7 +492,7 @@ def plan(
             description="",
             claim="",
         )
-    if any(k in (overrides or {}) and overrides[k] != suite.base.get(k) for k in ("data", "model")):
+    if any(v != suite.base.get(k) for k, v in (overrides or {}).items() if k in ("data", "model")):
         suite = dataclasses.replace(suite, description="")  # the suite's blurb names its own data and model
     for arm in suite.arms:
         if arm.method not in known:
