@@ -136,3 +136,15 @@ def test_mnist_skip_message_names_no_machine_path(tmp_path: Path) -> None:
     assert given is not None and str(tmp_path / "absent") in given  # the user's own folder, named back
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
     assert mnist_skip_reason(tmp_path, from_env=False) is None
+
+
+def test_readme_documents_every_argument_of_compare_methods() -> None:
+    import inspect
+
+    from normkit.train import compare_methods
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("`compare_methods(...)` is `normkit compare`", 1)[1].split("\n## ", 1)[0]
+    for name, param in inspect.signature(compare_methods).parameters.items():
+        shown = f"`**{name}`" if param.kind is inspect.Parameter.VAR_KEYWORD else f"`{name}`"
+        assert shown in section, name
