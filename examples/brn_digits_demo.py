@@ -1,4 +1,4 @@
-"""Batch Norm vs Batch Renormalization on scikit-learn's digits (offline, about a minute on 2 CPU cores).
+"""Batch Norm vs Batch Renormalization on scikit-learn's digits (offline, about a minute of CPU time).
 
 Three regimes from the paper (Ioffe 2017), at toy scale: ordinary i.i.d. minibatches, microbatches of 4
 examples (each normalized on its own: ghost batches), and non-i.i.d. minibatches drawn from 2 classes at a
@@ -6,7 +6,7 @@ time. The schedule is shortened to fit a short run (r_max, d_max start to grow a
 5 000); everything else is the paper's algorithm. Prints a table of test accuracy and the code version that
 produced it (the git commit of a checkout, see ``normkit.train.provenance``).
 
-    python examples/brn_digits_demo.py [--epochs 30] [--seeds 2]
+    python examples/brn_digits_demo.py [--epochs 30] [--seeds 2] [--threads 1]
 """
 
 from __future__ import annotations
