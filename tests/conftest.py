@@ -25,6 +25,19 @@ def one_thread() -> Iterator[None]:
 def mnist_t10k_dir() -> Path:
     """The real MNIST test set (raw idx files), kept outside the repo; skip where it is absent."""
     path = Path(os.environ.get("NORMKIT_MNIST_DIR", _DEFAULT_MNIST))
-    if not (path / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"MNIST t10k files not found in {path} (set NORMKIT_MNIST_DIR to their folder)")
+    reason = mnist_skip_reason(path, from_env="NORMKIT_MNIST_DIR" in os.environ)
+    if reason:
+        pytest.skip(reason)
     return path
+
+
+def mnist_skip_reason(path: Path, *, from_env: bool) -> str | None:
+    """Why the MNIST tests skip, or None. Names the folder only when the user gave it (NORMKIT_MNIST_DIR):
+    the default is a location on the development machines, meaningless elsewhere."""
+    if (path / "t10k-images-idx3-ubyte.gz").exists():
+        return None
+    where = f" in {path}" if from_env else ""
+    return (
+        f"MNIST t10k files not found{where}: set NORMKIT_MNIST_DIR to the folder holding "
+        "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
+    )

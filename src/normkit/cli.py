@@ -433,7 +433,7 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         executor = _cluster_executor(args, parser, out)
         if args.download:
             _fetch_datasets(suite, args, overrides)
-        compare(
+        result = compare(
             suite,
             out,
             methods=args.methods,
@@ -459,6 +459,10 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         ) from None
     except (ConfigError, MissingDataError, MissingDependencyError) as exc:
         parser.error(str(exc))
+    if result.suite.kind != "rl":  # the RL suite prints its own returns
+        from normkit.train.study.report import terminal_summary
+
+        print("\n" + terminal_summary(result), flush=True)
     return 0
 
 
@@ -526,29 +530,75 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
 def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pathlib import Path
 
-    from normkit.train.study.results import update_results_markdown
+    from normkit.train.study.results import load_studies, update_results_markdown
 
     root = Path(args.results)
     if not root.is_dir():
         parser.error(f"{root} is not a directory of studies (e.g. docs/results)")
     target = Path(args.markdown) if args.markdown else root.parent / "results.md"
+    also = [Path(f) for f in args.also]
+    # every refusal comes before the first file is written
+    missing = [str(p) for p in also if not p.is_file()]
+    if missing:
+        raise Failure(f"--also {', '.join(missing)}: no such file (nothing was written)")
+    if not target.parent.is_dir():
+        raise Failure(f"--markdown {target}: the folder {target.parent} does not exist (nothing was written)")
     try:
-        for path, append in [(target, True), *((Path(f), False) for f in args.also)]:
-            if not append and not path.is_file():
-                raise Failure(f"--also {path}: no such file")
+        _, provenance = load_studies(root)  # every results.csv is read and checked here
+        for path, append in [(target, True), *((p, False) for p in also)]:
             names = update_results_markdown(root, path, append=append)
             print(f"rewrote {len(names)} table(s) in {path}: {', '.join(names) or 'none marked'}")
     except (ValueError, OSError) as e:
         raise Failure(str(e)) from None
+    for name, p in provenance.items():
+        print(f"  {name}: code {p.label.replace('`', '')}")
+    old = [name for name, p in provenance.items() if p.stale is not False]
+    if old:
+        print(
+            f"warning: {len(old)} table(s) may not match this code ({', '.join(old)}): stale = recorded with "
+            "other source, unverified = recorded before runs kept a source hash; rerun those suites",
+            file=sys.stderr,
+        )
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ bench
 
 
+def _benchmarks(root: Any) -> dict[str, str]:
+    """The benchmarks of the checkout at ``root``: name -> its TITLE, read from the source (never imported:
+    the installed package does not import ``benchmarks/``)."""
+    import ast
+
+    found = {}
+    for path in sorted(root.glob("benchmarks/bench_*.py")):
+        title = ""
+        try:
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and t.id == "TITLE" for t in node.targets
+                ):
+                    title = str(ast.literal_eval(node.value))
+        except (OSError, SyntaxError, ValueError):
+            pass
+        found[path.stem.removeprefix("bench_")] = title
+    return found
+
+
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("names", nargs="*", help="benchmarks to run (default: all of benchmarks/bench_*.py)")
+    from pathlib import Path
+
+    p.add_argument("names", nargs="*", help="benchmarks to run (default: all of them, listed below)")
     p.add_argument("--quick", action="store_true", help="few repetitions; do not write BENCHMARKS.md")
+    found = _benchmarks(Path.cwd())
+    width = max(map(len, found), default=0)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = (
+        "benchmarks (benchmarks/bench_NAME.py in this checkout):\n"
+        + "".join(f"  {name:<{width}}  {title}\n" for name, title in found.items())
+        if found
+        else f"benchmarks: none in {Path.cwd()} (no benchmarks/bench_*.py); run from a normkit checkout"
+    )
 
 
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -597,8 +647,11 @@ COMMANDS: list[Command] = [
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    # allow_abbrev=False: `compare --seed 3` must not be read as --seeds, nor `train --epoch 3` as --epochs
     parser = argparse.ArgumentParser(
-        prog="normkit", description="Scale control for deep-network training: train, test, compare."
+        prog="normkit",
+        description="Scale control for deep-network training: train, test, compare.",
+        allow_abbrev=False,
     )
     from normkit import __version__
 
@@ -608,17 +661,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     for cmd in COMMANDS:
         # a one-line usage: an argument error must not dump every option (`-h` lists them)
         p = sub.add_parser(
-            cmd.name, help=cmd.help, description=cmd.help, usage=f"normkit {cmd.name} [options] (-h for help)"
+            cmd.name,
+            help=cmd.help,
+            description=cmd.help,
+            usage=f"normkit {cmd.name} [options] (-h for help)",
+            allow_abbrev=False,
         )
         cmd.add_arguments(p)
         parsers[cmd.name] = p
     return parser, parsers
 
 
+def _refuse_unknown(unknown: list[str], parser: argparse.ArgumentParser) -> None:
+    """Exit 2 naming the first unrecognized argument, and the options it could have meant (flags are never
+    abbreviated: an abbreviation that argparse would have completed silently is refused here)."""
+    flag = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=", 1)[0]
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    close = [o for o in options if o.startswith(flag) or flag.startswith(o)] if flag.startswith("--") else []
+    hint = f"; did you mean {' or '.join(close)}? (options are never abbreviated)" if close else ""
+    parser.error(f"unrecognized argument{'s' if len(unknown) > 1 else ''} {' '.join(unknown)}{hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``normkit`` command."""
     parser, parsers = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(unknown, parsers.get(args.command) or parser)
     if args.command is None:
         parser.print_help()
         return 2

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from normkit.train.rl.crossq import CrossQConfig, _make_env, run_rl
-from normkit.train.runner import ConfigError, atomic_write_text
+from normkit.train.runner import ConfigError, atomic_write_text, code_version, run_provenance
 from normkit.train.study.suite import Arm, CompareResult, Job, Method, Suite
 
 __all__ = ["CROSSQ_SUITE", "RL", "plan_suite", "sign_test", "write_rl_report"]
@@ -98,6 +98,7 @@ def _run_job(job: Job, threads: int) -> dict[str, Any]:
             "wall_time": result.wall_time,
             "cpu_time": result.cpu_time,
             "threads": threads,
+            "code": code_version(),  # which code trained it (results.csv's code_version, source_hash)
         },
     }
     atomic_write_text(job.out_dir / "result.json", json.dumps(record, indent=1))
@@ -137,13 +138,25 @@ def write_rl_report(result: CompareResult, machine: dict[str, Any]) -> Path:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(
-        ["arm", "seed", "env_steps", "final_return", "mean_return", "wall_time_s", "cpu_time_s", "threads"]
+        [
+            "arm",
+            "seed",
+            "env_steps",
+            "final_return",
+            "mean_return",
+            "wall_time_s",
+            "cpu_time_s",
+            "threads",
+            "code_version",
+            "source_hash",
+        ]
     )
     for r in result.runs:
         s = r["summary"]
         writer.writerow(
             [r["arm"], r["seed"], r["metrics"][-1]["step"], f"{s['final_return']:.2f}",
-             f"{s['mean_return']:.2f}", f"{s['wall_time']:.1f}", f"{s['cpu_time']:.1f}", s["threads"]]
+             f"{s['mean_return']:.2f}", f"{s['wall_time']:.1f}", f"{s['cpu_time']:.1f}", s["threads"],
+             *run_provenance(s).values()]
         )  # fmt: skip
     atomic_write_text(out / "results.csv", buf.getvalue())
 

@@ -42,6 +42,7 @@ from normkit.train.runner.data import (
 from normkit.train.runner.factories import ImportPathError, UserCodeError, is_import_path
 from normkit.train.runner.loop import Trainer, TrainingInterrupted, evaluate
 from normkit.train.runner.models import MODELS, build_model
+from normkit.train.runner.provenance import run_provenance, source_hash
 from normkit.train.runner.recipes import RECIPES, Recipe, get_recipe
 from normkit.train.runner.rundir import (
     DirectoryLock,
@@ -98,6 +99,8 @@ __all__ = [
     "require",
     "resolve_config",
     "run",
+    "run_provenance",
     "save_checkpoint",
     "scaled_brn_steps",
+    "source_hash",
 ]

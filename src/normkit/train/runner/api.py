@@ -15,6 +15,7 @@ The config goes down these files once and never comes back to one it left.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,8 @@ def _load_data(cfg: TrainConfig, info: DistInfo) -> TensorData:
 
 def _default_out_dir(cfg: TrainConfig) -> Path:
     name = cfg.recipe or f"{cfg.data}-{cfg.model}-{cfg.optimizer}"
+    # a portable directory name: `pkg.mod:factory` has a colon, which Windows and some tools refuse
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
     base = Path("runs") / f"{name}-seed{cfg.seed}"
     out, i = base, 1
     while out.exists():

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from normkit.train.runner.checkpoint import load_checkpoint
 from normkit.train.runner.config import TrainConfig, config_diff, config_hash
 from normkit.train.runner.factories import factory_source_hash, is_import_path, rebuilt_shapes_hash
@@ -145,27 +143,10 @@ class DirectoryLock:
 
 
 def code_version() -> dict[str, str]:
-    """normkit's version, the git commit of the source tree when run from a checkout, and torch's version."""
-    from normkit import __version__
+    """normkit's version, the git commit of a checkout (with ``-dirty``), torch's version, the source hash."""
+    from normkit.train.runner.provenance import code_version as version
 
-    version = {"normkit": __version__, "torch": torch.__version__}
-    for parent in Path(__file__).resolve().parents:
-        head = parent / ".git"
-        if head.is_file():  # a worktree: .git is a file pointing at the real git dir
-            text = head.read_text().strip()
-            head = Path(text.split(":", 1)[1].strip()) if text.startswith("gitdir:") else head
-        if (head / "HEAD").is_file():
-            ref = (head / "HEAD").read_text().strip()
-            if ref.startswith("ref:"):
-                name = ref.split(" ", 1)[1]
-                for base in (head, head.parent.parent if head.parent.name == "worktrees" else head):
-                    if (base / name).is_file():
-                        version["git"] = (base / name).read_text().strip()[:12]
-                        break
-            else:
-                version["git"] = ref[:12]
-            break
-    return version
+    return version()
 
 
 def stale_reason(config: dict[str, Any], built: dict[str, Any] | None) -> str | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normkit.train.runner import TrainConfig, atomic_write_text
+from normkit.train.runner import TrainConfig, atomic_write_text, run_provenance
 from normkit.train.study.stats import METHOD, PairedComparison, paired_comparison, summary
 from normkit.train.study.suite import Arm, CompareResult
 
@@ -53,6 +53,8 @@ CSV_COLUMNS = [
     "model",
     "train_size",
     "test_size",
+    "code_version",
+    "source_hash",
 ]
 
 
@@ -183,6 +185,7 @@ def _rows(result: CompareResult) -> list[dict[str, Any]]:
                 "model": cfg.get("model", s.get("model", "")),
                 "train_size": s.get("train_size", ""),
                 "test_size": s.get("test_size", ""),
+                **run_provenance(s),
             }
         )
     return rows
@@ -398,7 +401,24 @@ def statistics_note(stats: Sequence[ArmStats]) -> str:
         "seeds, "
         f"with the {METHOD} (coverage at least {100 * conf:.0f} %; with 5 seeds this is [min, max] of the "
         "differences, 93.75 %). Verdict: *better* / *worse* when that interval excludes 0, else *within "
-        "noise*; fewer than 5 seeds cannot reach 90 % and never get a verdict other than *within noise*."
+        "noise*; fewer than 5 seeds cannot reach 90 % and never get a verdict other than *within noise*. "
+        + false_positive_text(stats)
+    )
+
+
+def false_positive_text(stats: Sequence[ArmStats]) -> str:
+    """The false-positive rate of the verdicts: a treatment that changes nothing is called *better* or
+    *worse* only if every difference in the interval's tails has one sign, probability 1 − coverage under
+    the sign test's null (median difference 0); ties at 0 only lower it."""
+    rates = sorted(
+        {(c.n, 1 - c.coverage) for s in stats if (c := s.vs_baseline) is not None and c.enough_seeds}
+    )
+    if not rates:
+        return "False-positive rate: 0 (no comparison has enough seeds for a verdict)."
+    text = ", ".join(f"{100 * r:.2f} % with {n} seeds" for n, r in rates)
+    return (
+        f"False-positive rate: a treatment that makes no difference is called *better* or *worse* with "
+        f"probability at most {text} (per comparison)."
     )
 
 
@@ -457,11 +477,64 @@ def _what_ran(result: CompareResult) -> list[str]:
     return [*lines, ""]
 
 
+def provenance_text(rows: Sequence[dict[str, Any]]) -> str:
+    """Which code trained these runs: one version, or each version with its number of runs."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        version = str(r.get("code_version") or "not recorded")
+        counts[version] = counts.get(version, 0) + 1
+    if not counts:
+        return "code: no runs"
+    if len(counts) == 1:
+        return f"code: `{next(iter(counts))}` (every run)"
+    return "code: **runs from different code** — " + ", ".join(f"`{v}` ({n} runs)" for v, n in counts.items())
+
+
+def study_description(result: CompareResult) -> str:
+    """The suite's own blurb, or — for a custom study (``plan`` clears the blurb when the arms or the data
+    and model are the user's) — a sentence built from what ran."""
+    if result.suite.description:
+        return result.suite.description
+    arms = result.suite.arms
+    configs = [r.get("config", {}) for r in result.runs]
+    data = sorted({str(c.get("data")) for c in configs}) or [str(result.suite.base.get("data", "?"))]
+    models = sorted({str(c.get("model")) for c in configs}) or [str(result.suite.base.get("model", "?"))]
+    compared = [f"`{a.label}` with `{a.baseline}`" for a in arms if a.baseline]
+    methods = result.methods
+    sources = sorted({m.source for m in methods.values() if m.source != "built-in"})
+    return (
+        f"A custom study: {len(arms)} arm{'s' if len(arms) != 1 else ''} "
+        f"({', '.join(f'`{a.label}`' for a in arms)}) on {', '.join(data)} with model {', '.join(models)}"
+        + (f"; compared: {', '.join(compared)}" if compared else "")
+        + (f"; methods from {', '.join(sources)}" if sources else "")
+        + "."
+    )
+
+
+def terminal_summary(result: CompareResult) -> str:
+    """What ``normkit compare`` prints at the end: the results table, its statistics note and the report."""
+    rows = _rows(result)
+    stats = arm_statistics(rows, result.suite.arms)
+    lines = [
+        f"{result.suite.name}: {study_description(result)}",
+        "",
+        *results_table(stats),
+        "",
+        statistics_note(stats),
+        "",
+        provenance_text(rows),
+        f"report: {result.report}",
+    ]
+    return "\n".join(lines)
+
+
 def report_lines(result: CompareResult, stats: list[ArmStats]) -> list[str]:
-    lines = [f"# normkit compare: {result.suite.name}", "", result.suite.description, ""]
+    lines = [f"# normkit compare: {result.suite.name}", "", study_description(result), ""]
     if result.suite.claim:
         lines += [f"Claim under test: {result.suite.claim}", ""]
     lines += _what_ran(result)
+    if lines[-1] == "":
+        lines.insert(len(lines) - 1, "- " + provenance_text(_rows(result)))
     lines += ["## Results", ""]
     lines += results_table(stats)
     lines += ["", statistics_note(stats), "", HARDWARE_NOTE, ""]

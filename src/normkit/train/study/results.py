@@ -11,7 +11,9 @@ prose around the tables stays hand-written while every number in them is compute
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from normkit.train.runner import atomic_write_text
 from normkit.train.study.report import (
@@ -19,13 +21,21 @@ from normkit.train.study.report import (
     ArmStats,
     arm_statistics,
     delta_text,
+    provenance_text,
     read_results_csv,
     results_table,
     statistics_note,
     verdict_text,
 )
 
-__all__ = ["study_statistics", "update_results_markdown", "verdicts_table"]
+__all__ = [
+    "StudyProvenance",
+    "check_results_csv",
+    "study_provenance",
+    "study_statistics",
+    "update_results_markdown",
+    "verdicts_table",
+]
 
 # Test-set sizes of the fixed splits, for results.csv files written before the CSV recorded them
 # (digits: 1 797 images split 1 437 / 360; mnist-t10k: 8 000 / 2 000; MNIST-1D: 20 % of its samples).
@@ -36,13 +46,39 @@ def _mark(name: str, end: bool) -> str:
     return f"<!-- normkit:results:{name}:{'end' if end else 'begin'} -->"
 
 
-def study_statistics(folder: Path) -> list[ArmStats]:
+REQUIRED_COLUMNS = ("arm", "seed", "final_test_acc")
+
+
+def check_results_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a study's ``results.csv``, refused in one line unless ``normkit compare`` wrote it."""
+    rows = read_results_csv(path)
+    if not rows:
+        raise ValueError(f"{path} has no runs")
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ValueError(
+            f"{path} is not a normkit results.csv: it has no column {', '.join(map(repr, missing))} "
+            f"(columns: {', '.join(rows[0])}); move it out of the results folder or rewrite it with "
+            "`normkit compare`"
+        )
+    for i, r in enumerate(rows, start=2):
+        try:
+            int(str(r["seed"]))
+            float(str(r["final_test_acc"]) or "nan")
+        except ValueError:
+            raise ValueError(
+                f"{path}, line {i}: seed {r['seed']!r} or final_test_acc {r['final_test_acc']!r} "
+                "is not a number"
+            ) from None
+    return rows
+
+
+def study_statistics(folder: Path, rows: list[dict[str, Any]] | None = None) -> list[ArmStats]:
     """Per-arm statistics of one study folder's results.csv (baselines from the CSV or the built-in suite)."""
     from normkit.train.study.comparison import SUITES
 
-    rows = read_results_csv(folder / "results.csv")
-    if not rows:
-        raise ValueError(f"{folder / 'results.csv'} has no runs")
+    if rows is None:
+        rows = check_results_csv(folder / "results.csv")
     suite = SUITES.get(folder.name)
     arms = suite.arms if suite is not None and "baseline" not in rows[0] else None
     if not rows[0].get("test_size") and suite is not None:
@@ -55,14 +91,60 @@ def study_statistics(folder: Path) -> list[ArmStats]:
     return arm_statistics(rows, arms)
 
 
-def verdicts_table(studies: dict[str, list[ArmStats]]) -> list[str]:
-    """Every comparison of every study: treatment vs baseline, paired Δ with its interval, the verdict."""
+@dataclass(frozen=True)
+class StudyProvenance:
+    """Which code recorded a study's runs, and whether the source has changed since."""
+
+    versions: tuple[str, ...]  # the code versions of its runs, in order of first appearance
+    stale: bool | None  # True: recorded with other source; None: not known (runs predate the record)
+    text: str  # one sentence for the tables
+
+    @property
+    def label(self) -> str:
+        """Short form for a table cell: the version(s), with the staleness mark."""
+        mark = {True: " (stale)", None: " (unverified)", False: ""}[self.stale]
+        return ", ".join(f"`{v}`" for v in self.versions) + mark
+
+
+def study_provenance(rows: list[dict[str, Any]], current_hash: str | None = None) -> StudyProvenance:
+    """Compare the source hash every run recorded with ``current_hash`` (default: this code's)."""
+    from normkit.train.runner import source_hash
+
+    current = current_hash if current_hash is not None else source_hash()
+    versions = tuple(dict.fromkeys(str(r.get("code_version") or "not recorded") for r in rows))
+    hashes = {str(r.get("source_hash") or "") for r in rows}
+    recorded = provenance_text(rows).removeprefix("code: ")
+    if "" in hashes:
+        stale: bool | None = None
+        note = (
+            "Code: " + recorded + ". **Unverified**: some runs predate the source-hash record, so "
+            "whether the code changed since cannot be checked; rerun the suite to refresh."
+        )
+    elif hashes != {current}:
+        stale = True
+        note = (
+            "Code: " + recorded + ". **Stale**: normkit's source has changed since these runs (source "
+            f"{', '.join(sorted(hashes))}, now {current}); rerun the suite to refresh this table."
+        )
+    else:
+        stale = False
+        note = f"Code: {recorded}; the source is unchanged since (source hash {current})."
+    return StudyProvenance(versions, stale, note)
+
+
+def verdicts_table(
+    studies: dict[str, list[ArmStats]], provenance: dict[str, StudyProvenance] | None = None
+) -> list[str]:
+    """Every comparison of every study: treatment vs baseline, paired Δ with its interval, the verdict, and
+    (with ``provenance``) the code that recorded it."""
+    code = provenance is not None
     lines = [
         "| study | comparison | baseline acc % | treatment acc % | paired Δ (pp) [interval] | seeds "
-        "| verdict |",
-        "|---|---|---:|---:|---|---:|---|",
+        "| verdict |" + (" code |" if code else ""),
+        "|---|---|---:|---:|---|---:|---|" + ("---|" if code else ""),
     ]
     for name, stats in studies.items():
+        cell = f" {provenance[name].label} |" if provenance is not None else ""
         by_arm = {s.arm: s for s in stats}
         for s in stats:
             if s.vs_baseline is None:
@@ -72,7 +154,7 @@ def verdicts_table(studies: dict[str, list[ArmStats]]) -> list[str]:
             delta = delta_text(s).rsplit(" vs ", 1)[0]
             lines.append(
                 f"| {name} | {s.arm} vs {s.baseline} | {base.acc[0]:.2f} | {s.acc[0]:.2f} | {delta} | "
-                f"{s.vs_baseline.n} | {verdict} |"
+                f"{s.vs_baseline.n} | {verdict} |{cell}"
             )
     return lines
 
@@ -84,6 +166,19 @@ def _has_accuracy(csv_path: Path) -> bool:
         return False
     with csv_path.open() as f:
         return "final_test_acc" in f.readline().strip().split(",")
+
+
+def load_studies(root: Path) -> tuple[dict[str, list[ArmStats]], dict[str, StudyProvenance]]:
+    """Statistics and provenance of every supervised study folder under ``root`` (all checked first)."""
+    studies: dict[str, list[ArmStats]] = {}
+    provenance: dict[str, StudyProvenance] = {}
+    for folder in sorted(p for p in Path(root).iterdir() if _has_accuracy(p / "results.csv")):
+        rows = check_results_csv(folder / "results.csv")
+        provenance[folder.name] = study_provenance(rows)
+        studies[folder.name] = study_statistics(folder, rows)
+    if not studies:
+        raise ValueError(f"no <study>/results.csv under {root}")
+    return studies, provenance
 
 
 def _block(name: str, lines: list[str]) -> str:
@@ -98,17 +193,15 @@ def update_results_markdown(root: str | Path, markdown: str | Path, *, append: b
     the file already has — for a README that quotes only the verdicts).
     """
     root, markdown = Path(root), Path(markdown)
-    studies = {
-        folder.name: study_statistics(folder)
-        for folder in sorted(p for p in root.iterdir() if _has_accuracy(p / "results.csv"))
-    }
-    if not studies:
-        raise ValueError(f"no <study>/results.csv under {root}")
+    studies, provenance = load_studies(root)
     text = markdown.read_text() if markdown.is_file() else "# Results\n"
     blocks = {
-        "verdicts": _block("verdicts", [*verdicts_table(studies), "", HARDWARE_NOTE]),
+        "verdicts": _block("verdicts", [*verdicts_table(studies, provenance), "", HARDWARE_NOTE]),
         **{
-            name: _block(name, [*results_table(stats, times=False), "", statistics_note(stats)])
+            name: _block(
+                name,
+                [*results_table(stats, times=False), "", statistics_note(stats), "", provenance[name].text],
+            )
             for name, stats in studies.items()
         },
     }
