@@ -113,3 +113,26 @@ def test_cluster_flags_without_the_launcher_are_refused(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--partition" in done.stderr and "--launcher submitit" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_methods_naming_recipes_run_the_papers_settings(tmp_path: Path) -> None:
+    """The README's paper-scale Slurm study: a method file whose methods name recipes."""
+    from normkit.train.runner import get_recipe
+    from normkit.train.study import SUITES, load_method_file, plan
+
+    path = tmp_path / "wrn.json"
+    path.write_text(
+        json.dumps(
+            {
+                "wrn-sgd": {"description": "WRN-28-10 SGD", "recipe": "rbn-wrn28-10-cifar10-sgd"},
+                "wrn-sgdg": {"description": "WRN-28-10 SGD-G", "recipe": "rbn-wrn28-10-cifar10-sgdg"},
+            }
+        )
+    )
+    _, jobs = plan(
+        SUITES["default"], methods=["wrn-sgd", "wrn-sgdg"], extra_methods=load_method_file(path), seeds=2
+    )
+    assert len(jobs) == 4
+    for job in jobs:
+        recipe = get_recipe(job.config["recipe"]).config
+        assert {k: job.config[k] for k in recipe} == recipe  # the suite's digits MLP does not leak in

@@ -505,10 +505,13 @@ def _plan_supervised(
     jobs = []
     for arm in suite.arms:
         arm_options = _without_model_shape(arm.overrides) if user_model else arm.overrides
+        method_options = known[arm.method].overrides
+        # A method naming a recipe (a paper's setting) starts from that recipe, not from the suite's base.
+        arm_base = {} if "recipe" in method_options or "recipe" in arm_options else base
         for seed in range(n_seeds):
             config = {
-                **base,
-                **known[arm.method].overrides,
+                **arm_base,
+                **method_options,
                 **arm_options,
                 **(overrides or {}),
                 "seed": seed,
