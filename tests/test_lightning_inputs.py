@@ -73,7 +73,7 @@ def assert_unchanged(module: nn.Module, before: dict[str, torch.Tensor]) -> None
         assert torch.equal(after[k], v), f"{k} changed before the error"
 
 
-# --- ENormCallback on a LightningModule without forward ------------------------------------------------------
+# --- ENormCallback on a LightningModule without forward -----------------------------------------------------
 
 
 def test_enorm_callback_without_forward_says_what_happened_and_how_to_select():
@@ -118,11 +118,11 @@ def test_enorm_callback_select_name_that_does_not_exist_lists_the_submodules():
 
 def test_enorm_callback_select_returning_a_non_module_is_refused():
     module = NoForward()
-    with pytest.raises(TypeError, match="not an nn.Module"):
+    with pytest.raises(TypeError, match=r"not an nn\.Module"):
         fit(module, ENormCallback(select=lambda m: m.net.parameters()))
 
 
-# --- ENormCallback arguments ---------------------------------------------------------------------------------
+# --- ENormCallback arguments --------------------------------------------------------------------------------
 
 
 def test_enorm_callback_optimizer_index_out_of_range_is_a_clear_error_before_any_change():

@@ -555,7 +555,9 @@ def lsuv_findings(model: nn.Module, x: Any, tol: float = 0.1) -> dict[str, Any]:
         warnings.simplefilter("always")
         report = lsuv_init(model, x, tol=tol)
     text = "\n".join(str(w.message) for w in caught)
-    handled = {r.name for r in report if r.status in (LayerStatus.INITIALIZED, LayerStatus.FEEDS_NORMALIZATION)}
+    handled = {
+        r.name for r in report if r.status in (LayerStatus.INITIALIZED, LayerStatus.FEEDS_NORMALIZATION)
+    }
     measured = hooked_outputs(model, x, {r.name for r in report.initialized})
     var_wrong, not_converged = [], []
     for r in report.initialized:
@@ -592,31 +594,43 @@ def not_scale_invariant(
     model: nn.Module, x: Any, params: list[torch.Tensor], per_row: bool, forward: Forward = call
 ) -> list[tuple[str, float]]:
     """The parameters among ``params`` whose scaling changes the training-mode function (float64, ε → 0),
-    with the relative output change: each tensor ×3, and with ``per_row`` each output row by its own random
-    factor in [0.5, 3]. Measured on the function, not on normkit's graph."""
+    with the relative output change. Measured on the function, not on normkit's graph: all of them ×3 at
+    once, and with ``per_row`` each output row by its own random factor in [0.5, 3]; when the output moves,
+    the set is halved until the culprits are found (one forward per test when all is well)."""
     names = {id(p): n for n, p in model.named_parameters()}
     probe = exact_copy(model)
     probe_params = dict(probe.named_parameters())
     xd = _to_double(x)
-    bad = []
+    gen = torch.Generator().manual_seed(0)
+
+    def change(subset: list[str], rows: bool) -> float:
+        saved = {n: probe_params[n].detach().clone() for n in subset}
+        with torch.no_grad():
+            for n in subset:
+                w = probe_params[n]
+                shape = (w.shape[0], *[1] * (w.dim() - 1)) if rows else ()
+                w.mul_(torch.rand(shape, generator=gen, dtype=torch.float64) * 2.5 + 0.5 if rows else 3.0)
+            out = forward(probe, xd)
+            for n in subset:
+                probe_params[n].copy_(saved[n])
+        return relative_change(out, base)
+
+    def culprits(subset: list[str], rows: bool) -> list[tuple[str, float]]:
+        moved = change(subset, rows)
+        if moved <= 1e-7:
+            return []
+        if len(subset) == 1:
+            return [(subset[0], moved)]
+        half = len(subset) // 2
+        return culprits(subset[:half], rows) + culprits(subset[half:], rows)
+
     with torch.no_grad():
         base = forward(probe, xd)
-        for p in params:
-            name = names[id(p)]
-            w = probe_params[name]
-            saved = w.clone()
-            factors = [torch.full((), 3.0, dtype=torch.float64)]
-            if per_row:
-                torch.manual_seed(0)
-                factors.append(torch.rand(w.shape[0], *[1] * (w.dim() - 1), dtype=torch.float64) * 2.5 + 0.5)
-            for f in factors:
-                w.mul_(f)
-                change = relative_change(forward(probe, xd), base)
-                w.copy_(saved)
-                if change > 1e-7:
-                    bad.append((name, change))
-                    break
-    return bad
+    selected = [names[id(p)] for p in params]
+    bad = dict(culprits(selected, False))
+    if per_row:
+        bad.update({n: c for n, c in culprits([n for n in selected if n not in bad], True)})
+    return sorted(bad.items())
 
 
 def enorm_function_change(model: nn.Module, x: Any, forward: Forward = call) -> tuple[float, ENorm, str]:
@@ -640,7 +654,7 @@ def batchnorm_conversion(model: nn.Module, x: torch.Tensor, to: str = "renorm") 
 
     renorm = (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchRenorm)
     m = copy.deepcopy(model).eval()
-    bns = [n for n, l in m.named_modules() if isinstance(l, nn.modules.batchnorm._BatchNorm)]
+    bns = [n for n, mod in m.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
         ref = call(m, x)
         converted = convert_batchnorm(m, to=to).eval()  # type: ignore[arg-type]
@@ -654,8 +668,9 @@ def batchnorm_conversion(model: nn.Module, x: torch.Tensor, to: str = "renorm") 
 def one_step_each_optimizer(
     model: nn.Module, x: Any, example_input: Any = None, forward: Forward = call
 ) -> dict[str, tuple[bool, float]]:
-    """One training step of every normkit optimizer on a fresh copy: (model finite after it, largest relative
-    parameter change). Groups come from normkit's own helpers, as a user builds them."""
+    """One training step of every normkit optimizer on a fresh copy: (model finite after it — parameters and
+    eval output —, largest absolute parameter change). Groups come from normkit's own helpers, as a user
+    builds them."""
     from normkit.optim import (
         LAMB,
         LARS,
@@ -689,6 +704,6 @@ def one_step_each_optimizer(
         finite = all(bool(p.isfinite().all()) for p in m.parameters())
         with torch.no_grad():
             finite = finite and bool(forward(m.eval(), x).isfinite().all())
-        moved = max(relative_change(p.detach(), before[n]) for n, p in m.named_parameters())
+        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in m.named_parameters())
         out[name] = (finite, moved)
     return out
