@@ -524,7 +524,8 @@ def hooked_outputs(model: nn.Module, x: Any, names: set[str]) -> dict[str, torch
         if name in modules:
 
             def hook(mod, args, out, name=name):  # type: ignore[no-untyped-def]
-                seen.setdefault(name, []).append(first_tensor(out).detach().double().flatten())
+                # clone: an in-place activation after the layer (timm SiLU(inplace=True)) would change a view
+                seen.setdefault(name, []).append(first_tensor(out).detach().double().flatten().clone())
 
             handles.append(modules[name].register_forward_hook(hook))
     try:

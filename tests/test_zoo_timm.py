@@ -120,13 +120,24 @@ def test_convert_batchnorm_to_sync_keeps_the_eval_function(name: str) -> None:
             ],
         ),
         "convnext_nano",
-        "vit_tiny_patch16_224",
+        pytest.param(
+            "vit_tiny_patch16_224",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="NEW, not in issue 22: the model's own pos_embed / cls_token (weights LSUV does not "
+                "cover) are neither in the report nor in a warning; BERT's position embedding is reported "
+                "'unsupported'",
+            ),
+        ),
         "mobilevitv2_050",
     ],
 )
 def test_lsuv_report_is_what_hooks_measure(name: str) -> None:
     model, x = make(name)
-    found = lsuv_findings(model, x)
+    # float64: at 32×32 the last stages are 1×1, where batch norm over 2 values amplifies differences by up to
+    # 1/(2√ε) per layer; in float32 the same forward with 1 and with 2 threads measured 1.05 and 1.23 for
+    # efficientnet_b0's blocks.6.0.se.conv_reduce. float64 leaves only what LSUV's logic does.
+    found = lsuv_findings(model.double(), x.double())
     problems = {
         k: found[k] for k in ("var_wrong", "not_converged", "silent", "norm_as_unsupported", "untouched")
     }
