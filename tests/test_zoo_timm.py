@@ -264,7 +264,14 @@ def test_enorm_keeps_the_function_and_gives_true_skip_reasons(name: str) -> None
 # --- one step of each optimizer -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", models())
+@pytest.mark.parametrize(
+    "name",
+    models(
+        # eight optimizers, four graph traces per model: in the default run one batch-norm model and one
+        # transformer; the others with -m slow
+        **{n: [pytest.mark.slow] for n in MODELS if n not in ("regnety_002", "vit_tiny_patch16_224")}
+    ),
+)
 def test_one_step_of_each_optimizer_keeps_the_model_finite(name: str) -> None:
     model, x = make(name)
     results = one_step_each_optimizer(model, x, example_input=x)
