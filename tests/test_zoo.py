@@ -470,3 +470,241 @@ def test_function_preserving_fast(name: str) -> None:
 @pytest.mark.parametrize("name", list(ZOO))
 def test_function_preserving_zoo(name: str, slow_requested: None) -> None:
     _function_preserving(name, ZOO[name])
+
+
+# --- generic checks for models we did not write (used by test_zoo_timm.py and test_zoo_hf.py) --------------
+#
+# These work on any model: layer outputs are taken by forward hooks on the real forward (also for layers
+# whose forward transforms their weight, e.g. weight-standardized convs), the model output is the first
+# tensor of whatever the model returns (HF ModelOutput: logits / last_hidden_state).
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+def first_tensor(y: Any) -> torch.Tensor:
+    if isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, dict):
+        return first_tensor(next(iter(y.values())))
+    return first_tensor(y[0])
+
+
+def call(model: nn.Module, x: Any) -> torch.Tensor:
+    return first_tensor(model(x))
+
+
+def _to_double(x: Any) -> Any:
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def exact_copy(model: nn.Module) -> nn.Module:
+    """float64, training-mode normalization, dropout off, every normalization's ε → 0 (BatchNorm's ``eps``,
+    LayerNorm / GroupNorm / timm's ``eps``, HF RMSNorm's ``variance_epsilon``): weights whose scale a
+    normalization cancels are then invariant up to rounding."""
+    probe = training_copy(model, torch.float64)
+    for m in probe.modules():
+        for attr in ("eps", "variance_epsilon"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 1e-20 if isinstance(m, nn.modules.batchnorm._BatchNorm) else 1e-30)
+    return probe
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def hooked_outputs(model: nn.Module, x: Any, names: set[str]) -> dict[str, torch.Tensor]:
+    """The outputs (float64, every call concatenated) of the named modules in one training-mode forward of a
+    copy (batch statistics, dropout off): what LSUV's report describes."""
+    probe = training_copy(model)
+    modules = dict(probe.named_modules())
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name in names:
+        if name in modules:
+
+            def hook(mod, args, out, name=name):  # type: ignore[no-untyped-def]
+                # clone: an in-place activation after the layer (timm SiLU(inplace=True)) would change a view
+                seen.setdefault(name, []).append(first_tensor(out).detach().double().flatten().clone())
+
+            handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            probe(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+_NOISY = (LayerStatus.UNSUPPORTED, LayerStatus.NOT_RUN, LayerStatus.NO_EFFECT, LayerStatus.OUT_OF_BOUNDS)
+
+
+def lsuv_findings(model: nn.Module, x: Any, tol: float = 0.1) -> dict[str, Any]:
+    """Run ``lsuv_init`` and measure what its report says against hooks on the real forward afterwards.
+
+    Returns the lists of contradictions (each with the measured figures):
+      * ``var_wrong``: INITIALIZED layers whose measured output variance differs from ``var_after`` (1e-3
+        relative) — the report says more than was measured;
+      * ``not_converged``: layers reported converged whose measured |var − 1| ≥ tol;
+      * ``silent``: layers left alone (unsupported, not run, no effect, out of bounds) that no warning names;
+      * ``norm_as_unsupported``: normalization layers (a ``*Norm*`` class) listed as unsupported layers;
+      * ``untouched``: modules owning a weight matrix that are neither initialized / feeding a normalization
+        nor named in a warning.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = lsuv_init(model, x, tol=tol)
+    text = "\n".join(str(w.message) for w in caught)
+    handled = {
+        r.name for r in report if r.status in (LayerStatus.INITIALIZED, LayerStatus.FEEDS_NORMALIZATION)
+    }
+    measured = hooked_outputs(model, x, {r.name for r in report.initialized})
+    var_wrong, not_converged = [], []
+    for r in report.initialized:
+        assert r.name in measured, f"{r.name} reported initialized, but the module never ran"
+        var = float(measured[r.name].var())
+        assert r.var_after is not None
+        if abs(var - r.var_after) > 1e-3 * max(1.0, var):
+            var_wrong.append((r.name, r.var_after, var))
+        if r.converged and not abs(var - report.target_var) < report.tol:
+            not_converged.append((r.name, var))
+    silent = [r.name for r in report if r.status in _NOISY and repr(r.name) not in text]
+    norm_as_unsupported = [
+        (r.name, r.type) for r in report if r.status is LayerStatus.UNSUPPORTED and "Norm" in r.type
+    ]
+    untouched = [
+        name
+        for name, m in model.named_modules()
+        if any(p.dim() >= 2 for p in m.parameters(recurse=False))
+        and name not in handled
+        and repr(name) not in text
+    ]
+    return {
+        "report": report,
+        "warnings": text,
+        "var_wrong": var_wrong,
+        "not_converged": not_converged,
+        "silent": silent,
+        "norm_as_unsupported": norm_as_unsupported,
+        "untouched": untouched,
+    }
+
+
+def not_scale_invariant(
+    model: nn.Module, x: Any, params: list[torch.Tensor], per_row: bool, forward: Forward = call
+) -> list[tuple[str, float]]:
+    """The parameters among ``params`` whose scaling changes the training-mode function (float64, ε → 0),
+    with the relative output change. Measured on the function, not on normkit's graph: all of them ×3 at
+    once, and with ``per_row`` each output row by its own random factor in [0.5, 3]; when the output moves,
+    the set is halved until the culprits are found (one forward per test when all is well)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    probe = exact_copy(model)
+    probe_params = dict(probe.named_parameters())
+    xd = _to_double(x)
+    gen = torch.Generator().manual_seed(0)
+
+    def change(subset: list[str], rows: bool) -> float:
+        saved = {n: probe_params[n].detach().clone() for n in subset}
+        with torch.no_grad():
+            for n in subset:
+                w = probe_params[n]
+                shape = (w.shape[0], *[1] * (w.dim() - 1)) if rows else ()
+                w.mul_(torch.rand(shape, generator=gen, dtype=torch.float64) * 2.5 + 0.5 if rows else 3.0)
+            out = forward(probe, xd)
+            for n in subset:
+                probe_params[n].copy_(saved[n])
+        return relative_change(out, base)
+
+    def culprits(subset: list[str], rows: bool) -> list[tuple[str, float]]:
+        moved = change(subset, rows)
+        if moved <= 1e-7:
+            return []
+        if len(subset) == 1:
+            return [(subset[0], moved)]
+        half = len(subset) // 2
+        return culprits(subset[:half], rows) + culprits(subset[half:], rows)
+
+    with torch.no_grad():
+        base = forward(probe, xd)
+    selected = [names[id(p)] for p in params]
+    bad = dict(culprits(selected, False))
+    if per_row:
+        bad.update({n: c for n, c in culprits([n for n in selected if n not in bad], True)})
+    return sorted(bad.items())
+
+
+def enorm_function_change(model: nn.Module, x: Any, forward: Forward = call) -> tuple[float, ENorm, str]:
+    """One ENorm cycle (c = 1, no optimizer) on a float64 eval copy: the relative change of the output, the
+    ENorm object and the warnings it gave."""
+    m64 = copy.deepcopy(model).double().eval()
+    xd = _to_double(x)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = forward(m64, xd)
+        enorm = ENorm(m64, None, c=1.0, example_input=xd)
+        enorm.cycle()
+        after = forward(m64, xd)
+    return relative_change(after, before), enorm, "\n".join(str(w.message) for w in caught)
+
+
+def batchnorm_conversion(model: nn.Module, x: torch.Tensor, to: str = "renorm") -> dict[str, Any]:
+    """``convert_batchnorm`` on an eval copy: batch-norm layers (every ``_BatchNorm`` subclass, counted here)
+    before, those left unconverted after, and the relative change of the eval output."""
+    from normkit.nn import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchRenorm
+
+    renorm = (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, SyncBatchRenorm)
+    m = copy.deepcopy(model).eval()
+    bns = [n for n, mod in m.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        ref = call(m, x)
+        converted = convert_batchnorm(m, to=to).eval()  # type: ignore[arg-type]
+        out = call(converted, x)
+    layers = dict(converted.named_modules())
+    target = renorm if to == "renorm" else (nn.SyncBatchNorm, SyncBatchRenorm)
+    left = [n for n in bns if not isinstance(layers.get(n), target)]
+    return {"batchnorms": len(bns), "left": left, "change": relative_change(out, ref)}
+
+
+def one_step_each_optimizer(
+    model: nn.Module, x: Any, example_input: Any = None, forward: Forward = call
+) -> dict[str, tuple[bool, float]]:
+    """One training step of every normkit optimizer on a fresh copy: (model finite after it — parameters and
+    eval output —, largest absolute parameter change). Groups come from normkit's own helpers, as a user
+    builds them."""
+    from normkit.optim import (
+        LAMB,
+        LARS,
+        SGDP,
+        AdamP,
+        ClippedOptimizer,
+        scale_invariant_param_groups,
+        trust_ratio_param_groups,
+    )
+
+    builders: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+        "SGDG": lambda m: SGDG(grassmann_param_groups(m, 0.01, 0.05, example_input=example_input), lr=0.01),
+        "AdamG": lambda m: AdamG(grassmann_param_groups(m, 1e-3, 0.05, example_input=example_input), lr=1e-3),
+        "AdamP": lambda m: AdamP(scale_invariant_param_groups(m, example_input=example_input), lr=1e-3),
+        "SGDP": lambda m: SGDP(scale_invariant_param_groups(m, example_input=example_input), lr=0.01),
+        "LARS": lambda m: LARS(trust_ratio_param_groups(m), lr=0.1),
+        "LAMB": lambda m: LAMB(trust_ratio_param_groups(m), lr=1e-3),
+        "Normalized": lambda m: NormalizedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01)),
+        "Clipped": lambda m: ClippedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01), clipnorm=1.0),
+    }
+    out = {}
+    for name, build in builders.items():
+        m = copy.deepcopy(model).train()
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = build(m)
+        opt.zero_grad()
+        forward(m, x).float().square().mean().backward()
+        opt.step()
+        finite = all(bool(p.isfinite().all()) for p in m.parameters())
+        with torch.no_grad():
+            finite = finite and bool(forward(m.eval(), x).isfinite().all())
+        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in m.named_parameters())
+        out[name] = (finite, moved)
+    return out

@@ -14,6 +14,8 @@ instead of ``sync_batchnorm=True``; Lightning refuses the two together). Needs `
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +39,30 @@ ModuleSelector = Callable[["pl.LightningModule"], nn.Module]
 
 def _default_input(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _check_options(
+    owner: str, target: Callable[..., Any], options: dict[str, Any], fixed: tuple[str, ...]
+) -> None:
+    """Refuse at construction an option ``target`` does not take (it would only fail when training starts)."""
+    params = inspect.signature(target).parameters
+    known = [n for n, p in params.items() if p.kind is not p.VAR_KEYWORD and n not in ("self", *fixed)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(
+            f"{owner} got unknown option(s) {', '.join(map(repr, unknown))}; it passes options to "
+            f"{target.__qualname__.split('.')[0]}, which takes: {', '.join(known)}"
+        )
+
+
+def _has_own_forward(module: nn.Module) -> bool:
+    """False for a LightningModule (or any module) that does not define ``forward``: calling it raises."""
+    forward = type(module).forward
+    return forward not in (pl.LightningModule.forward, nn.Module.forward)
+
+
+def _submodules_with_parameters(module: nn.Module) -> list[str]:
+    return [n for n, m in module.named_children() if any(True for _ in m.parameters())]
 
 
 class LSUVInit(pl.Callback):
@@ -74,6 +100,9 @@ class LSUVInit(pl.Callback):
             raise TypeError(
                 f"LSUVInit(batch_to_input=...) must be callable, got {type(batch_to_input).__name__}"
             )
+        from normkit.init import lsuv_init
+
+        _check_options("LSUVInit", lsuv_init, lsuv_options, ("model", "data"))
         self.select = select
         self.batch_to_input = batch_to_input
         self.lsuv_options = lsuv_options
@@ -129,11 +158,16 @@ class ENormCallback(pl.Callback):
     Args:
         c: the asymmetry coefficient (‖outgoing‖ = c·‖incoming‖ at the fixed point; 1 = symmetric).
         every: a cycle every ``every`` optimizer steps.
-        select: the part of the LightningModule to balance (default: the LightningModule itself).
+        select: the part of the LightningModule to balance: the name of a submodule (``"net"``) or a function
+            of the LightningModule returning it (default: the LightningModule itself, which then needs a
+            ``forward``).
         optimizer_index: which of ``trainer.optimizers`` steps the selected module.
         example_input: an input of the selected module, needed when a flatten / reshape or a concatenation
             sits between two layers.
         **enorm_options: passed to :class:`~normkit.enorm.ENorm` (``p``, ``cycles``, ``include_bias`` ...).
+
+    Arguments are checked here; the selected module at ``setup`` (before anything runs) and
+    ``optimizer_index`` against the trainer's optimizers when training starts (before anything is changed).
 
     Attributes:
         enorm: the :class:`~normkit.enorm.ENorm` object once training started (``groups``, ``skipped``).
@@ -144,11 +178,41 @@ class ENormCallback(pl.Callback):
         c: float = 1.0,
         every: int = 1,
         *,
-        select: ModuleSelector | None = None,
+        select: ModuleSelector | str | None = None,
         optimizer_index: int = 0,
         example_input: Any = None,
         **enorm_options: Any,
     ) -> None:
+        from normkit.enorm import BIAS_MODES, NORM_LAYER_MODES, SWEEPS, ENorm
+
+        _check_options(
+            "ENormCallback", ENorm, enorm_options, ("model", "optimizer", "c", "every", "example_input")
+        )
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c > 0):
+            raise ValueError(f"ENormCallback c must be a finite positive number (1 = symmetric), got {c!r}")
+        for name, value in (("every", every), ("optimizer_index", optimizer_index)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"ENormCallback {name} must be an int, got {type(value).__name__} {value!r}")
+        if every < 1:
+            raise ValueError(
+                f"ENormCallback every must be at least 1 (a cycle every `every` steps), got {every}"
+            )
+        if optimizer_index < 0:
+            raise ValueError(
+                "ENormCallback optimizer_index must be ≥ 0 (an index into trainer.optimizers), "
+                f"got {optimizer_index}"
+            )
+        if select is not None and not isinstance(select, str) and not callable(select):
+            raise TypeError(
+                "ENormCallback select must be a submodule name (select='net') or a function of the "
+                f"LightningModule returning the module (select=lambda m: m.net), got {type(select).__name__}"
+            )
+        for name, choices in (("bias", BIAS_MODES), ("norm_layers", NORM_LAYER_MODES), ("sweep", SWEEPS)):
+            if name in enorm_options and enorm_options[name] not in choices:
+                raise ValueError(
+                    f"ENormCallback {name} must be one of {', '.join(map(repr, choices))}, "
+                    f"got {enorm_options[name]!r}"
+                )
         self.c, self.every = c, every
         self.select = select
         self.optimizer_index = optimizer_index
@@ -157,11 +221,58 @@ class ENormCallback(pl.Callback):
         self.enorm: Any = None
         self._seen_step = 0
 
+    def _module(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The module to balance, with a message saying how to point the callback at it when it is wrong."""
+        if isinstance(self.select, str):
+            try:
+                module = pl_module.get_submodule(self.select)
+            except AttributeError:
+                raise ValueError(
+                    f"ENormCallback(select={self.select!r}): {type(pl_module).__name__} has no submodule "
+                    f"{self.select!r}; its submodules with parameters: "
+                    f"{', '.join(map(repr, _submodules_with_parameters(pl_module))) or 'none'}"
+                ) from None
+        elif self.select is not None:
+            module = self.select(pl_module)
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"ENormCallback select returned {type(module).__name__}, not an nn.Module: return the "
+                    "network to balance (select=lambda m: m.net), or pass its name (select='net')"
+                )
+        else:
+            module = pl_module
+        if not _has_own_forward(module):
+            names = _submodules_with_parameters(module)
+            hint = f"select={names[0]!r}" if names else "select='<submodule name>'"
+            where = "" if module is pl_module else f" (selected by select={self.select!r})"
+            raise ValueError(
+                f"ENormCallback: {type(module).__name__}{where} does not define forward(), so ENorm cannot "
+                "follow its layers (it traces a forward to find which layer feeds which). Point the callback "
+                f"at the network that has one: ENormCallback(..., {hint})"
+                + (f"; submodules with parameters: {', '.join(map(repr, names))}" if names else "")
+            )
+        return module
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._module(pl_module)  # a wrong select fails now, before the sanity check and the first step
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from normkit.enorm import ENorm
 
-        module = self.select(pl_module) if self.select is not None else pl_module
-        optimizer = trainer.optimizers[self.optimizer_index]
+        module = self._module(pl_module)
+        optimizers = trainer.optimizers
+        if self.optimizer_index >= len(optimizers):
+            kinds = ", ".join(type(o).__name__ for o in optimizers)
+            raise ValueError(
+                f"ENormCallback(optimizer_index={self.optimizer_index}): the trainer has {len(optimizers)} "
+                f"optimizer(s) from configure_optimizers ({kinds}); "
+                f"pass the index (0 .. {len(optimizers) - 1}) of the one that steps the selected module"
+                if optimizers
+                else f"ENormCallback(optimizer_index={self.optimizer_index}): the trainer has no optimizer "
+                "(configure_optimizers returned none)"
+            )
+        optimizer = optimizers[self.optimizer_index]
         self.enorm = ENorm(
             module,
             optimizer,
