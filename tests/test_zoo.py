@@ -537,7 +537,13 @@ def hooked_outputs(model: nn.Module, x: Any, names: set[str]) -> dict[str, torch
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
-_NOISY = (LayerStatus.UNSUPPORTED, LayerStatus.NOT_RUN, LayerStatus.NO_EFFECT, LayerStatus.OUT_OF_BOUNDS)
+_NOISY = (
+    LayerStatus.UNSUPPORTED,
+    LayerStatus.NOT_RUN,
+    LayerStatus.NO_EFFECT,
+    LayerStatus.OUT_OF_BOUNDS,
+    LayerStatus.SHARED,
+)
 
 
 def lsuv_findings(model: nn.Module, x: Any, tol: float = 0.1) -> dict[str, Any]:
@@ -559,8 +565,13 @@ def lsuv_findings(model: nn.Module, x: Any, tol: float = 0.1) -> dict[str, Any]:
     handled = {
         r.name for r in report if r.status in (LayerStatus.INITIALIZED, LayerStatus.FEEDS_NORMALIZATION)
     }
-    measured = hooked_outputs(model, x, {r.name for r in report.initialized})
+    shared = [r for r in report if r.status is LayerStatus.SHARED]  # kept, but measured: must be true too
+    measured = hooked_outputs(model, x, {r.name for r in [*report.initialized, *shared]})
     var_wrong, not_converged = [], []
+    for r in shared:
+        var = float(measured[r.name].var())
+        if r.var_after is None or abs(var - r.var_after) > 1e-3 * max(1.0, var):
+            var_wrong.append((r.name, r.var_after, var))
     for r in report.initialized:
         assert r.name in measured, f"{r.name} reported initialized, but the module never ran"
         var = float(measured[r.name].var())

@@ -100,20 +100,10 @@ def _slow_only_when_asked(request: pytest.FixtureRequest, pytestconfig: pytest.C
         pytest.skip("slow: runs with -m slow (or NORMKIT_SLOW=1)")
 
 
-def xfail(item: int, what: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"issue 22 item {item}: {what}")
-
-
 # --- convert_batchnorm --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=xfail(1, f"convert_batchnorm converts 0/{k} BatchNormAct2d layers, silently"))
-        for n, k in BN_ACT.items()
-    ],
-)
+@pytest.mark.parametrize("name", list(BN_ACT))
 def test_convert_batchnorm_converts_every_batchnorm_and_keeps_the_eval_function(name: str) -> None:
     model, x = make(name)
     assert sum(isinstance(m, BatchNormAct2d) for m in model.modules()) == BN_ACT[name]
@@ -125,20 +115,7 @@ def test_convert_batchnorm_converts_every_batchnorm_and_keeps_the_eval_function(
     )
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=xfail(
-                1,
-                "to='sync' turns BatchNormAct2d into plain SyncBatchNorm and drops its activation "
-                "(efficientnet_b0 eval output changes by 1.9e5, relative)",
-            ),
-        )
-        for n in BN_ACT
-    ],
-)
+@pytest.mark.parametrize("name", list(BN_ACT))
 def test_convert_batchnorm_to_sync_keeps_the_eval_function(name: str) -> None:
     model, x = make(name)
     found = batchnorm_conversion(model, x, "sync")
@@ -149,18 +126,9 @@ def test_convert_batchnorm_to_sync_keeps_the_eval_function(name: str) -> None:
 # --- LSUV ---------------------------------------------------------------------------------------------------
 
 
-_ITEM2 = xfail(
-    2,
-    "ScaledStdConv2d standardizes its weight: LSUV reports layers converged that hooks measure "
-    "far from variance 1",
-)
-
-
 @pytest.mark.parametrize(
     "name",
     models(
-        nfnet_l0_narrow=[_ITEM2],
-        nfnet_l0=[_ITEM2],
         vit_tiny_patch16_224=[
             pytest.mark.xfail(
                 strict=True,
@@ -249,11 +217,7 @@ def false_commute_claims(name: str, skipped: list[tuple[tuple[str, ...], str]]) 
 
 @pytest.mark.parametrize(
     "name",
-    models(
-        convnext_nano=[xfail(10, "ENorm says layer scale's `mul` does not commute")],
-        nfnet_l0_narrow=[xfail(10, "ENorm says squeeze-excitation's spatial `mean` does not commute")],
-        nfnet_l0=[xfail(10, "ENorm says squeeze-excitation's spatial `mean` does not commute")],
-    ),
+    models(),
 )
 def test_enorm_keeps_the_function_and_gives_true_skip_reasons(name: str) -> None:
     model, x = make(name)
@@ -276,13 +240,9 @@ def test_enorm_keeps_the_function_and_gives_true_skip_reasons(name: str) -> None
 @pytest.mark.parametrize(
     "name",
     models(
-        # eight optimizers, four graph traces per model: in the default run one batch-norm model and one
-        # transformer; the others with -m slow
-        **{
-            n: [pytest.mark.slow]
-            for n in MODELS
-            if n not in ("regnety_002", "vit_tiny_patch16_224", "efficientnet_b0")
-        },
+        # eight optimizers, four graph traces per model: in the default run one batch-norm model (the
+        # transformers of test_zoo_hf take the same steps); the others with -m slow
+        **{n: [pytest.mark.slow] for n in MODELS if n not in ("regnety_002", "efficientnet_b0")},
         efficientnet_b0=[
             pytest.mark.slow,
             pytest.mark.xfail(

@@ -1030,8 +1030,7 @@ def trace(
             + (
                 "Pass example_input= to get the execution order from a hooked forward pass instead."
                 if fallback
-                else "Symbolic tracing failed at the point named above (control flow on tensor values, "
-                "a signature or code torch.fx cannot read, ...); trace(model, example_input) still gives the "
+                else "Symbolic tracing stopped at that error; trace(model, example_input) still gives the "
                 "layer order from a hooked forward pass."
             )
         ) from exc
