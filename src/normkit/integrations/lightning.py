@@ -98,7 +98,8 @@ class LSUVInit(pl.Callback):
             )
         if not callable(batch_to_input):
             raise TypeError(
-                f"LSUVInit(batch_to_input=...) must be callable, got {type(batch_to_input).__name__}"
+                "LSUVInit: batch_to_input must be callable (a function batch -> model input), got "
+                f"{type(batch_to_input).__name__}"
             )
         from normkit.init import lsuv_init
 
