@@ -116,7 +116,7 @@ def _step_pair(
     return cand(_select(a, only)).step, ref(_select(b, only)).step
 
 
-def _optimizer_difference(only: bool, cand: Make, ref: Make, steps: int = 2) -> float:
+def optimizer_difference(only: bool, cand: Make, ref: Make, steps: int = 2) -> float:
     """Max |Δ| of every parameter after ``steps`` steps (two: momentum and state enter), same start."""
     base = _with_grads(_convnet(8).double())
     a, b = copy.deepcopy(base), copy.deepcopy(base)
@@ -243,7 +243,7 @@ def _optimizer_ratios(quick: bool, repeats: int) -> list[Ratio]:
     n_params = sum(p.numel() for p in base.parameters()) / 1e6
     results = []
     for name, only, cand, _package, peer_name, ref, same in optimizer_rows():
-        diff = _optimizer_difference(only, cand, ref)
+        diff = optimizer_difference(only, cand, ref)
         verdict = _verdict(diff, same)
         print(f"check {name} vs {peer_name}: max |Δ| after 2 steps (float64) = {diff:.3g} -> {verdict}")
         step_a, step_b = _step_pair(base, only, cand, ref)
@@ -273,33 +273,42 @@ def _sphere_rows(model: nn.Module, dtype: torch.dtype) -> list[torch.Tensor]:
     return rows
 
 
+def _sgdg_geoopt_pair(
+    rows: list[torch.Tensor], momentum: float, exact: bool
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """SGD-G on Grassmann rows and geoopt's RiemannianSGD on the sphere, same rows, same gradients."""
+    import geoopt
+
+    mine = [nn.Parameter(r.clone()) for r in rows]
+    manifold = geoopt.SphereExact() if exact else geoopt.Sphere()
+    theirs = [geoopt.ManifoldParameter(r.clone(), manifold=manifold) for r in rows]
+    for a, b in zip(mine, theirs):
+        g = torch.randn_like(a)
+        a.grad, b.grad = g, g.clone()
+    nk = SGDG([{"params": mine, "grassmann": True}], lr=0.2, momentum=momentum, grad_clip=None)
+    return nk, geoopt.optim.RiemannianSGD(theirs, lr=0.2, momentum=momentum)
+
+
+def sgdg_geoopt_difference(momentum: float, exact: bool) -> float:
+    """Max |Δ| of the rows after two steps (float64) of SGD-G and geoopt from the same unit rows."""
+    nk, peer = _sgdg_geoopt_pair(_sphere_rows(_convnet(8), torch.float64), momentum, exact)
+    for _ in range(2):
+        nk.step()
+        peer.step()
+    return max(
+        (a - b).abs().max().item()
+        for a, b in zip(nk.param_groups[0]["params"], peer.param_groups[0]["params"])
+    )
+
+
 def _sgdg_vs_geoopt(quick: bool, repeats: int) -> list[Ratio]:
     if not _have("geoopt", "geoopt"):
         return []
-    import geoopt
-
-    def pair(rows: list[torch.Tensor], momentum: float, exact: bool) -> tuple[torch.optim.Optimizer, ...]:
-        mine = [nn.Parameter(r.clone()) for r in rows]
-        manifold = geoopt.SphereExact() if exact else geoopt.Sphere()
-        theirs = [geoopt.ManifoldParameter(r.clone(), manifold=manifold) for r in rows]
-        for a, b in zip(mine, theirs):
-            g = torch.randn_like(a)
-            a.grad, b.grad = g, g.clone()
-        nk = SGDG([{"params": mine, "grassmann": True}], lr=0.2, momentum=momentum, grad_clip=None)
-        return nk, geoopt.optim.RiemannianSGD(theirs, lr=0.2, momentum=momentum)
-
     results = []
     model, label = _timing_model(quick)
     for momentum, exact, same in ((0.0, True, True), (0.9, True, False), (0.9, False, False)):
         manifold = "SphereExact" if exact else "Sphere"
-        nk, peer = pair(_sphere_rows(_convnet(8), torch.float64), momentum, exact)
-        for _ in range(2):
-            nk.step()
-            peer.step()
-        diff = max(
-            (a - b).abs().max().item()
-            for a, b in zip(nk.param_groups[0]["params"], peer.param_groups[0]["params"])
-        )
+        diff = sgdg_geoopt_difference(momentum, exact)
         verdict = _verdict(diff, same)
         note = (
             ""
@@ -309,7 +318,7 @@ def _sgdg_vs_geoopt(quick: bool, repeats: int) -> list[Ratio]:
         print(
             f"check SGD-G vs geoopt {manifold} momentum {momentum}: max |Δ| after 2 steps = {diff:.3g}{note}"
         )
-        nk, peer = pair(_sphere_rows(model, torch.float32), momentum, exact)
+        nk, peer = _sgdg_geoopt_pair(_sphere_rows(model, torch.float32), momentum, exact)
         results.append(
             measure_ratio(
                 f"SGD-G (Grassmann rows, momentum {momentum}, no clip).step, {label} rows, "
@@ -323,7 +332,7 @@ def _sgdg_vs_geoopt(quick: bool, repeats: int) -> list[Ratio]:
     return results
 
 
-def _brn_peers() -> list[tuple[str, nn.Module, bool]]:
+def brn_peers() -> list[tuple[str, nn.Module, bool]]:
     """(name, layer past warm-up, claims the same output and gradients) for each installed peer."""
     peers = []
     if _have("torchrl", "torchrl"):
@@ -363,7 +372,7 @@ def _brn_state(nk: BatchRenorm1d, peer: nn.Module) -> None:
         peer.bias.data.copy_(nk.bias)
 
 
-def _brn_difference(peer: nn.Module) -> float:
+def brn_difference(peer: nn.Module) -> float:
     nk = BatchRenorm1d(256, schedule="crossq").double().train()
     nk.num_batches_tracked.fill_(200_000)
     other = copy.deepcopy(peer).double().train()
@@ -384,8 +393,8 @@ def _brn_difference(peer: nn.Module) -> float:
 
 def _brn_ratios(repeats: int) -> list[Ratio]:
     results = []
-    for name, peer, same in _brn_peers():
-        diff = _brn_difference(peer)
+    for name, peer, same in brn_peers():
+        diff = brn_difference(peer)
         verdict = _verdict(diff, same)
         print(
             f"check BatchRenorm1d vs {name}: max |Δ| of output and gradients (float64) = {diff:.3g}"

@@ -62,6 +62,8 @@ NO_KERNEL = {
     "aten::_reshape_alias",
     "aten::contiguous",
     "aten::promote_types",
+    "aten::_record_function_enter_new",  # the profiler's markers around torch.optim steps
+    "aten::_record_function_exit",
 }
 SYNC = {"aten::_local_scalar_dense"}
 
