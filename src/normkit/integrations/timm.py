@@ -412,7 +412,32 @@ def _timm_act(act_layer: Any, act_kwargs: dict[str, Any] | None, inplace: bool, 
     return nn.Identity() if act is None else act
 
 
-class BatchRenormAct2d(BatchRenorm2d):
+class _DropAct:
+    """Drop + activation after the normalization, timm's order: ``act(drop(norm(x, mask)))``. Mixed in
+    before a BRN layer, it takes ``BatchNormAct2d``'s arguments and hands the rest to the layer."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        apply_act: bool = True,
+        act_layer: Any = nn.ReLU,
+        act_kwargs: dict[str, Any] | None = None,
+        inplace: bool = True,
+        drop_layer: Any = None,
+        **brn_options: Any,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, **brn_options)  # type: ignore[call-arg]
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = _timm_act(act_layer, act_kwargs, inplace, apply_act)
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.act(self.drop(super().forward(input, mask)))  # type: ignore[misc]
+
+
+class BatchRenormAct2d(_DropAct, BatchRenorm2d):
     """Batch Renormalization + drop + activation: timm's ``BatchNormAct2d`` with BRN in place of batch norm.
 
     ``BatchRenormAct2d(num_features, eps=1e-5, momentum=0.01, affine=True, apply_act=True, act_layer=nn.ReLU,
@@ -423,50 +448,10 @@ class BatchRenormAct2d(BatchRenorm2d):
     modules and the same eval function.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.01,
-        affine: bool = True,
-        apply_act: bool = True,
-        act_layer: Any = nn.ReLU,
-        act_kwargs: dict[str, Any] | None = None,
-        inplace: bool = True,
-        drop_layer: Any = None,
-        **brn_options: Any,
-    ) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, **brn_options)
-        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
-        self.act = _timm_act(act_layer, act_kwargs, inplace, apply_act)
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.act(self.drop(super().forward(input, mask)))
-
-
-class SyncBatchRenormAct(SyncBatchRenorm):
+class SyncBatchRenormAct(_DropAct, SyncBatchRenorm):
     """``SyncBatchRenorm`` + drop + activation: :class:`BatchRenormAct2d` with statistics over a process group
     (timm's ``SyncBatchNormAct`` with BRN). The arguments of ``BatchRenormAct2d`` and ``process_group=``."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.01,
-        affine: bool = True,
-        apply_act: bool = True,
-        act_layer: Any = nn.ReLU,
-        act_kwargs: dict[str, Any] | None = None,
-        inplace: bool = True,
-        drop_layer: Any = None,
-        **brn_options: Any,
-    ) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, **brn_options)
-        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
-        self.act = _timm_act(act_layer, act_kwargs, inplace, apply_act)
-
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.act(self.drop(super().forward(input, mask)))
 
 
 def _copy_act(src: nn.Module, dst: nn.Module) -> nn.Module:
