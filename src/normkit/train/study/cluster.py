@@ -109,13 +109,13 @@ class SubmititExecutor:
     def _executor(self) -> Any:
         o = self.options
         ex = self.submitit.AutoExecutor(folder=self.folder / "%j", cluster=o.cluster)
-        params: dict[str, Any] = {"timeout_min": o.time_min, "cpus_per_task": o.cpus_per_job}
-        if o.cluster == "slurm":
-            params["gpus_per_node"] = o.gpus_per_job
-            if o.partition:
-                params["slurm_partition"] = o.partition
-        else:
-            params["gpus_per_node"] = o.gpus_per_job
+        params: dict[str, Any] = {
+            "timeout_min": o.time_min,
+            "cpus_per_task": o.cpus_per_job,
+            "gpus_per_node": o.gpus_per_job,
+        }
+        if o.cluster == "slurm" and o.partition:
+            params["slurm_partition"] = o.partition
         ex.update_parameters(**params)
         return ex
 
