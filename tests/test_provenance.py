@@ -90,8 +90,15 @@ def test_source_hash_follows_the_code_a_run_exercises(repo: Path) -> None:
 
 
 def test_code_version_of_this_checkout() -> None:
+    import normkit
+
+    package = Path(normkit.__file__).resolve().parent
+    assert provenance.PACKAGE == package  # the hash covers the whole package, not the module's own folder
     info = code_version()
     root = provenance.checkout_root()
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists() and package == repo / "src" / "normkit":
+        assert root == repo  # tests of a checkout: its commit must be found
     if root is None:  # an installed package: its version
         assert info["version"] == f"normkit {info['normkit']}"
         return

@@ -17,7 +17,7 @@ from typing import Any
 
 __all__ = ["SOURCE_EXCLUDED", "code_version", "git_commit", "run_provenance", "source_hash"]
 
-PACKAGE = Path(__file__).resolve().parents[1]  # .../normkit
+PACKAGE = Path(__file__).resolve().parents[2]  # .../normkit (this file is normkit/train/runner/provenance.py)
 # Modules that only parse commands or lay out results: they cannot change a number a run produces (a report's
 # statistics are recomputed from results.csv each time), so a change to them does not make a table stale.
 SOURCE_EXCLUDED = frozenset({"cli.py", "__main__.py", "report.py", "results.py", "stats.py", "provenance.py"})
